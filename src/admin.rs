@@ -1,0 +1,225 @@
+//! The admin API on `admin.address`: runtime server management, health and metrics.
+//!
+//! The handlers own nothing: membership changes go to the
+//! [`HealthActor`](crate::health::HealthActor), which broadcasts them to every worker's
+//! balancer; `GET /servers` asks each balancer for its view and sums in-flight counts.
+//! With `admin.token` set, every call but `/healthz` needs `Authorization: Bearer TOKEN`,
+//! compared in constant time.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{
+    http::{header, StatusCode},
+    web, HttpRequest, HttpResponse, ResponseError,
+};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::{
+    balancer::ListServers,
+    config::{parse_server_url, ServerConfig},
+    health::{AddServer, Balancers, HealthActor, MembershipError, RemoveServer},
+    metrics::Metrics,
+};
+
+/// What the admin handlers share.
+pub struct AdminState {
+    pub health: Addr<HealthActor>,
+    pub metrics: Arc<Metrics>,
+    /// Empty: no token needed.
+    pub token: String,
+}
+
+/// An admin call that failed; answered as `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the balancer is shutting down")]
+    Unavailable,
+}
+
+impl ResponseError for AdminError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        if let AdminError::Unauthorized = self {
+            res.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        res.json(serde_json::json!({ "error": self.to_string() }))
+    }
+}
+
+impl From<MembershipError> for AdminError {
+    fn from(e: MembershipError) -> Self {
+        match e {
+            MembershipError::Duplicate(_) => AdminError::Conflict(e.to_string()),
+            MembershipError::Unknown(_) => AdminError::NotFound(e.to_string()),
+        }
+    }
+}
+
+/// A server as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub url: String,
+    pub weight: u32,
+    pub healthy: bool,
+    pub in_flight: u32,
+    pub draining: bool,
+}
+
+/// The body of `POST /servers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewServer {
+    url: String,
+    #[serde(default = "default_weight")]
+    weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+/// Registers the admin routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/servers", web::get().to(list_servers))
+        .route("/servers", web::post().to(add_server))
+        .route("/servers/{server}", web::delete().to(remove_server))
+        .default_service(web::to(|| async {
+            AdminError::NotFound("no such admin call".into()).error_response()
+        }));
+}
+
+fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), AdminError> {
+    if state.token.is_empty() {
+        return Ok(());
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time, so the token cannot be guessed byte by byte from response times.
+    if bool::from(given.as_bytes().ct_eq(state.token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(AdminError::Unauthorized)
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn metrics(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.encode()))
+}
+
+/// Every server with its health, summed in-flight count, and draining state.
+pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, AdminError> {
+    let balancers = health
+        .send(Balancers)
+        .await
+        .map_err(|_| AdminError::Unavailable)?;
+    let mut out: Vec<ServerInfo> = Vec::new();
+    for b in balancers {
+        // A worker that has stopped no longer has a view to give.
+        let Ok(views) = b.send(ListServers).await else {
+            continue;
+        };
+        for v in views {
+            let url = v.upstream.url.as_str().trim_end_matches('/').to_string();
+            match out.iter_mut().find(|s| s.url == url) {
+                Some(s) => {
+                    s.in_flight += v.in_flight;
+                    s.draining |= v.draining;
+                    s.healthy &= v.healthy;
+                }
+                None => out.push(ServerInfo {
+                    url,
+                    weight: v.upstream.weight,
+                    healthy: v.healthy,
+                    in_flight: v.in_flight,
+                    draining: v.draining,
+                }),
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn list_servers(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    Ok(HttpResponse::Ok().json(servers(&state.health).await?))
+}
+
+async fn add_server(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    let new: NewServer = serde_json::from_slice(&body)
+        .map_err(|e| AdminError::BadRequest(format!("invalid body: {e}")))?;
+    let url = parse_server_url(&new.url).map_err(AdminError::BadRequest)?;
+    if new.weight == 0 {
+        return Err(AdminError::BadRequest("weight must be at least 1".into()));
+    }
+    let weight = new.weight;
+    let upstream = state
+        .health
+        .send(AddServer(ServerConfig { url, weight }))
+        .await
+        .map_err(|_| AdminError::Unavailable)??;
+    Ok(HttpResponse::Created().json(ServerInfo {
+        url: upstream.url.as_str().trim_end_matches('/').to_string(),
+        weight,
+        healthy: false,
+        in_flight: 0,
+        draining: false,
+    }))
+}
+
+async fn remove_server(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    state
+        .health
+        .send(RemoveServer(path.into_inner()))
+        .await
+        .map_err(|_| AdminError::Unavailable)??;
+    Ok(HttpResponse::NoContent().finish())
+}

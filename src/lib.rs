@@ -1,0 +1,236 @@
+//! roundabout: a small HTTP (layer 7) load balancer, built as an actor system on actix.
+//!
+//! # The path of a request
+//! handler ([`proxy::forward`]) → framing checks → client IP → [`rate_limit::RateLimitActor`]
+//! (this worker's) → [`balancer::BalancerActor`] (this worker's) → `awc` to the upstream →
+//! the answer streamed back. The actors on that path live on the handler's own worker
+//! thread, so asking them never crosses a thread (DESIGN.md).
+//!
+//! # Layout
+//! - [`config`]: TOML + environment → `FileConfig` → validated [`config::Config`].
+//! - [`proxy`]: the hot path; what is forwarded, what is stripped, what each failure answers.
+//! - [`balancer`]: `BalancerActor`, one per worker: server list, cursor, in-flight counts.
+//! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
+//! - [`health`]: `HealthActor`, one per process: probes, rise/fall, server registry.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or an in-process store.
+//! - [`admin`]: the admin API (servers, metrics, healthz).
+//! - [`metrics`]: Prometheus metrics shared by all of the above.
+//! - [`upstream`]: a server, as everything above shares it.
+
+pub mod admin;
+pub mod balancer;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod rate_limit;
+pub mod strategy;
+pub mod upstream;
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use actix::{Actor, Addr};
+use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
+
+use crate::{
+    admin::AdminState,
+    balancer::BalancerActor,
+    config::Config,
+    health::HealthActor,
+    metrics::Metrics,
+    proxy::{Shared, Worker},
+    rate_limit::{Outage, RateLimitActor, Store},
+};
+
+/// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A started balancer: its bound addresses and the handles to stop it.
+pub struct Running {
+    /// Where the proxy listens (the real port when the config said `:0`).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    pub health: Addr<HealthActor>,
+    pub metrics: Arc<Metrics>,
+    proxy: ServerHandle,
+    admin: Option<ServerHandle>,
+    tasks: Vec<actix_rt::task::JoinHandle<io::Result<()>>>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (up to [`SHUTDOWN_TIMEOUT`]) when
+    /// `graceful`, and returns once both listeners are down.
+    pub async fn stop(self, graceful: bool) {
+        let admin = self.admin.clone();
+        let proxy = self.proxy.stop(graceful);
+        let admin = async move {
+            if let Some(a) = admin {
+                a.stop(graceful).await;
+            }
+        };
+        futures_util::future::join(proxy, admin).await;
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Waits until the listeners stop by themselves.
+    pub async fn wait(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts the balancer inside the current actix system: binds both listeners (before which
+/// nothing is started that could outlive a bind error), starts the HealthActor on this
+/// thread and one BalancerActor and RateLimitActor per worker.
+pub fn start(config: Config) -> io::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let store = if config.rate_limit.enabled {
+        Some(Store::new(&config.rate_limit).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("rate_limit.redis_url: {e}"),
+            )
+        })?)
+    } else {
+        None
+    };
+    let outage = Arc::new(Outage::default());
+    let shared = Arc::new(Shared::new(&config, metrics.clone()));
+
+    // Bind first: a port in use is reported before any actor starts.
+    let proxy_listener = std::net::TcpListener::bind(config.listen)
+        .map_err(|e| io::Error::new(e.kind(), format!("listen.address {}: {e}", config.listen)))?;
+    let admin_listener = match config.admin {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| io::Error::new(e.kind(), format!("admin.address {addr}: {e}")))?,
+        ),
+        None => None,
+    };
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
+
+    let health = HealthActor::new(
+        &config.servers,
+        config.health_check.clone(),
+        metrics.clone(),
+    )
+    .start();
+
+    let strategy = config.strategy;
+    let rate_limit = config.rate_limit.clone();
+    let factory_health = health.clone();
+    let factory_metrics = metrics.clone();
+    let mut server = HttpServer::new(move || {
+        // Runs once per worker, on that worker's thread: its actors live there.
+        let balancer =
+            BalancerActor::new(strategy::from_config(strategy), factory_health.clone()).start();
+        let limiter = store.clone().map(|store| {
+            RateLimitActor::new(&rate_limit, store, outage.clone(), factory_metrics.clone()).start()
+        });
+        let worker = Worker {
+            client: Worker::client(&shared.proxy),
+            balancer,
+            limiter,
+            health: factory_health.clone(),
+            shared: shared.clone(),
+        };
+        App::new()
+            .app_data(web::Data::new(worker))
+            .default_service(web::to(proxy::forward))
+    })
+    .keep_alive(KeepAlive::Timeout(Duration::from_secs(75)))
+    .backlog(4096)
+    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+    .disable_signals();
+    if config.workers > 0 {
+        server = server.workers(config.workers);
+    }
+    let proxy_server = server.listen(proxy_listener)?.run();
+    let proxy = proxy_server.handle();
+    let mut tasks = vec![actix_rt::spawn(proxy_server)];
+
+    let admin = match admin_listener {
+        None => None,
+        Some(listener) => {
+            let state = web::Data::new(AdminState {
+                health: health.clone(),
+                metrics: metrics.clone(),
+                token: config.admin_token.clone(),
+            });
+            let admin_server = HttpServer::new(move || {
+                App::new().app_data(state.clone()).configure(admin::routes)
+            })
+            .workers(1)
+            .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+            .disable_signals()
+            .listen(listener)?
+            .run();
+            let handle = admin_server.handle();
+            tasks.push(actix_rt::spawn(admin_server));
+            Some(handle)
+        }
+    };
+
+    log::info!(
+        "roundabout {} listening on {proxy_addr} ({} servers, {:?}){}",
+        env!("CARGO_PKG_VERSION"),
+        config.servers.len(),
+        config.strategy,
+        admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
+    );
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        health,
+        metrics,
+        proxy,
+        admin,
+        tasks,
+    })
+}
+
+/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully.
+pub async fn run(config: Config) -> io::Result<()> {
+    let running = start(config)?;
+    shutdown_signal().await;
+    log::info!(
+        "stopping: no new connections; waiting up to {}s for in-flight requests",
+        SHUTDOWN_TIMEOUT.as_secs()
+    );
+    running.stop(true).await;
+    log::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,60 @@
+//! The `roundabout` binary: parses the command line, loads the configuration, sets up
+//! logging, and hands over to [`roundabout::run`].
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::Parser;
+use roundabout::config::Config;
+
+/// A small HTTP load balancer: round robin and friends, health checks, per-IP rate limits
+/// in Redis, and an admin API.
+#[derive(Debug, Parser)]
+#[command(name = "roundabout", version, about)]
+struct Cli {
+    /// The configuration file (TOML); `ROUNDABOUT__SECTION__KEY` variables override it.
+    #[arg(
+        long,
+        short,
+        value_name = "FILE",
+        default_value = "config/default.toml"
+    )]
+    config: PathBuf,
+
+    /// Validate the configuration, print it as resolved, and exit (0 valid, 1 not).
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("roundabout: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.check {
+        print!("{}", config.to_toml());
+        eprintln!(
+            "roundabout: {}: configuration is valid",
+            cli.config.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+
+    env_logger::Builder::new()
+        .filter_level(config.log_level)
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+
+    let system = actix_rt::System::new();
+    match system.block_on(roundabout::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roundabout: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

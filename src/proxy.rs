@@ -1,0 +1,759 @@
+//! The hot path, top to bottom: framing checks → client IP → rate limiter → balancer →
+//! `awc` → stream the answer back.
+//!
+//! What is forwarded: method, path, query, every end-to-end header, the body (streamed, with
+//! the client's framing: Content-Length stays Content-Length, chunked stays chunked).
+//! What is not: the hop-by-hop headers of [`HOP_BY_HOP`] and every header named in
+//! `Connection`, in both directions, and any `X-Forwarded-*` the client sent (we set ours).
+//! Failures answer with a short plain-text body: 503 no server, 502 no connection, 504 no
+//! answer within `proxy.timeout`, 413 body too large, 400 ambiguous framing, 429 limited.
+
+use std::{
+    cell::{Cell, RefCell},
+    net::IpAddr,
+    pin::Pin,
+    rc::Rc,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use actix::Addr;
+use actix_web::{
+    body::{BodySize, BodyStream, BoxBody, MessageBody, None as NoBody, SizedStream},
+    dev::Payload,
+    error::PayloadError,
+    http::{
+        header::{self, HeaderMap, HeaderName, HeaderValue},
+        uri::{PathAndQuery, Scheme, Uri},
+        Method, StatusCode,
+    },
+    web, HttpRequest, HttpResponse, HttpResponseBuilder, ResponseError,
+};
+use awc::error::SendRequestError;
+use bytes::Bytes;
+use futures_util::Stream;
+use ipnet::IpNet;
+
+use crate::{
+    balancer::{BalancerActor, NextServer, RequestEnded},
+    config::{Config, ProxySection},
+    health::{describe, ConnectFailed, HealthActor},
+    metrics::Metrics,
+    rate_limit::{Check, Decision, RateLimitActor, Verdict},
+    upstream::Upstream,
+};
+
+/// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
+/// `Expect` is answered by us (actix sends the 100 Continue), and `Host` is set per
+/// `preserve_host`, so neither is copied as-is.
+pub const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::EXPECT,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Settings every worker reads, shared (`Arc`) between them.
+pub struct Shared {
+    pub proxy: ProxySection,
+    pub trusted_proxies: Vec<IpNet>,
+    /// `Retry-After` for 503 "no healthy server": the health interval, whole seconds, ≥ 1.
+    pub retry_after_no_server: HeaderValue,
+    /// `RateLimit-Policy` value, fixed by the config.
+    pub ratelimit_policy: Option<HeaderValue>,
+    pub access_log: bool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        let interval = config.health_check.interval;
+        let secs = interval.as_secs() + u64::from(interval.subsec_nanos() > 0);
+        let rl = &config.rate_limit;
+        Self {
+            proxy: config.proxy.clone(),
+            trusted_proxies: rl.trusted_proxies.clone(),
+            retry_after_no_server: HeaderValue::from(secs.max(1)),
+            ratelimit_policy: rl.enabled.then(|| {
+                let value = format!("\"default\";q={};w={}", rl.requests, rl.window.as_secs());
+                HeaderValue::from_str(&value).expect("digits and quotes are a header value")
+            }),
+            access_log: config.access_log,
+            metrics,
+        }
+    }
+}
+
+/// One worker's handles: its balancer and limiter (same thread), its HTTP client.
+pub struct Worker {
+    /// `awc::Client` is not `Send`: one per worker, built in the worker's factory.
+    pub client: awc::Client,
+    pub balancer: Addr<BalancerActor>,
+    pub limiter: Option<Addr<RateLimitActor>>,
+    pub health: Addr<HealthActor>,
+    pub shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// The upstream client a proxy needs: no redirects followed, no headers of its own, no
+    /// cap on a whole exchange (we time the head and each body pause ourselves), no cap on
+    /// connections, keep-alive on.
+    pub fn client(proxy: &ProxySection) -> awc::Client {
+        awc::Client::builder()
+            .connector(
+                awc::Connector::new()
+                    .timeout(proxy.connect_timeout)
+                    .limit(0)
+                    .conn_keep_alive(Duration::from_secs(60))
+                    .conn_lifetime(Duration::from_secs(600)),
+            )
+            .disable_redirects()
+            .no_default_headers()
+            .disable_timeout()
+            .finish()
+    }
+}
+
+/// Why the proxy answered for itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no healthy upstream server")]
+    NoServer { retry_after: HeaderValue },
+    #[error("could not reach an upstream server: {0}")]
+    BadGateway(String),
+    #[error("the upstream server did not answer in time")]
+    GatewayTimeout,
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("too many requests")]
+    RateLimited(Decision),
+    #[error("rate limiter unavailable")]
+    LimiterUnavailable,
+    #[error("balancer unavailable")]
+    Unavailable,
+}
+
+impl ResponseError for ProxyError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ProxyError::NoServer { .. }
+            | ProxyError::LimiterUnavailable
+            | ProxyError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        res.content_type("text/plain; charset=utf-8");
+        match self {
+            ProxyError::NoServer { retry_after } => {
+                res.insert_header((header::RETRY_AFTER, retry_after.clone()));
+            }
+            ProxyError::RateLimited(d) => {
+                res.insert_header((header::RETRY_AFTER, d.reset_secs.max(1)));
+            }
+            // The body was not read: the connection cannot carry another request.
+            ProxyError::TooLarge(_) | ProxyError::BadRequest(_) => {
+                res.force_close();
+            }
+            _ => {}
+        }
+        res.body(format!("{self}\n"))
+    }
+}
+
+/// The proxy handler: every request on `listen.address` comes here.
+pub async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    worker: web::Data<Worker>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let shared = &worker.shared;
+    let peer = req.peer_addr().map(|a| a.ip());
+    let client_ip = peer.map(|p| client_ip(p, req.headers(), &shared.trusted_proxies));
+
+    let mut decision = None;
+    let outcome = match check_framing(&req, &shared.proxy) {
+        Err(e) => Err(e),
+        Ok(body) => match limit(&worker, client_ip).await {
+            Err(e) => Err(e),
+            Ok(d) => {
+                decision = d;
+                send(&req, payload.into_inner(), body, peer, &worker).await
+            }
+        },
+    };
+
+    let (mut res, server) = match outcome {
+        Ok((res, upstream)) => (res, Some(upstream)),
+        Err(e) => {
+            if let ProxyError::RateLimited(d) = &e {
+                decision = Some(d.clone());
+                shared.metrics.rate_limited();
+            }
+            (e.error_response(), None)
+        }
+    };
+    if let Some(d) = &decision {
+        rate_limit_headers(res.headers_mut(), d, shared.ratelimit_policy.as_ref());
+    }
+
+    let status = res.status().as_u16();
+    let elapsed = started.elapsed();
+    shared.metrics.request(
+        server.as_ref().map(|u| &u.label),
+        status,
+        Some(elapsed.as_secs_f64()),
+    );
+    if shared.access_log {
+        let bytes = match res.body().size() {
+            BodySize::Sized(n) => n.to_string(),
+            _ => "-".into(),
+        };
+        log::info!(
+            target: "roundabout::access",
+            "{} \"{} {}\" {} {} {} {:.3}ms",
+            client_ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+            req.method(),
+            req.uri(),
+            status,
+            bytes,
+            server.as_ref().map_or("-", |u| &u.label),
+            elapsed.as_secs_f64() * 1000.0,
+        );
+    }
+    res
+}
+
+/// How the request body is framed, once the framing is known to be unambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Refuses what could be read two ways, and bodies known to be too large.
+///
+/// actix-http already refuses CL + TE, two Content-Length lines, a non-chunked TE and TE in
+/// HTTP/1.0 before a handler runs; these checks stay as the proxy's own guarantee.
+fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, ProxyError> {
+    let headers = req.headers();
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH);
+    let length = match (lengths.next(), lengths.next()) {
+        (None, _) => None,
+        (Some(one), None) => Some(
+            one.to_str()
+                .ok()
+                .filter(|s| s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty())
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(ProxyError::BadRequest("invalid Content-Length"))?,
+        ),
+        (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Content-Length")),
+    };
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    if chunked && length.is_some() {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    let max = proxy.max_body_bytes;
+    match length {
+        Some(n) if max > 0 && n > max => Err(ProxyError::TooLarge(max)),
+        Some(0) => Ok(Framing::None),
+        Some(n) => Ok(Framing::Length(n)),
+        None if chunked => Ok(Framing::Chunked),
+        None => Ok(Framing::None),
+    }
+}
+
+/// Asks the worker's limiter, when there is one and we know the client.
+async fn limit(worker: &Worker, ip: Option<IpAddr>) -> Result<Option<Decision>, ProxyError> {
+    let (Some(limiter), Some(ip)) = (&worker.limiter, ip) else {
+        return Ok(None);
+    };
+    match limiter.send(Check { ip }).await {
+        Ok(Verdict::Counted(d)) if d.allowed => Ok(Some(d)),
+        Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
+        Ok(Verdict::Uncounted) => Ok(None),
+        Ok(Verdict::Unavailable) | Err(_) => Err(ProxyError::LimiterUnavailable),
+    }
+}
+
+/// Chooses a server and forwards; retries on another server while that is safe.
+async fn send(
+    req: &HttpRequest,
+    payload: Payload,
+    framing: Framing,
+    peer: Option<IpAddr>,
+    worker: &Worker,
+) -> Result<(HttpResponse, Arc<Upstream>), ProxyError> {
+    let shared = &worker.shared;
+    let proxy = &shared.proxy;
+    let body = match framing {
+        Framing::None => None,
+        _ => Some(Rc::new(BodyState {
+            payload: RefCell::new(payload),
+            started: Cell::new(false),
+            seen: Cell::new(0),
+            max: proxy.max_body_bytes,
+            over: Cell::new(false),
+        })),
+    };
+    let headers = upstream_headers(req, peer, shared);
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+
+    let mut tried: Vec<Arc<Upstream>> = Vec::new();
+    let mut last_error = String::new();
+    loop {
+        let upstream = worker
+            .balancer
+            .send(NextServer {
+                tried: std::mem::take(&mut tried),
+            })
+            .await
+            .map_err(|_| ProxyError::Unavailable)?;
+        // `NextServer` took the list; it comes back through the message only by value.
+        let Some(upstream) = upstream else {
+            return Err(if last_error.is_empty() {
+                ProxyError::NoServer {
+                    retry_after: shared.retry_after_no_server.clone(),
+                }
+            } else {
+                ProxyError::BadGateway(last_error)
+            });
+        };
+        let guard = InFlight::new(worker, upstream.clone());
+
+        let uri = upstream_uri(req, &upstream);
+        let mut creq = worker.client.request(req.method().clone(), uri);
+        *creq.headers_mut() = headers.clone();
+        if !proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
+            creq.headers_mut()
+                .insert(header::HOST, upstream.host_header.clone());
+        }
+        let sending = match (&body, framing) {
+            (Some(b), Framing::Length(n)) => {
+                creq.send_body(SizedStream::new(n, BodyReader(b.clone())))
+            }
+            (Some(b), _) => creq.send_stream(BodyReader(b.clone())),
+            (None, _) => creq.send(),
+        };
+
+        let result = actix_rt::time::timeout(proxy.timeout, sending).await;
+        let body_started = body.as_ref().is_some_and(|b| b.started.get());
+        let error = match result {
+            Err(_elapsed) => return Err(ProxyError::GatewayTimeout),
+            Ok(Ok(res)) => return Ok((respond(req, res, guard, proxy.timeout), upstream)),
+            Ok(Err(e)) => e,
+        };
+        if body.as_ref().is_some_and(|b| b.over.get()) {
+            return Err(ProxyError::TooLarge(proxy.max_body_bytes));
+        }
+        last_error = format!(
+            "{}: {}",
+            upstream.label,
+            describe(&error, proxy.connect_timeout)
+        );
+        let retry = match &error {
+            SendRequestError::Connect(_) => {
+                worker.health.do_send(ConnectFailed {
+                    upstream: upstream.clone(),
+                    reason: describe(&error, proxy.connect_timeout),
+                });
+                !body_started
+            }
+            // A kept-alive connection the server had closed: safe to repeat only if nothing
+            // of a body went out and the method may be repeated.
+            SendRequestError::Send(_) | SendRequestError::Response(_) => {
+                idempotent && !body_started
+            }
+            _ => false,
+        };
+        drop(guard);
+        tried.push(upstream);
+        if !retry || tried.len() > proxy.retries as usize {
+            return Err(ProxyError::BadGateway(last_error));
+        }
+        log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
+    }
+}
+
+/// The upstream URI: the server's authority, the client's path and query.
+fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
+    let mut parts = actix_web::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+}
+
+/// True when `name` must not cross the proxy: hop-by-hop, or named in `Connection`.
+fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
+    HOP_BY_HOP.contains(name)
+        || headers.get_all(header::CONNECTION).any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+            })
+        })
+}
+
+/// The request headers to send upstream.
+fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, shared: &Shared) -> HeaderMap {
+    let incoming = req.headers();
+    let mut out = HeaderMap::with_capacity(incoming.len() + 3);
+    for (name, value) in incoming.iter() {
+        if is_hop_by_hop(name, incoming)
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if let Some(peer) = peer {
+        let trusted = shared.trusted_proxies.iter().any(|n| n.contains(&peer));
+        let mut xff = String::new();
+        if trusted {
+            for v in incoming.get_all(X_FORWARDED_FOR) {
+                if let Ok(v) = v.to_str() {
+                    xff.push_str(v);
+                    xff.push_str(", ");
+                }
+            }
+        }
+        xff.push_str(&peer.to_string());
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            out.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let host = incoming.get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        out.insert(X_FORWARDED_HOST, host);
+    }
+    out
+}
+
+/// The client's answer: the upstream's status and end-to-end headers, its body streamed.
+fn respond(
+    req: &HttpRequest,
+    res: awc::ClientResponse,
+    guard: InFlight,
+    idle: Duration,
+) -> HttpResponse {
+    let status = res.status();
+    let mut out = HttpResponseBuilder::new(status);
+    let mut built = out.finish();
+    let headers = built.headers_mut();
+    for (name, value) in res.headers().iter() {
+        if !is_hop_by_hop(name, res.headers()) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // No body can follow: keep the upstream's Content-Length as written (BodySize::None
+    // makes actix leave it alone) and end the request now.
+    let bodiless = req.method() == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if bodiless {
+        drop(guard);
+        return built.set_body(BoxBody::new(NoBody::new()));
+    }
+    let length = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let stream = UpstreamBody {
+        inner: res,
+        _guard: guard,
+        idle,
+        deadline: Box::pin(actix_rt::time::sleep(idle)),
+    };
+    headers_remove_framing(built.headers_mut());
+    match length {
+        Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),
+        None => built.set_body(BoxBody::new(BodyStream::new(stream))),
+    }
+}
+
+/// actix writes its own framing from the body's size.
+fn headers_remove_framing(headers: &mut HeaderMap) {
+    headers.remove(header::CONTENT_LENGTH);
+}
+
+/// Counts a request in flight on its server until it ends, however it ends (also when the
+/// client goes away mid-body: the guard lives in the response body).
+struct InFlight {
+    balancer: Addr<BalancerActor>,
+    upstream: Option<Arc<Upstream>>,
+    metrics: Arc<Metrics>,
+}
+
+impl InFlight {
+    fn new(worker: &Worker, upstream: Arc<Upstream>) -> Self {
+        worker.shared.metrics.in_flight(1);
+        Self {
+            balancer: worker.balancer.clone(),
+            upstream: Some(upstream),
+            metrics: worker.shared.metrics.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.in_flight(-1);
+        if let Some(upstream) = self.upstream.take() {
+            self.balancer.do_send(RequestEnded(upstream));
+        }
+    }
+}
+
+/// The client's request body, shared by the tries of one request so that a try that never
+/// read it (connection refused) leaves it whole for the next.
+struct BodyState {
+    payload: RefCell<Payload>,
+    /// Some bytes went to an upstream: the body cannot be sent again.
+    started: Cell<bool>,
+    seen: Cell<u64>,
+    /// 0 = unlimited.
+    max: u64,
+    /// The body passed `max`; the request answers 413.
+    over: Cell<bool>,
+}
+
+/// One try's view of [`BodyState`].
+struct BodyReader(Rc<BodyState>);
+
+/// The body stream's error: the client's, or ours for a body over the limit.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    #[error(transparent)]
+    Client(#[from] PayloadError),
+    #[error("request body over max_body_bytes")]
+    TooLarge,
+}
+
+impl Stream for BodyReader {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let state = &*self.0;
+        let mut payload = state.payload.borrow_mut();
+        let next = Pin::new(&mut *payload).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            state.started.set(true);
+            let seen = state.seen.get() + chunk.len() as u64;
+            state.seen.set(seen);
+            if state.max > 0 && seen > state.max {
+                state.over.set(true);
+                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+            }
+        }
+        next.map(|item| item.map(|r| r.map_err(BodyError::from)))
+    }
+}
+
+/// The upstream's body on its way to the client: ends the in-flight count when dropped, and
+/// fails when the upstream pauses longer than `proxy.timeout` between two chunks (a flowing
+/// download is never cut).
+struct UpstreamBody {
+    inner: awc::ClientResponse,
+    _guard: InFlight,
+    idle: Duration,
+    deadline: Pin<Box<actix_rt::time::Sleep>>,
+}
+
+impl Stream for UpstreamBody {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                let next = actix_rt::time::Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(item)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream body paused longer than proxy.timeout",
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// The client IP per the SPEC: the TCP peer, or, when the peer is a trusted proxy, the
+/// rightmost `X-Forwarded-For` address that is not itself trusted (the leftmost when all
+/// are). A malformed `X-Forwarded-For` from a trusted peer gives the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut leftmost = None;
+    for value in headers.get_all(X_FORWARDED_FOR).rev() {
+        let Ok(value) = value.to_str() else {
+            return peer;
+        };
+        for entry in value.rsplit(',') {
+            let Some(ip) = parse_forwarded_ip(entry.trim()) else {
+                return peer;
+            };
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            leftmost = Some(ip);
+        }
+    }
+    leftmost.unwrap_or(peer)
+}
+
+/// An `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]` or `[::1]:80`.
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        if tail.is_empty()
+            || tail
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok())
+        {
+            return ip.parse().ok();
+        }
+        return None;
+    }
+    s.parse::<std::net::SocketAddrV4>()
+        .ok()
+        .map(|a| IpAddr::V4(*a.ip()))
+}
+
+/// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers).
+fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<&HeaderValue>) {
+    let reset = d.reset_secs.max(1);
+    headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(d.limit));
+    headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+    headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+    if let Some(policy) = policy {
+        headers.insert(RATELIMIT_POLICY, policy.clone());
+    }
+    let value = format!("\"default\";r={};t={}", d.remaining, reset);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(RATELIMIT, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in xff {
+            h.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_claims() {
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &headers(&["1.1.1.1"]), &nets(&["10.0.0.0/8"])),
+            peer
+        );
+    }
+
+    #[test]
+    fn a_trusted_peer_gives_the_rightmost_untrusted_address() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&["6.6.6.6, 1.2.3.4", "10.0.0.7"]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let all_trusted = headers(&["10.1.1.1, 10.2.2.2"]);
+        assert_eq!(
+            client_ip(peer, &all_trusted, &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        let v6 = headers(&["[2001:db8::1]:443"]);
+        assert_eq!(
+            client_ip(peer, &v6, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_malformed_forwarded_for_from_a_trusted_peer_gives_the_peer() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(client_ip(peer, &headers(&["not-an-ip"]), &trusted), peer);
+        assert_eq!(client_ip(peer, &headers(&[]), &trusted), peer);
+    }
+
+    #[test]
+    fn connection_named_headers_are_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        assert!(is_hop_by_hop(&HeaderName::from_static("x-secret"), &h));
+        assert!(is_hop_by_hop(&header::TE, &h));
+        assert!(!is_hop_by_hop(&header::ACCEPT, &h));
+    }
+}

@@ -1,0 +1,313 @@
+//! Balancing strategies: plain types behind one trait, with no actor in sight.
+//!
+//! The [`BalancerActor`](crate::balancer::BalancerActor) owns a list of [`Slot`]s and one
+//! `Box<dyn Strategy>`; on every request it asks the strategy for an index among the slots
+//! that are usable (healthy, not draining, not already tried by this request). Strategies keep
+//! only their own cursor or weights; they never see a slot that is not usable.
+
+use std::sync::Arc;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+use crate::{config, upstream::Upstream};
+
+/// One server as a worker's balancer sees it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    pub upstream: Arc<Upstream>,
+    /// In rotation by the health checks.
+    pub healthy: bool,
+    /// Removed through the admin API; kept until its in-flight requests end.
+    pub draining: bool,
+    /// Requests this worker has sent to it that have not ended yet.
+    pub in_flight: u32,
+}
+
+/// Chooses the next server.
+pub trait Strategy {
+    /// Returns the index of the chosen slot, among those for which `usable` is true, or
+    /// `None` when there is none.
+    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize>;
+
+    /// Called after a slot was added or removed (indices may have moved).
+    fn resize(&mut self, slots: &[Slot]);
+}
+
+/// Builds the strategy named in the configuration.
+pub fn from_config(strategy: config::Strategy) -> Box<dyn Strategy> {
+    match strategy {
+        config::Strategy::RoundRobin => Box::new(RoundRobin::default()),
+        config::Strategy::WeightedRoundRobin => Box::new(SmoothWeighted::default()),
+        config::Strategy::LeastRequests => Box::new(LeastRequests::default()),
+        config::Strategy::PowerOfTwo => Box::new(PowerOfTwo::new(SmallRng::from_os_rng())),
+    }
+}
+
+/// Every usable server in turn, in list order; weights are ignored.
+#[derive(Debug, Default)]
+pub struct RoundRobin {
+    next: usize,
+}
+
+impl Strategy for RoundRobin {
+    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = slots.len();
+        let found = (0..n).map(|i| (self.next + i) % n).find(|&i| usable(i))?;
+        self.next = (found + 1) % n;
+        Some(found)
+    }
+
+    fn resize(&mut self, slots: &[Slot]) {
+        self.next = if slots.is_empty() {
+            0
+        } else {
+            self.next % slots.len()
+        };
+    }
+}
+
+/// nginx's smooth weighted round robin: weights 5,1,1 give `a a b a c a a`, never a burst.
+///
+/// Each pick adds every usable server's weight to its running score, takes the highest
+/// (the first one on ties, as nginx does) and subtracts the total from the winner.
+#[derive(Debug, Default)]
+pub struct SmoothWeighted {
+    current: Vec<i64>,
+}
+
+impl Strategy for SmoothWeighted {
+    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if self.current.len() != slots.len() {
+            self.resize(slots);
+        }
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, slot) in slots.iter().enumerate() {
+            if !usable(i) {
+                continue;
+            }
+            let w = i64::from(slot.upstream.weight);
+            self.current[i] += w;
+            total += w;
+            if best.is_none_or(|b| self.current[i] > self.current[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        self.current[best] -= total;
+        Some(best)
+    }
+
+    fn resize(&mut self, slots: &[Slot]) {
+        // nginx starts every score from zero when the peer list changes.
+        self.current.clear();
+        self.current.resize(slots.len(), 0);
+    }
+}
+
+/// The usable server with the fewest in-flight requests; ties go round robin.
+#[derive(Debug, Default)]
+pub struct LeastRequests {
+    next: usize,
+}
+
+impl Strategy for LeastRequests {
+    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let n = slots.len();
+        let mut best: Option<usize> = None;
+        // Scanning from the cursor makes the first of several equals the next in turn.
+        for i in (0..n).map(|i| (self.next + i) % n) {
+            if usable(i) && best.is_none_or(|b| slots[i].in_flight < slots[b].in_flight) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        self.next = (best + 1) % n;
+        Some(best)
+    }
+
+    fn resize(&mut self, slots: &[Slot]) {
+        self.next = if slots.is_empty() {
+            0
+        } else {
+            self.next % slots.len()
+        };
+    }
+}
+
+/// Envoy's power of two choices: two distinct servers drawn at random (by weight), the one
+/// with fewer in-flight requests wins.
+#[derive(Debug)]
+pub struct PowerOfTwo {
+    rng: SmallRng,
+}
+
+impl PowerOfTwo {
+    /// A strategy drawing from `rng` (seeded, in tests, for repeatable draws).
+    pub fn new(rng: SmallRng) -> Self {
+        Self { rng }
+    }
+
+    /// Draws one usable index by weight, leaving out `except`.
+    fn draw(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        except: Option<usize>,
+    ) -> Option<usize> {
+        let eligible = |i: usize| usable(i) && Some(i) != except;
+        let total: u64 = (0..slots.len())
+            .filter(|&i| eligible(i))
+            .map(|i| u64::from(slots[i].upstream.weight))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = self.rng.random_range(0..total);
+        for i in (0..slots.len()).filter(|&i| eligible(i)) {
+            let w = u64::from(slots[i].upstream.weight);
+            if ticket < w {
+                return Some(i);
+            }
+            ticket -= w;
+        }
+        None
+    }
+}
+
+impl Strategy for PowerOfTwo {
+    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let first = self.draw(slots, usable, None)?;
+        let Some(second) = self.draw(slots, usable, Some(first)) else {
+            return Some(first);
+        };
+        if slots[second].in_flight < slots[first].in_flight {
+            Some(second)
+        } else {
+            Some(first)
+        }
+    }
+
+    fn resize(&mut self, _slots: &[Slot]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn slots(weights: &[u32]) -> Vec<Slot> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| Slot {
+                upstream: Arc::new(Upstream::new(&ServerConfig {
+                    url: url::Url::parse(&format!("http://127.0.0.1:{}", 5000 + i)).unwrap(),
+                    weight,
+                })),
+                healthy: true,
+                draining: false,
+                in_flight: 0,
+            })
+            .collect()
+    }
+
+    fn run(s: &mut dyn Strategy, slots: &[Slot], n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| s.pick(slots, &|i| slots[i].healthy).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_cycles_in_list_order() {
+        let s = slots(&[1, 5, 1]);
+        assert_eq!(run(&mut RoundRobin::default(), &s, 6), [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn round_robin_skips_unusable_servers_and_keeps_its_cycle() {
+        let mut s = slots(&[1, 1, 1]);
+        let mut rr = RoundRobin::default();
+        assert_eq!(run(&mut rr, &s, 1), [0]);
+        s[1].healthy = false;
+        assert_eq!(run(&mut rr, &s, 4), [2, 0, 2, 0]);
+        s[1].healthy = true;
+        assert_eq!(run(&mut rr, &s, 3), [1, 2, 0]);
+        s.iter_mut().for_each(|s| s.healthy = false);
+        assert_eq!(rr.pick(&s, &|i| s[i].healthy), None);
+    }
+
+    #[test]
+    fn smooth_weighted_spreads_5_1_1_as_nginx_does() {
+        let s = slots(&[5, 1, 1]);
+        let order = run(&mut SmoothWeighted::default(), &s, 7);
+        assert_eq!(order, [0, 0, 1, 0, 2, 0, 0]);
+        let many = run(&mut SmoothWeighted::default(), &s, 70);
+        let count = |k| many.iter().filter(|&&i| i == k).count();
+        assert_eq!((count(0), count(1), count(2)), (50, 10, 10));
+    }
+
+    #[test]
+    fn smooth_weighted_keeps_shares_among_the_usable_after_a_health_change() {
+        let mut s = slots(&[5, 1, 1]);
+        let mut w = SmoothWeighted::default();
+        run(&mut w, &s, 3);
+        s[0].healthy = false;
+        let order = run(&mut w, &s, 10);
+        assert_eq!(order.iter().filter(|&&i| i == 1).count(), 5);
+        assert!(!order.contains(&0));
+    }
+
+    #[test]
+    fn least_requests_prefers_the_idlest_and_breaks_ties_round_robin() {
+        let mut s = slots(&[1, 1, 1]);
+        let mut lr = LeastRequests::default();
+        assert_eq!(run(&mut lr, &s, 3), [0, 1, 2]);
+        s[0].in_flight = 3;
+        s[1].in_flight = 1;
+        s[2].in_flight = 2;
+        assert_eq!(run(&mut lr, &s, 2), [1, 1]);
+    }
+
+    #[test]
+    fn power_of_two_picks_the_less_loaded_of_two_and_spreads_evenly() {
+        let mut s = slots(&[1, 1]);
+        s[0].in_flight = 10;
+        let mut p2 = PowerOfTwo::new(SmallRng::seed_from_u64(7));
+        assert_eq!(run(&mut p2, &s, 20), vec![1; 20]);
+
+        let s = slots(&[1, 1, 1, 1]);
+        let picks = run(&mut p2, &s, 4000);
+        for k in 0..4 {
+            let c = picks.iter().filter(|&&i| i == k).count();
+            assert!((800..1200).contains(&c), "server {k} got {c} of 4000");
+        }
+    }
+
+    #[test]
+    fn power_of_two_draws_by_weight() {
+        let s = slots(&[3, 1]);
+        let mut p2 = PowerOfTwo::new(SmallRng::seed_from_u64(1));
+        // With equal load the first drawn wins, so the shares follow the weights.
+        let picks = run(&mut p2, &s, 4000);
+        let heavy = picks.iter().filter(|&&i| i == 0).count();
+        assert!((2700..3300).contains(&heavy), "weight 3 of 4 got {heavy}");
+    }
+
+    #[test]
+    fn strategies_never_pick_an_unusable_server() {
+        let s = slots(&[2, 1, 1]);
+        for name in [
+            config::Strategy::RoundRobin,
+            config::Strategy::WeightedRoundRobin,
+            config::Strategy::LeastRequests,
+            config::Strategy::PowerOfTwo,
+        ] {
+            let mut st = from_config(name);
+            for _ in 0..50 {
+                assert_ne!(st.pick(&s, &|i| i != 1), Some(1), "{name:?}");
+            }
+            assert_eq!(st.pick(&s, &|_| false), None, "{name:?}");
+        }
+    }
+}

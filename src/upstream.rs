@@ -1,0 +1,81 @@
+//! An upstream server as the hot path needs it: everything derived from its URL once, when it
+//! is configured or added, so that forwarding a request copies nothing but an `Arc`.
+
+use std::{fmt, sync::Arc};
+
+use actix_web::http::{header::HeaderValue, uri::Authority};
+use url::Url;
+
+use crate::config::ServerConfig;
+
+/// One backend server. Shared as `Arc<Upstream>` between the actors and the handlers;
+/// immutable once built.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `host:port`, the server's name in logs, metrics and the admin API.
+    pub label: Arc<str>,
+    /// The URL as configured (`http://host:port/`).
+    pub url: Url,
+    /// The authority for the upstream request URI; cheap to clone (shared bytes).
+    pub authority: Authority,
+    /// `Host` to send when `proxy.preserve_host = false`.
+    pub host_header: HeaderValue,
+    /// Relative share for the weighted strategies.
+    pub weight: u32,
+}
+
+impl Upstream {
+    /// Builds an upstream from a checked server entry.
+    pub fn new(server: &ServerConfig) -> Upstream {
+        let url = &server.url;
+        let host = url.host_str().unwrap_or_default();
+        let port = url.port_or_known_default().unwrap_or(80);
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let label = format!("{host}:{port}");
+        // `label` came from a parsed URL, so it is a valid authority and header value.
+        let authority: Authority = label.parse().expect("URL host:port is an authority");
+        let host_header = HeaderValue::from_str(&label).expect("URL host:port is a header value");
+        Upstream {
+            label: label.into(),
+            url: url.clone(),
+            authority,
+            host_header,
+            weight: server.weight,
+        }
+    }
+
+    /// The URL to probe for health: the server's URL with `path`.
+    pub fn health_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.label, path)
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_is_host_and_port_even_when_the_port_is_implicit() {
+        let u = Upstream::new(&ServerConfig {
+            url: Url::parse("http://example.test").unwrap(),
+            weight: 1,
+        });
+        assert_eq!(u.label, "example.test:80");
+        let v6 = Upstream::new(&ServerConfig {
+            url: Url::parse("http://[::1]:5000").unwrap(),
+            weight: 3,
+        });
+        assert_eq!(v6.label, "[::1]:5000");
+        assert_eq!(v6.authority.as_str(), "[::1]:5000");
+    }
+}
