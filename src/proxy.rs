@@ -330,17 +330,19 @@ async fn send(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     );
 
+    // Servers that refused a connection: not chosen again for this request.
     let mut tried: Vec<Arc<Upstream>> = Vec::new();
+    let mut attempts = 0u32;
     let mut last_error = String::new();
     loop {
+        attempts += 1;
         let upstream = worker
             .balancer
             .send(NextServer {
-                tried: std::mem::take(&mut tried),
+                tried: tried.clone(),
             })
             .await
             .map_err(|_| ProxyError::Unavailable)?;
-        // `NextServer` took the list; it comes back through the message only by value.
         let Some(upstream) = upstream else {
             return Err(if last_error.is_empty() {
                 ProxyError::NoServer {
@@ -374,32 +376,31 @@ async fn send(
             Ok(Ok(res)) => return Ok((respond(req, res, guard, proxy.timeout), upstream)),
             Ok(Err(e)) => e,
         };
+        drop(guard);
         if body.as_ref().is_some_and(|b| b.over.get()) {
             return Err(ProxyError::TooLarge(proxy.max_body_bytes));
         }
-        last_error = format!(
-            "{}: {}",
-            upstream.label,
-            describe(&error, proxy.connect_timeout)
-        );
+        let reason = describe(&error, proxy.connect_timeout);
+        last_error = format!("{}: {reason}", upstream.label);
         let retry = match &error {
+            // Nothing reached the server: any method may go to another one.
             SendRequestError::Connect(_) => {
                 worker.health.do_send(ConnectFailed {
                     upstream: upstream.clone(),
-                    reason: describe(&error, proxy.connect_timeout),
+                    reason,
                 });
+                tried.push(upstream);
                 !body_started
             }
-            // A kept-alive connection the server had closed: safe to repeat only if nothing
-            // of a body went out and the method may be repeated.
+            // Most often a kept-alive connection the server had just closed: repeat only what
+            // may be repeated, and only if no byte of a body went out. The server is not at
+            // fault, so it may be chosen again.
             SendRequestError::Send(_) | SendRequestError::Response(_) => {
                 idempotent && !body_started
             }
             _ => false,
         };
-        drop(guard);
-        tried.push(upstream);
-        if !retry || tried.len() > proxy.retries as usize {
+        if !retry || attempts > proxy.retries {
             return Err(ProxyError::BadGateway(last_error));
         }
         log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
@@ -489,37 +490,46 @@ fn respond(
             headers.append(name.clone(), value.clone());
         }
     }
-    // No body can follow: keep the upstream's Content-Length as written (BodySize::None
-    // makes actix leave it alone) and end the request now.
-    let bodiless = req.method() == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if bodiless {
-        drop(guard);
-        return built.set_body(BoxBody::new(NoBody::new()));
-    }
     let length = res
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    // actix writes the framing headers from the body's size, never from these.
+    headers.remove(header::CONTENT_LENGTH);
+
+    // No body can follow. A HEAD answer keeps the upstream's length (actix writes the size
+    // of a HEAD body but not the body); 304 keeps a Content-Length set by hand.
+    if req.method() == Method::HEAD {
+        drop(guard);
+        let empty = futures_util::stream::empty::<Result<Bytes, PayloadError>>();
+        return match length {
+            Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, empty))),
+            None => built.set_body(BoxBody::new(BodyStream::new(empty))),
+        };
+    }
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        drop(guard);
+        if let (StatusCode::NOT_MODIFIED, Some(n)) = (status, length) {
+            built
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        return built.set_body(BoxBody::new(NoBody::new()));
+    }
     let stream = UpstreamBody {
         inner: res,
         _guard: guard,
         idle,
         deadline: Box::pin(actix_rt::time::sleep(idle)),
     };
-    headers_remove_framing(built.headers_mut());
     match length {
         Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),
         None => built.set_body(BoxBody::new(BodyStream::new(stream))),
     }
-}
-
-/// actix writes its own framing from the body's size.
-fn headers_remove_framing(headers: &mut HeaderMap) {
-    headers.remove(header::CONTENT_LENGTH);
 }
 
 /// Counts a request in flight on its server until it ends, however it ends (also when the

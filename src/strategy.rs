@@ -70,15 +70,23 @@ impl Strategy for RoundRobin {
 ///
 /// Each pick adds every usable server's weight to its running score, takes the highest
 /// (the first one on ties, as nginx does) and subtracts the total from the winner.
+/// When the set of usable servers changes (a health change), every score starts again from
+/// zero, so the left-over credit of one server cannot turn into a burst.
 #[derive(Debug, Default)]
 pub struct SmoothWeighted {
     current: Vec<i64>,
+    /// Which slots were usable at the last pick.
+    usable: Vec<bool>,
 }
 
 impl Strategy for SmoothWeighted {
     fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
-        if self.current.len() != slots.len() {
+        if self.current.len() != slots.len()
+            || self.usable.iter().enumerate().any(|(i, &u)| u != usable(i))
+        {
             self.resize(slots);
+            self.usable.clear();
+            self.usable.extend((0..slots.len()).map(usable));
         }
         let mut total = 0i64;
         let mut best: Option<usize> = None;

@@ -70,12 +70,12 @@ mod tests {
             url: Url::parse("http://example.test").unwrap(),
             weight: 1,
         });
-        assert_eq!(u.label, "example.test:80");
+        assert_eq!(&*u.label, "example.test:80");
         let v6 = Upstream::new(&ServerConfig {
             url: Url::parse("http://[::1]:5000").unwrap(),
             weight: 3,
         });
-        assert_eq!(v6.label, "[::1]:5000");
+        assert_eq!(&*v6.label, "[::1]:5000");
         assert_eq!(v6.authority.as_str(), "[::1]:5000");
     }
 }
