@@ -147,7 +147,7 @@ impl Handler<NextServer> for BalancerActor {
         let slots = &self.slots;
         let usable = |i: usize| {
             let s = &slots[i];
-            s.healthy && !s.draining && !msg.tried.iter().any(|t| Arc::ptr_eq(t, &s.upstream))
+            s.healthy && !s.draining && !msg.tried.iter().any(|t| t.label == s.upstream.label)
         };
         let i = self.strategy.pick(slots, &usable)?;
         let slot = &mut self.slots[i];
@@ -165,11 +165,9 @@ impl Handler<RequestEnded> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, RequestEnded(upstream): RequestEnded, _: &mut Self::Context) {
-        if let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| Arc::ptr_eq(&s.upstream, &upstream))
-        {
+        // By label, not by `Arc`: a server removed and added back while this request was in
+        // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
+        if let Some(i) = self.position(&upstream.label) {
             let slot = &mut self.slots[i];
             slot.in_flight = slot.in_flight.saturating_sub(1);
             if slot.draining && slot.in_flight == 0 {

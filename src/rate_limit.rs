@@ -35,8 +35,11 @@ pub struct Decision {
     pub allowed: bool,
     pub limit: u64,
     pub remaining: u64,
-    /// Whole seconds until the window resets, rounded up.
+    /// Whole seconds until the window resets, rounded up: what the client is told.
     pub reset_secs: u64,
+    /// Exactly how long until the window resets: how long a refused IP stays blocked
+    /// locally (blocking for `reset_secs` would refuse up to a second into the next window).
+    pub resets_in: Duration,
 }
 
 impl Decision {
@@ -46,6 +49,7 @@ impl Decision {
             limit,
             remaining: limit.saturating_sub(count),
             reset_secs: ceil_secs(ttl),
+            resets_in: ttl,
         }
     }
 }
@@ -290,8 +294,8 @@ impl Handler<Check> for RateLimitActor {
                     Ok(d) => {
                         act.outage.succeeded();
                         if !d.allowed {
-                            act.blocked
-                                .insert(ip, Instant::now() + Duration::from_secs(d.reset_secs));
+                            // Until the window ends, not the rounded-up second after it.
+                            act.blocked.insert(ip, Instant::now() + d.resets_in);
                         }
                         Verdict::Counted(d)
                     }
@@ -349,5 +353,6 @@ mod tests {
         assert_eq!(d.reset_secs, 1);
         let d = Decision::from_count(6, 5, Duration::from_millis(59_001));
         assert_eq!((d.allowed, d.remaining, d.reset_secs), (false, 0, 60));
+        assert_eq!(d.resets_in, Duration::from_millis(59_001), "kept exact");
     }
 }

@@ -43,26 +43,55 @@ pub fn from_config(strategy: config::Strategy) -> Box<dyn Strategy> {
     }
 }
 
+/// A round-robin position that survives changes to the list. It remembers the servers by
+/// label, so that removing one does not hand the turn to the server just served, and adding
+/// one does not skip the server whose turn it was.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Index of the next server in turn.
+    next: usize,
+    /// The labels of the list `next` points into, as of the last resize (empty before).
+    order: Vec<Arc<str>>,
+}
+
+impl Cursor {
+    /// Moves the cursor onto the new `slots`: the first server at or after the old position
+    /// that is still listed keeps its turn.
+    fn resize(&mut self, slots: &[Slot]) {
+        let old = std::mem::replace(
+            &mut self.order,
+            slots.iter().map(|s| s.upstream.label.clone()).collect(),
+        );
+        self.next = if slots.is_empty() {
+            0
+        } else if old.is_empty() {
+            self.next % slots.len()
+        } else {
+            (0..old.len())
+                .map(|k| &old[(self.next + k) % old.len()])
+                .find_map(|label| slots.iter().position(|s| s.upstream.label == *label))
+                .unwrap_or(0)
+        };
+    }
+}
+
 /// Every usable server in turn, in list order; weights are ignored.
 #[derive(Debug, Default)]
 pub struct RoundRobin {
-    next: usize,
+    cursor: Cursor,
 }
 
 impl Strategy for RoundRobin {
     fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
         let n = slots.len();
-        let found = (0..n).map(|i| (self.next + i) % n).find(|&i| usable(i))?;
-        self.next = (found + 1) % n;
+        let next = self.cursor.next;
+        let found = (0..n).map(|i| (next + i) % n).find(|&i| usable(i))?;
+        self.cursor.next = (found + 1) % n;
         Some(found)
     }
 
     fn resize(&mut self, slots: &[Slot]) {
-        self.next = if slots.is_empty() {
-            0
-        } else {
-            self.next % slots.len()
-        };
+        self.cursor.resize(slots);
     }
 }
 
@@ -70,23 +99,43 @@ impl Strategy for RoundRobin {
 ///
 /// Each pick adds every usable server's weight to its running score, takes the highest
 /// (the first one on ties, as nginx does) and subtracts the total from the winner.
-/// When the set of usable servers changes (a health change), every score starts again from
-/// zero, so the left-over credit of one server cannot turn into a burst.
+/// When the set of servers in rotation changes (a health change, a server added, removed or
+/// draining), every score starts again from zero, so the left-over credit of one server
+/// cannot turn into a burst. A server skipped only because this request already tried it
+/// is not a change: restarting then would hand the first server an extra turn per retry.
 #[derive(Debug, Default)]
 pub struct SmoothWeighted {
     current: Vec<i64>,
-    /// Which slots were usable at the last pick.
-    usable: Vec<bool>,
+    /// Which slots were in rotation (healthy, not draining) when the scores last restarted.
+    in_rotation: Vec<bool>,
+}
+
+impl SmoothWeighted {
+    fn in_rotation(slot: &Slot) -> bool {
+        slot.healthy && !slot.draining
+    }
+
+    /// Starts every score from zero and records the rotation it starts for.
+    fn restart(&mut self, slots: &[Slot]) {
+        self.current.clear();
+        self.current.resize(slots.len(), 0);
+        self.in_rotation.clear();
+        self.in_rotation.extend(slots.iter().map(Self::in_rotation));
+    }
 }
 
 impl Strategy for SmoothWeighted {
     fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+        // The rotation is read from the slots, not from `usable`, which also leaves out the
+        // servers this request already tried.
         if self.current.len() != slots.len()
-            || self.usable.iter().enumerate().any(|(i, &u)| u != usable(i))
+            || self.in_rotation.len() != slots.len()
+            || slots
+                .iter()
+                .zip(&self.in_rotation)
+                .any(|(s, &was)| Self::in_rotation(s) != was)
         {
-            self.resize(slots);
-            self.usable.clear();
-            self.usable.extend((0..slots.len()).map(usable));
+            self.restart(slots);
         }
         let mut total = 0i64;
         let mut best: Option<usize> = None;
@@ -108,38 +157,34 @@ impl Strategy for SmoothWeighted {
 
     fn resize(&mut self, slots: &[Slot]) {
         // nginx starts every score from zero when the peer list changes.
-        self.current.clear();
-        self.current.resize(slots.len(), 0);
+        self.restart(slots);
     }
 }
 
 /// The usable server with the fewest in-flight requests; ties go round robin.
 #[derive(Debug, Default)]
 pub struct LeastRequests {
-    next: usize,
+    cursor: Cursor,
 }
 
 impl Strategy for LeastRequests {
     fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
         let n = slots.len();
+        let next = self.cursor.next;
         let mut best: Option<usize> = None;
         // Scanning from the cursor makes the first of several equals the next in turn.
-        for i in (0..n).map(|i| (self.next + i) % n) {
+        for i in (0..n).map(|i| (next + i) % n) {
             if usable(i) && best.is_none_or(|b| slots[i].in_flight < slots[b].in_flight) {
                 best = Some(i);
             }
         }
         let best = best?;
-        self.next = (best + 1) % n;
+        self.cursor.next = (best + 1) % n;
         Some(best)
     }
 
     fn resize(&mut self, slots: &[Slot]) {
-        self.next = if slots.is_empty() {
-            0
-        } else {
-            self.next % slots.len()
-        };
+        self.cursor.resize(slots);
     }
 }
 
@@ -264,6 +309,62 @@ mod tests {
         let order = run(&mut w, &s, 10);
         assert_eq!(order.iter().filter(|&&i| i == 1).count(), 5);
         assert!(!order.contains(&0));
+    }
+
+    #[test]
+    fn round_robin_keeps_the_turn_of_the_next_server_when_one_is_removed() {
+        let mut s = slots(&[1, 1, 1]);
+        let mut rr = RoundRobin::default();
+        rr.resize(&s);
+        assert_eq!(run(&mut rr, &s, 2), [0, 1]);
+        // The first server leaves: the third (now second) was next, and still is.
+        let third = s[2].upstream.clone();
+        s.remove(0);
+        rr.resize(&s);
+        let order = run(&mut rr, &s, 3);
+        assert!(Arc::ptr_eq(&s[order[0]].upstream, &third));
+        assert_eq!(order, [1, 0, 1]);
+        // The server whose turn it is leaves: the one after it takes the turn.
+        let mut s = slots(&[1, 1, 1]);
+        rr = RoundRobin::default();
+        rr.resize(&s);
+        assert_eq!(run(&mut rr, &s, 1), [0]);
+        s.remove(1);
+        rr.resize(&s);
+        assert_eq!(run(&mut rr, &s, 2), [1, 0]);
+    }
+
+    #[test]
+    fn smooth_weighted_restarts_after_a_health_change_even_once_resized() {
+        // As the balancer drives it: a resize first, then picks.
+        let mut s = slots(&[5, 1, 1]);
+        let mut w = SmoothWeighted::default();
+        w.resize(&s);
+        assert_eq!(run(&mut w, &s, 3), [0, 0, 1]);
+        s[1].healthy = false;
+        assert_eq!(run(&mut w, &s, 6), [0, 0, 0, 2, 0, 0]);
+        s[1].healthy = true;
+        assert_eq!(run(&mut w, &s, 7), [0, 0, 1, 0, 2, 0, 0]);
+        // Removing a server resizes; the scores restart over the shorter list.
+        s.remove(0);
+        w.resize(&s);
+        assert_eq!(run(&mut w, &s, 4), [0, 1, 0, 1]);
+        // Draining takes a server out of rotation like a failed check does.
+        s[0].draining = true;
+        let usable = |i: usize| s[i].healthy && !s[i].draining;
+        assert_eq!(w.pick(&s, &usable), Some(1));
+    }
+
+    #[test]
+    fn smooth_weighted_does_not_restart_for_a_retry() {
+        let s = slots(&[1, 1, 1]);
+        let mut w = SmoothWeighted::default();
+        w.resize(&s);
+        assert_eq!(run(&mut w, &s, 1), [0]);
+        // A retry that must avoid server 1 goes on with the cycle instead of starting it
+        // again at server 0; the next ordinary pick takes the one left out.
+        assert_eq!(w.pick(&s, &|i| i != 1), Some(2));
+        assert_eq!(run(&mut w, &s, 1), [1]);
     }
 
     #[test]

@@ -123,6 +123,48 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Starts a backend on a free port whose `/` (and every route but `/health`) waits
+    /// `ms` milliseconds before answering `name`: a slow server for the load-aware
+    /// strategies, whichever path the proxy is asked for.
+    pub fn start_slow(name: &str, ms: u64) -> Backend {
+        let listener = bind_retry(0);
+        let addr = listener.local_addr().unwrap();
+        let state = BackendState {
+            name: name.to_string(),
+            hits: Arc::new(AtomicUsize::new(0)),
+            health: Arc::new(AtomicU16::new(200)),
+        };
+        let app_state = state.clone();
+        let delay = Duration::from_millis(ms);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(app_state.clone()))
+                .route("/health", web::get().to(health))
+                .default_service(web::to(move |state: web::Data<BackendState>| async move {
+                    state.hits.fetch_add(1, Ordering::SeqCst);
+                    actix_rt::time::sleep(delay).await;
+                    HttpResponse::Ok().body(state.name.clone())
+                }))
+        })
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(1)
+        .listen(listener)
+        .unwrap()
+        .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Backend {
+            name: state.name,
+            addr,
+            hits: state.hits,
+            health_status: state.health,
+            handle,
+        }
+    }
+}
+
 /// A port on which nothing listens (bound, then released).
 pub fn dead_url() -> String {
     let port = TcpListener::bind("127.0.0.1:0")
