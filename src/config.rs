@@ -297,11 +297,11 @@ impl Config {
             .build()
             .map_err(|e| ConfigError::Source {
                 file: file.into(),
-                reason: e.to_string(),
+                reason: one_line(&e.to_string()),
             })?;
         let raw: FileConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
-            let reason = e.into_inner().to_string();
+            let reason = one_line(&e.into_inner().to_string());
             if key == "." || key.is_empty() {
                 ConfigError::Source {
                     file: file.into(),
@@ -473,6 +473,22 @@ impl FileConfig {
     }
 }
 
+/// Folds a multi-line parser message (TOML errors quote the source with a caret) into the
+/// one line that start-up prints.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && l.split_once('|')
+                    .is_none_or(|(n, _)| n.trim().parse::<u32>().is_err())
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 fn nonzero(d: Duration, key: &str) -> Result<(), KeyError> {
     if d.is_zero() {
         Err(key_err(key, "must be greater than zero"))
@@ -576,6 +592,7 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ),
             ("[admin]\naddress = \"0.0.0.0:8001\"", "admin.token"),
             ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[listen\naddress = 1", "line 1"),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

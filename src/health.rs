@@ -253,6 +253,8 @@ impl Actor for HealthActor {
                 .disable_timeout()
                 .finish(),
         );
+        // First round now, so a server that is down at start leaves rotation soon.
+        self.probe_all(ctx);
         ctx.run_interval(self.settings.interval, |act, ctx| act.probe_all(ctx));
     }
 }

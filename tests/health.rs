@@ -1,0 +1,229 @@
+//! Active and passive health checks over real sockets: servers leave and rejoin rotation,
+//! and a dead server is routed around without the client noticing.
+//!
+//! The harness probes every 200 ms with a 150 ms timeout and thresholds of 2 (SPEC default).
+
+mod common;
+
+use std::{
+    net::TcpListener,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use roundabout::admin::servers;
+
+/// Is the server at `url` in rotation, as the balancer reports it?
+async fn healthy(lb: &roundabout::Running, url: &str) -> Option<bool> {
+    servers(&lb.health)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.url == url)
+        .map(|s| s.healthy)
+}
+
+/// A server that accepts connections and never answers.
+fn hanging_server() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[actix_rt::test]
+async fn a_failing_health_check_takes_a_server_out_and_passing_ones_bring_it_back() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = balancer(&urls(&[&a, &b]), "");
+    let url = format!("http://{}/", lb.proxy_addr);
+    // Workers register with the health registry as they start.
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(true))
+        .await
+    );
+
+    a.set_health(500);
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(false))
+        .await
+    );
+    // interval × (unhealthy_threshold + 1), with a little slack for a busy machine.
+    assert!(
+        started.elapsed() < Duration::from_millis(600 + 400),
+        "{:?}",
+        started.elapsed()
+    );
+    let before = a.hits();
+    for _ in 0..10 {
+        assert_eq!(get(&url).await, (200, "b".to_string()));
+    }
+    assert_eq!(a.hits(), before, "an unhealthy server got traffic");
+
+    a.set_health(200);
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(true))
+        .await
+    );
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(get(&url).await.1);
+    }
+    assert!(names.contains(&"a".to_string()), "{names:?}");
+}
+
+#[actix_rt::test]
+async fn a_stopped_backend_is_taken_out_and_comes_back_when_started_again() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = balancer(&urls(&[&a, &b]), "");
+    let port = a.addr.port();
+    a.stop().await;
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(false))
+        .await
+    );
+
+    let again = Backend::start_on("a-again", port);
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &again.url())
+            .await
+            == Some(true))
+        .await
+    );
+    let url = format!("http://{}/", lb.proxy_addr);
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(get(&url).await.1);
+    }
+    assert!(names.contains(&"a-again".to_string()), "{names:?}");
+}
+
+#[actix_rt::test]
+async fn a_hung_server_fails_by_timeout_while_the_other_checks_go_on() {
+    let a = Backend::start("a");
+    let hung = hanging_server();
+    let lb = balancer(&[hung.clone(), a.url()], "");
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &hung).await
+            == Some(false))
+        .await
+    );
+    // The hung server's probes never delay the others': a's change is seen just as fast.
+    a.set_health(503);
+    let started = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(false))
+        .await
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    a.set_health(200);
+    assert!(
+        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
+            .await
+            == Some(true))
+        .await
+    );
+    assert_eq!(healthy(&lb, &hung).await, Some(false));
+}
+
+#[actix_rt::test]
+async fn with_every_server_down_the_answer_is_503_and_one_back_brings_200() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let lb = balancer(&urls(&[&a, &b]), "[health_check]\npath = \"/health\"\ninterval = \"1500ms\"\ntimeout = \"150ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 1\n");
+    a.set_health(500);
+    b.set_health(500);
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            healthy(&lb, &a.url()).await == Some(false)
+                && healthy(&lb, &b.url()).await == Some(false)
+        })
+        .await
+    );
+    let mut res = client()
+        .get(format!("http://{}/", lb.proxy_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    // The health interval in whole seconds, rounded up.
+    assert_eq!(res.headers().get("retry-after").unwrap(), "2");
+    assert!(!res.body().await.unwrap().is_empty());
+
+    b.set_health(200);
+    assert!(
+        eventually(Duration::from_secs(5), async || healthy(&lb, &b.url())
+            .await
+            == Some(true))
+        .await
+    );
+    assert_eq!(
+        get(&format!("http://{}/", lb.proxy_addr)).await,
+        (200, "b".to_string())
+    );
+}
+
+#[actix_rt::test]
+async fn a_backend_stopped_mid_stream_costs_the_client_nothing() {
+    let (a, b, c) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    );
+    let lb = balancer(&urls(&[&a, &b, &c]), "");
+    let url = format!("http://{}/", lb.proxy_addr);
+    let mut errors = Vec::new();
+    for i in 0..300 {
+        if i == 100 {
+            b.stop().await;
+        }
+        let (status, body) = get(&url).await;
+        if status != 200 {
+            errors.push((i, status, body));
+        }
+        actix_rt::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert!(errors.is_empty(), "client saw errors: {errors:?}");
+    assert!(b.hits() >= 30, "b served its share before it stopped");
+    assert_eq!(healthy(&lb, &b.url()).await, Some(false));
+}
+
+#[actix_rt::test]
+async fn a_refused_connection_counts_as_a_failed_check_at_once() {
+    let a = Backend::start("a");
+    let b = Backend::start("b");
+    // Probes so rare that only passive reports can take b out in this test.
+    let lb = balancer(
+        &urls(&[&a, &b]),
+        "[health_check]\npath = \"/health\"\ninterval = \"1h\"\nunhealthy_threshold = 2\n",
+    );
+    b.stop().await;
+    let url = format!("http://{}/", lb.proxy_addr);
+    for _ in 0..6 {
+        assert_eq!(get(&url).await, (200, "a".to_string()));
+    }
+    assert!(
+        eventually(Duration::from_secs(1), async || healthy(&lb, &b.url())
+            .await
+            == Some(false))
+        .await
+    );
+}
