@@ -1,9 +1,14 @@
 //! A demo backend: `cargo run --example backend -- --port 5001`.
 //!
-//! `GET /` answers one line naming its port; `GET /health` answers `ok`. Anything else is
-//! echoed back as a line with the method and path, so the balancer can be tried with curl.
+//! `GET /` answers one line naming its port; `POST /` and any request to `/echo` answer
+//! the request body; `OPTIONS /` lists the methods of `/`, which answers others with 405;
+//! `GET /health` answers `ok`. Anything else is echoed back as a line with the method and
+//! path, so the balancer can be tried with curl. Every answer with a body says its type.
 
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{
+    http::header::{self, ContentType},
+    web, App, HttpRequest, HttpResponse, HttpServer,
+};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -17,25 +22,64 @@ struct Args {
     workers: usize,
 }
 
+/// The methods `/` answers, for `Allow` (RFC 9110 §10.2.1).
+const ROOT_ALLOW: &str = "GET, HEAD, POST, OPTIONS";
+
+/// The request body back, streamed (any size), with the request's Content-Type
+/// (octet-stream when none).
+async fn echo(req: HttpRequest, body: web::Payload) -> HttpResponse {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or_else(|| header::HeaderValue::from_static("application/octet-stream"));
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, content_type))
+        .streaming(body)
+}
+
 #[actix_web::main]
 async fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let port = args.port;
     println!("backend listening on http://127.0.0.1:{port}");
     HttpServer::new(move || {
+        let hello = move || async move {
+            HttpResponse::Ok()
+                .content_type(ContentType::plaintext())
+                .body(format!("Hello from backend on port {port}\n"))
+        };
         App::new()
-            .route(
-                "/",
-                web::get().to(move || async move {
-                    HttpResponse::Ok().body(format!("Hello from backend on port {port}\n"))
-                }),
+            .service(
+                web::resource("/")
+                    .route(web::get().to(hello))
+                    .route(web::head().to(hello))
+                    .route(web::post().to(echo))
+                    .route(web::method(actix_web::http::Method::OPTIONS).to(|| async {
+                        HttpResponse::NoContent()
+                            .insert_header((header::ALLOW, ROOT_ALLOW))
+                            .finish()
+                    }))
+                    .default_service(web::to(|| async {
+                        HttpResponse::MethodNotAllowed()
+                            .insert_header((header::ALLOW, ROOT_ALLOW))
+                            .content_type(ContentType::plaintext())
+                            .body("method not allowed\n")
+                    })),
             )
+            .route("/echo", web::to(echo))
             .route(
                 "/health",
-                web::get().to(|| async { HttpResponse::Ok().body("ok\n") }),
+                web::get().to(|| async {
+                    HttpResponse::Ok()
+                        .content_type(ContentType::plaintext())
+                        .body("ok\n")
+                }),
             )
             .default_service(web::to(move |req: HttpRequest| async move {
-                HttpResponse::Ok().body(format!("backend {port}: {} {}\n", req.method(), req.uri()))
+                HttpResponse::Ok()
+                    .content_type(ContentType::plaintext())
+                    .body(format!("backend {port}: {} {}\n", req.method(), req.uri()))
             }))
     })
     .workers(args.workers)

@@ -6,7 +6,12 @@
 //! What is not: the hop-by-hop headers of [`HOP_BY_HOP`] and every header named in
 //! `Connection`, in both directions, and any `X-Forwarded-*` the client sent (we set ours).
 //! Failures answer with a short plain-text body: 503 no server, 502 no connection, 504 no
-//! answer within `proxy.timeout`, 413 body too large, 400 ambiguous framing, 429 limited.
+//! answer within `proxy.timeout`, 413 body too large, 400 ambiguous framing or a malformed
+//! request, 431 header section too large, 417 unknown expectation, 501 CONNECT, 429 limited.
+//!
+//! What is refused before any server is chosen ([`check_request`]): whatever actix-http
+//! lets through that a strict intermediary must not pass on, because the next parser could
+//! read it another way (RFC 9112 §3.2, §6.3; RFC 9110 §7.2, §9.1).
 
 use std::{
     cell::{Cell, RefCell},
@@ -60,6 +65,15 @@ pub const HOP_BY_HOP: [HeaderName; 10] = [
     header::EXPECT,
 ];
 
+/// The largest request head forwarded (request line and header fields, counted as sent);
+/// past it, 431. actix-http itself only stops at 128 KiB of unparsed head; nginx's default
+/// is 8 KiB a line, 32 KiB in all.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The longest method token forwarded; the longest registered one has 17 bytes.
+const MAX_METHOD_LEN: usize = 32;
+
+const SEC_WEBSOCKET_VERSION: HeaderName = HeaderName::from_static("sec-websocket-version");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -143,6 +157,12 @@ pub enum ProxyError {
     TooLarge(u64),
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    #[error("request header fields larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("only the expectation 100-continue is supported")]
+    ExpectationFailed,
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("too many requests")]
     RateLimited(Decision),
     #[error("rate limiter unavailable")]
@@ -161,6 +181,9 @@ impl ResponseError for ProxyError {
             ProxyError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -176,7 +199,11 @@ impl ResponseError for ProxyError {
                 res.insert_header((header::RETRY_AFTER, d.reset_secs.max(1)));
             }
             // The body was not read: the connection cannot carry another request.
-            ProxyError::TooLarge(_) | ProxyError::BadRequest(_) => {
+            ProxyError::TooLarge(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge
+            | ProxyError::ExpectationFailed
+            | ProxyError::NotImplemented(_) => {
                 res.force_close();
             }
             _ => {}
@@ -197,7 +224,7 @@ pub async fn forward(
     let client_ip = peer.map(|p| client_ip(p, req.headers(), &shared.trusted_proxies));
 
     let mut decision = None;
-    let outcome = match check_framing(&req, &shared.proxy) {
+    let outcome = match check_request(&req, &shared.proxy) {
         Err(e) => Err(e),
         Ok(body) => match limit(&worker, client_ip).await {
             Err(e) => Err(e),
@@ -257,6 +284,148 @@ enum Framing {
     Chunked,
 }
 
+/// Every check made before a request is forwarded; the framing when all pass.
+///
+/// actix-http has already refused a bad request line, bytes outside a header's grammar, a
+/// second Host, a missing Host in HTTP/1.1 and the framing errors [`check_framing`] lists.
+/// What it accepts and we do not forward: a method that is not an upper-case token (or is
+/// CONNECT: we open no tunnels), `*` outside OPTIONS, an absolute-form target whose
+/// authority is not the Host, a Host that is not `host[:port]`, a backslash or an encoded
+/// NUL, CR or LF in the path, a head over [`MAX_HEAD_BYTES`], two Content-Types, header
+/// names that a CGI-style server reads as Content-Length or Transfer-Encoding, an
+/// expectation other than 100-continue, and a WebSocket handshake that cannot be valid.
+fn check_request(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, ProxyError> {
+    let method = req.method();
+    if *method == Method::CONNECT {
+        return Err(ProxyError::NotImplemented("CONNECT"));
+    }
+    let m = method.as_str();
+    if m.len() > MAX_METHOD_LEN
+        || !m
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+    {
+        return Err(ProxyError::BadRequest("invalid method"));
+    }
+
+    let headers = req.headers();
+    let uri = req.uri();
+    let path = uri.path();
+    if path == "*" && *method != Method::OPTIONS {
+        return Err(ProxyError::BadRequest("'*' is only a target for OPTIONS"));
+    }
+    if !clean_path(path.as_bytes()) {
+        return Err(ProxyError::BadRequest("invalid path"));
+    }
+
+    // actix-http refuses a second Host and, in HTTP/1.1, a missing one.
+    let host = headers.get(header::HOST);
+    if let Some(host) = host {
+        if !valid_host(host.as_bytes()) {
+            return Err(ProxyError::BadRequest("invalid Host"));
+        }
+    }
+    // Absolute form: the target's authority is the host (RFC 9112 §3.2.2); one that the
+    // Host field contradicts would reach the server as the other. (No Host: HTTP/1.0.)
+    if let Some(authority) = uri.authority() {
+        let same = host.is_none_or(|h| {
+            h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        });
+        if !same || !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(ProxyError::BadRequest("target and Host disagree"));
+        }
+    }
+
+    let mut head = m.len() + uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    for (name, value) in headers {
+        head += name.as_str().len() + value.len() + 4;
+        if matches!(name.as_str(), "content_length" | "transfer_encoding") {
+            return Err(ProxyError::BadRequest("framing header name with '_'"));
+        }
+    }
+    if head > MAX_HEAD_BYTES {
+        return Err(ProxyError::HeadTooLarge);
+    }
+    let mut types = headers.get_all(header::CONTENT_TYPE);
+    if types.next().is_some() && types.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Content-Type"));
+    }
+    // actix-http answers 100-continue itself; anything else we cannot meet (RFC 9110 §10.1.1).
+    if headers.get_all(header::EXPECT).any(|v| {
+        !v.as_bytes()
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"100-continue")
+    }) {
+        return Err(ProxyError::ExpectationFailed);
+    }
+
+    let framing = check_framing(req, proxy)?;
+    if let Some(upgrade) = headers.get(header::UPGRADE) {
+        // actix-http reads everything after a WebSocket handshake as its body, whatever the
+        // framing says; and no server accepts a version other than 13 (RFC 6455 §4.4).
+        let websocket = upgrade
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+        if websocket
+            && (framing != Framing::None
+                || headers
+                    .get(SEC_WEBSOCKET_VERSION)
+                    .is_some_and(|v| v.as_bytes() != b"13"))
+        {
+            return Err(ProxyError::BadRequest("invalid WebSocket handshake"));
+        }
+    }
+    Ok(framing)
+}
+
+/// True for a Host value of the form `host[:port]` (RFC 9110 §7.2): a reg-name of letters,
+/// digits, `-`, `.`, `_`, `~`, or a bracketed IPv6 literal; a port of 1 to 5 digits. No
+/// user info, no path, no list, no empty value.
+fn valid_host(value: &[u8]) -> bool {
+    let (name_ok, port) = match value.strip_prefix(b"[") {
+        Some(rest) => match rest.iter().position(|&b| b == b']') {
+            Some(end) => (
+                end > 0
+                    && rest[..end]
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.'),
+                &rest[end + 1..],
+            ),
+            None => return false,
+        },
+        None => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            (
+                end > 0
+                    && value[..end].iter().all(|&b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+                    }),
+                &value[end..],
+            )
+        }
+    };
+    name_ok
+        && (port.is_empty()
+            || port
+                .strip_prefix(b":")
+                .is_some_and(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit)))
+}
+
+/// False for a path some servers would read otherwise: a backslash (a separator on
+/// Windows), or a percent-encoded NUL, CR or LF (truncation, header injection).
+fn clean_path(path: &[u8]) -> bool {
+    !path.iter().enumerate().any(|(i, &b)| {
+        b == b'\\'
+            || (b == b'%'
+                && matches!(
+                    path.get(i + 1..i + 3),
+                    Some(b"00" | b"0a" | b"0A" | b"0d" | b"0D")
+                ))
+    })
+}
+
 /// Refuses what could be read two ways, and bodies known to be too large.
 ///
 /// actix-http already refuses CL + TE, two Content-Length lines, a non-chunked TE and TE in
@@ -269,7 +438,12 @@ fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, Pro
         (Some(one), None) => Some(
             one.to_str()
                 .ok()
-                .filter(|s| s.bytes().all(|b| b.is_ascii_digit()) && !s.is_empty())
+                // 1*DIGIT, and no leading zero: "007" is read as octal by some parsers.
+                .filter(|s| {
+                    s.bytes().all(|b| b.is_ascii_digit())
+                        && !s.is_empty()
+                        && (s.len() == 1 || !s.starts_with('0'))
+                })
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or(ProxyError::BadRequest("invalid Content-Length"))?,
         ),

@@ -15,12 +15,35 @@ macro_rules! byte (
     })
 );
 
+/// The longest chunk extension accepted on one chunk line, in bytes (roundabout patch).
+const MAX_EXTENSION_LEN: u32 = 4096;
+
+/// Where the decoder is inside a chunk extension (RFC 9112 §7.1.1):
+/// `chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )`,
+/// with `chunk-ext-name = token` and `chunk-ext-val = token / quoted-string`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ext {
+    /// After `;`, before the name.
+    NameStart,
+    Name,
+    /// Whitespace after the name.
+    NameEnd,
+    /// After `=`, before the value.
+    ValueStart,
+    Token,
+    Quoted,
+    QuotedEscape,
+    /// Whitespace after a value.
+    ValueEnd,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum ChunkedState {
     SizeFirst,
     SizeRest,
     SizeLws,
-    Extension,
+    /// Inside the chunk extensions, with the bytes read of them so far.
+    Extension(Ext, u32),
     SizeLf,
     Body,
     BodyCr,
@@ -45,7 +68,7 @@ impl ChunkedState {
             SizeFirst => ChunkedState::read_size_first(body, size),
             SizeRest => ChunkedState::read_size_rest(body, size),
             SizeLws => ChunkedState::read_size_lws(body),
-            Extension => ChunkedState::read_extension(body),
+            Extension(ext, len) => ChunkedState::read_extension(body, ext, len),
             SizeLf => ChunkedState::read_size_lf(body, *size),
             Body => ChunkedState::read_body(body, size, buf),
             BodyCr => ChunkedState::read_body_cr(body),
@@ -87,7 +110,7 @@ impl ChunkedState {
             b @ b'a'..=b'f' => b + 10 - b'a',
             b @ b'A'..=b'F' => b + 10 - b'A',
             b'\t' | b' ' => return Poll::Ready(Ok(ChunkedState::SizeLws)),
-            b';' => return Poll::Ready(Ok(ChunkedState::Extension)),
+            b';' => return Poll::Ready(Ok(ChunkedState::Extension(Ext::NameStart, 0))),
             b'\r' => return Poll::Ready(Ok(ChunkedState::SizeLf)),
             _ => {
                 return Poll::Ready(Err(io::Error::new(
@@ -116,27 +139,65 @@ impl ChunkedState {
 
     fn read_size_lws(rdr: &mut BytesMut) -> Poll<Result<ChunkedState, io::Error>> {
         match byte!(rdr) {
-            // LWS can follow the chunk size, but no more digits can come
+            // Whitespace after the size is only the BWS before an extension (roundabout
+            // patch: `5 \r\n` was accepted, other parsers refuse it).
             b'\t' | b' ' => Poll::Ready(Ok(ChunkedState::SizeLws)),
-            b';' => Poll::Ready(Ok(ChunkedState::Extension)),
-            b'\r' => Poll::Ready(Ok(ChunkedState::SizeLf)),
+            b';' => Poll::Ready(Ok(ChunkedState::Extension(Ext::NameStart, 0))),
             _ => Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "Invalid chunk size linear white space",
             ))),
         }
     }
-    fn read_extension(rdr: &mut BytesMut) -> Poll<Result<ChunkedState, io::Error>> {
-        match byte!(rdr) {
-            b'\r' => Poll::Ready(Ok(ChunkedState::SizeLf)),
-            // strictly 0x20 (space) should be disallowed but we don't parse quoted strings here
-            0x00..=0x08 | 0x0a..=0x1f | 0x7f => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "Invalid character in chunk extension",
-            ))),
-            _ => Poll::Ready(Ok(ChunkedState::Extension)), // no supported extensions
+
+    /// Checks the extension grammar byte by byte (roundabout patch: upstream skipped every
+    /// byte up to CR, so `5;` or `5;bad[=x` passed, which other parsers refuse).
+    fn read_extension(
+        rdr: &mut BytesMut,
+        ext: Ext,
+        len: u32,
+    ) -> Poll<Result<ChunkedState, io::Error>> {
+        let invalid = |what: &'static str| {
+            Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidInput, what)))
+        };
+        if len >= MAX_EXTENSION_LEN {
+            return invalid("Chunk extension too long");
+        }
+        let b = byte!(rdr);
+        let next = |ext| Poll::Ready(Ok(ChunkedState::Extension(ext, len + 1)));
+        let is_ws = b == b' ' || b == b'\t';
+        match ext {
+            Ext::NameStart if is_ws => next(Ext::NameStart),
+            Ext::NameStart if is_tchar(b) => next(Ext::Name),
+            Ext::NameStart => invalid("Invalid chunk extension name"),
+            Ext::Name | Ext::NameEnd | Ext::Token | Ext::ValueEnd if b == b';' => {
+                next(Ext::NameStart)
+            }
+            Ext::Name | Ext::Token | Ext::ValueEnd if b == b'\r' => {
+                Poll::Ready(Ok(ChunkedState::SizeLf))
+            }
+            Ext::Name if is_tchar(b) => next(Ext::Name),
+            Ext::Name | Ext::NameEnd if is_ws => next(Ext::NameEnd),
+            Ext::Name | Ext::NameEnd if b == b'=' => next(Ext::ValueStart),
+            Ext::Name | Ext::NameEnd => invalid("Invalid character in chunk extension"),
+            Ext::ValueStart if is_ws => next(Ext::ValueStart),
+            Ext::ValueStart if b == b'"' => next(Ext::Quoted),
+            Ext::ValueStart if is_tchar(b) => next(Ext::Token),
+            Ext::ValueStart => invalid("Invalid chunk extension value"),
+            Ext::Token if is_tchar(b) => next(Ext::Token),
+            Ext::Token | Ext::ValueEnd if is_ws => next(Ext::ValueEnd),
+            Ext::Token | Ext::ValueEnd => invalid("Invalid character in chunk extension"),
+            Ext::Quoted if b == b'"' => next(Ext::ValueEnd),
+            Ext::Quoted if b == b'\\' => next(Ext::QuotedEscape),
+            // qdtext: HTAB, SP, VCHAR but '"' and '\\', obs-text
+            Ext::Quoted if is_ws || (0x21..=0x7e).contains(&b) || b >= 0x80 => next(Ext::Quoted),
+            Ext::QuotedEscape if is_ws || (0x21..=0x7e).contains(&b) || b >= 0x80 => {
+                next(Ext::Quoted)
+            }
+            Ext::Quoted | Ext::QuotedEscape => invalid("Invalid quoted chunk extension value"),
         }
     }
+
     fn read_size_lf(rdr: &mut BytesMut, size: u64) -> Poll<Result<ChunkedState, io::Error>> {
         match byte!(rdr) {
             b'\n' if size > 0 => Poll::Ready(Ok(ChunkedState::Body)),
@@ -199,6 +260,14 @@ impl ChunkedState {
         loop {
             match byte!(rdr) {
                 b'\r' => return Poll::Ready(Ok(ChunkedState::TrailerLf)),
+                // roundabout patch: a bare LF ends no trailer line; waiting for a CR that
+                // never comes hung the request.
+                b'\n' => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "Invalid chunk trailer: bare LF",
+                    )))
+                }
                 _ => continue,
             }
         }
@@ -217,6 +286,11 @@ impl ChunkedState {
     fn read_end_cr(rdr: &mut BytesMut) -> Poll<Result<ChunkedState, io::Error>> {
         match byte!(rdr) {
             b'\r' => Poll::Ready(Ok(ChunkedState::EndLf)),
+            // roundabout patch: see `read_trailer`.
+            b'\n' => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "Invalid chunk end: bare LF",
+            ))),
             _ => Poll::Ready(Ok(ChunkedState::Trailer)),
         }
     }
@@ -230,6 +304,28 @@ impl ChunkedState {
             ))),
         }
     }
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'!' | b'#'
+                | b'$'
+                | b'%'
+                | b'&'
+                | b'\''
+                | b'*'
+                | b'+'
+                | b'-'
+                | b'.'
+                | b'^'
+                | b'_'
+                | b'`'
+                | b'|'
+                | b'~'
+        )
 }
 
 #[cfg(test)]
