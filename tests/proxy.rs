@@ -641,5 +641,8 @@ async fn chunk_lines_other_parsers_read_differently_are_refused() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
-    assert!(answer.ends_with(&format!("5 {:x}", Sha256::digest(b"hello"))), "{answer:?}");
+    assert!(
+        answer.ends_with(&format!("5 {:x}", Sha256::digest(b"hello"))),
+        "{answer:?}"
+    );
 }
