@@ -117,6 +117,13 @@ pub fn start(config: Config) -> io::Result<Running> {
         .map(|l| l.local_addr())
         .transpose()?;
 
+    if let Some(store) = &store {
+        actix_rt::spawn(
+            store
+                .clone()
+                .warm_up(outage.clone(), config.rate_limit.on_store_error),
+        );
+    }
     let health = HealthActor::new(
         &config.servers,
         config.health_check.clone(),

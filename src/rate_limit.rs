@@ -126,6 +126,21 @@ impl Store {
         }
     }
 
+    /// Opens the Redis connection now, on the calling thread, so that the first request
+    /// does not pay for the connect and an unreachable Redis is reported at start (once).
+    pub async fn warm_up(self, outage: Arc<Outage>, policy: OnStoreError) {
+        let Store::Redis { mut conn, .. } = self else {
+            return;
+        };
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut conn);
+        match actix_rt::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => log::debug!("rate limit store reachable"),
+            Ok(Err(e)) => outage.failed(&StoreError::Redis(e), policy),
+            Err(_) => outage.failed(&StoreError::Timeout, policy),
+        }
+    }
+
     /// Counts one request of `ip` in the current window.
     async fn hit(
         self,
