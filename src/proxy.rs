@@ -256,24 +256,86 @@ pub async fn forward(
         status,
         Some(elapsed.as_secs_f64()),
     );
-    if shared.access_log {
-        let bytes = match res.body().size() {
-            BodySize::Sized(n) => n.to_string(),
-            _ => "-".into(),
-        };
+    if !shared.access_log {
+        return res;
+    }
+    // The line is written when the body has been sent (or the client went away), with the
+    // bytes sent and the whole time taken, as nginx's `$body_bytes_sent` and `$request_time`.
+    let entry = AccessEntry {
+        client: client_ip,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        status,
+        upstream: server,
+        started,
+        bytes: 0,
+    };
+    res.map_body(|_, body| BoxBody::new(Logged { body, entry }))
+}
+
+/// What the access log says of one request.
+struct AccessEntry {
+    client: Option<IpAddr>,
+    method: Method,
+    uri: Uri,
+    status: u16,
+    upstream: Option<Arc<Upstream>>,
+    started: Instant,
+    bytes: u64,
+}
+
+/// A response body that writes the access-log line when it is dropped.
+struct Logged {
+    body: BoxBody,
+    entry: AccessEntry,
+}
+
+impl MessageBody for Logged {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let next = Pin::new(&mut self.body).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            self.entry.bytes += chunk.len() as u64;
+        }
+        next
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let e = &self.entry;
         log::info!(
             target: "roundabout::access",
             "{} \"{} {}\" {} {} {} {:.3}ms",
-            client_ip.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            req.method(),
-            req.uri(),
-            status,
-            bytes,
-            server.as_ref().map_or("-", |u| &u.label),
-            elapsed.as_secs_f64() * 1000.0,
+            DisplayOr(e.client.as_ref()),
+            e.method,
+            e.uri,
+            e.status,
+            e.bytes,
+            e.upstream.as_ref().map_or("-", |u| &u.label),
+            e.started.elapsed().as_secs_f64() * 1000.0,
         );
     }
-    res
+}
+
+/// Shows the value, or `-` when there is none.
+struct DisplayOr<'a, T>(Option<&'a T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for DisplayOr<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// How the request body is framed, once the framing is known to be unambiguous.

@@ -156,17 +156,23 @@ struct Proc {
 
 impl Proc {
     async fn start(backend: &Backend) -> Proc {
+        Self::start_with(backend, "[log]\nlevel = \"warn\"\n", Stdio::null()).await
+    }
+
+    /// As `start`, with `log` as the `[log]` section and stderr going to `stderr`.
+    async fn start_with(backend: &Backend, log: &str, stderr: Stdio) -> Proc {
         let port = free_port();
         let config = config_file(&format!(
             "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
              [balancer]\nservers = [\"{}\"]\n\
-             [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n[log]\nlevel = \"warn\"\n",
+             [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n{log}",
             backend.url()
         ));
         let child = Command::new(BIN)
             .args(["--config", config.path().to_str().unwrap()])
+            .env_remove("RUST_LOG")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let p = Proc {
@@ -275,4 +281,46 @@ async fn a_1gb_body_passes_both_ways_in_constant_memory() {
 
     let peak = p.peak_rss_kib();
     assert!(peak < 96 * 1024, "peak RSS {peak} KiB while moving 2 GiB");
+}
+
+#[actix_rt::test]
+async fn the_access_log_has_one_line_per_request_with_the_bytes_sent() {
+    let a = Backend::start("a");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let p = Proc::start_with(&a, "", Stdio::from(log.reopen().unwrap())).await;
+    assert_eq!(get(&p.url("/bytes/1000?x=1")).await.0, 200);
+    assert_eq!(get(&p.url("/status/404")).await.0, 404);
+    drop(p);
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("roundabout::access"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    let upstream = a.addr.to_string();
+    assert!(
+        lines[0].contains(&format!(
+            "127.0.0.1 \"GET /bytes/1000?x=1\" 200 1000 {upstream} "
+        )),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].ends_with("ms"), "{}", lines[0]);
+    assert!(
+        lines[1].contains("\"GET /status/404\" 404 10 "),
+        "{}",
+        lines[1]
+    );
+
+    let quiet = tempfile::NamedTempFile::new().unwrap();
+    let p = Proc::start_with(
+        &a,
+        "[log]\naccess_log = false\n",
+        Stdio::from(quiet.reopen().unwrap()),
+    )
+    .await;
+    assert_eq!(get(&p.url("/")).await.0, 200);
+    drop(p);
+    let text = std::fs::read_to_string(quiet.path()).unwrap();
+    assert!(!text.contains("roundabout::access"), "{text}");
 }
