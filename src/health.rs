@@ -104,7 +104,7 @@ impl HealthActor {
         let servers = servers
             .iter()
             .map(|s| Tracked {
-                upstream: Arc::new(Upstream::new(s)),
+                upstream: Arc::new(Upstream::new(s).with_metrics(&metrics)),
                 state: HealthState::in_rotation(),
                 probing: false,
             })
@@ -324,7 +324,7 @@ impl Handler<AddServer> for HealthActor {
     type Result = Result<Arc<Upstream>, MembershipError>;
 
     fn handle(&mut self, AddServer(server): AddServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = Arc::new(Upstream::new(&server));
+        let upstream = Arc::new(Upstream::new(&server).with_metrics(&self.metrics));
         if self
             .servers
             .iter()

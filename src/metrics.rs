@@ -33,6 +33,26 @@ struct ServerLabels {
     server: ServerName,
 }
 
+/// One server's request counters, one per status class, looked up in the family once (when
+/// the server is configured), so that counting a request is one atomic increment.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCounters([Counter; 5]);
+
+impl ServerCounters {
+    fn inc(&self, status: u16) {
+        let class = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.0[class].inc();
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
 /// Every metric roundabout exports, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +63,8 @@ pub struct Metrics {
     health_check_failures: Family<ServerLabels, Counter>,
     rate_limited: Counter,
     store_errors: Counter,
+    /// Answers of our own (429, 502, …), `server=""`.
+    own: ServerCounters,
 }
 
 impl Default for Metrics {
@@ -100,7 +122,9 @@ impl Metrics {
             "Rate-limit checks that failed because the store (Redis) could not answer",
             store_errors.clone(),
         );
+        let own = Self::counters_in(&requests, &Arc::from(""));
         Self {
+            own,
             registry,
             requests,
             duration,
@@ -120,19 +144,25 @@ impl Metrics {
         out
     }
 
+    fn counters_in(family: &Family<RequestLabels, Counter>, server: &Arc<str>) -> ServerCounters {
+        ServerCounters(CLASSES.map(|class| {
+            family
+                .get_or_create(&RequestLabels {
+                    server: ServerName(server.clone()),
+                    class,
+                })
+                .clone()
+        }))
+    }
+
+    /// The request counters of `server`, to keep beside it.
+    pub fn server_counters(&self, server: &Arc<str>) -> ServerCounters {
+        Self::counters_in(&self.requests, server)
+    }
+
     /// Counts one answered request; `server` is `None` for answers of our own (429, 502, …).
-    pub fn request(&self, server: Option<&Arc<str>>, status: u16, seconds: Option<f64>) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        let server = ServerName(server.cloned().unwrap_or_else(|| Arc::from("")));
-        self.requests
-            .get_or_create(&RequestLabels { server, class })
-            .inc();
+    pub fn request(&self, server: Option<&ServerCounters>, status: u16, seconds: Option<f64>) {
+        server.unwrap_or(&self.own).inc(status);
         if let Some(s) = seconds {
             self.duration.observe(s);
         }
@@ -188,7 +218,7 @@ mod tests {
     fn encodes_requests_by_server_and_class() {
         let m = Metrics::new();
         let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        m.request(Some(&s), 204, Some(0.002));
+        m.request(Some(&m.server_counters(&s)), 204, Some(0.002));
         m.request(None, 503, None);
         m.set_healthy(&s, true);
         let text = m.encode();

@@ -252,7 +252,7 @@ pub async fn forward(
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
     shared.metrics.request(
-        server.as_ref().map(|u| &u.label),
+        server.as_ref().map(|u| &u.counters),
         status,
         Some(elapsed.as_secs_f64()),
     );
@@ -560,7 +560,8 @@ async fn send(
             over: Cell::new(false),
         })),
     };
-    let headers = upstream_headers(req, peer, shared);
+    // Moved into the first try; a retry (rare) takes a copy of the first try's.
+    let mut headers = Some(upstream_headers(req, peer, shared));
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -592,7 +593,10 @@ async fn send(
 
         let uri = upstream_uri(req, &upstream);
         let mut creq = worker.client.request(req.method().clone(), uri);
-        *creq.headers_mut() = headers.clone();
+        *creq.headers_mut() = match headers.take() {
+            Some(h) => h,
+            None => upstream_headers(req, peer, shared),
+        };
         if !proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
@@ -760,7 +764,8 @@ fn respond(
         inner: res,
         _guard: guard,
         idle,
-        deadline: Box::pin(actix_rt::time::sleep(idle)),
+        deadline: None,
+        armed: false,
     };
     match length {
         Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),
@@ -848,7 +853,10 @@ struct UpstreamBody {
     inner: awc::ClientResponse,
     _guard: InFlight,
     idle: Duration,
-    deadline: Pin<Box<actix_rt::time::Sleep>>,
+    /// Made at the first pause only: most bodies arrive without one.
+    deadline: Option<Pin<Box<actix_rt::time::Sleep>>>,
+    /// The deadline counts from the current pause (set at its start, cleared by a chunk).
+    armed: bool,
 }
 
 impl Stream for UpstreamBody {
@@ -858,17 +866,28 @@ impl Stream for UpstreamBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(item) => {
-                let next = actix_rt::time::Instant::now() + this.idle;
-                this.deadline.as_mut().reset(next);
+                this.armed = false;
                 Poll::Ready(item)
             }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "upstream body paused longer than proxy.timeout",
-                ))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let until = actix_rt::time::Instant::now() + this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(actix_rt::time::sleep_until(until)));
+                if !this.armed {
+                    deadline.as_mut().reset(until);
+                    this.armed = true;
+                }
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream body paused longer than proxy.timeout",
+                        )))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 }

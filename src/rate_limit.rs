@@ -289,41 +289,57 @@ pub struct Check {
     pub ip: IpAddr,
 }
 
+impl RateLimitActor {
+    /// Turns the store's answer into a verdict, remembering an IP found over budget.
+    fn settle(&mut self, ip: IpAddr, result: Result<Decision, StoreError>) -> Verdict {
+        match result {
+            Ok(d) => {
+                self.outage.succeeded();
+                if !d.allowed {
+                    // Until the window ends, not the rounded-up second after it.
+                    self.blocked.insert(ip, Instant::now() + d.resets_in);
+                }
+                Verdict::Counted(d)
+            }
+            Err(e) => {
+                self.metrics.store_error();
+                self.outage.failed(&e, self.on_store_error);
+                match self.on_store_error {
+                    OnStoreError::Allow => Verdict::Uncounted,
+                    OnStoreError::Deny => Verdict::Unavailable,
+                }
+            }
+        }
+    }
+}
+
 impl Handler<Check> for RateLimitActor {
-    type Result = ResponseActFuture<Self, Verdict>;
+    type Result = ActorResponse<Self, Verdict>;
 
     fn handle(&mut self, Check { ip }: Check, _: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
         if let Some(&until) = self.blocked.get(&ip) {
             if until > now {
                 let d = Decision::from_count(self.limit + 1, self.limit, until - now);
-                return Box::pin(fut::ready(Verdict::Counted(d)));
+                return ActorResponse::reply(Verdict::Counted(d));
             }
             self.blocked.remove(&ip);
         }
-        let key = format!("{}:{}", self.prefix, ip);
-        let hit = self.store.clone().hit(key, ip, self.limit, self.window);
-        Box::pin(
-            hit.into_actor(self)
-                .map(move |result, act, _| match result {
-                    Ok(d) => {
-                        act.outage.succeeded();
-                        if !d.allowed {
-                            // Until the window ends, not the rounded-up second after it.
-                            act.blocked.insert(ip, Instant::now() + d.resets_in);
-                        }
-                        Verdict::Counted(d)
-                    }
-                    Err(e) => {
-                        act.metrics.store_error();
-                        act.outage.failed(&e, act.on_store_error);
-                        match act.on_store_error {
-                            OnStoreError::Allow => Verdict::Uncounted,
-                            OnStoreError::Deny => Verdict::Unavailable,
-                        }
-                    }
-                }),
-        )
+        match &self.store {
+            // Answered at once: no key to build, no future to box.
+            Store::Memory(m) => {
+                let d = m.hit(ip, self.limit, self.window, now);
+                ActorResponse::reply(self.settle(ip, Ok(d)))
+            }
+            Store::Redis { .. } => {
+                let key = format!("{}:{}", self.prefix, ip);
+                let hit = self.store.clone().hit(key, ip, self.limit, self.window);
+                ActorResponse::r#async(
+                    hit.into_actor(self)
+                        .map(move |result, act, _| act.settle(ip, result)),
+                )
+            }
+        }
     }
 }
 

@@ -6,7 +6,10 @@ use std::{fmt, sync::Arc};
 use actix_web::http::{header::HeaderValue, uri::Authority};
 use url::Url;
 
-use crate::config::ServerConfig;
+use crate::{
+    config::ServerConfig,
+    metrics::{Metrics, ServerCounters},
+};
 
 /// One backend server. Shared as `Arc<Upstream>` between the actors and the handlers;
 /// immutable once built.
@@ -22,6 +25,8 @@ pub struct Upstream {
     pub host_header: HeaderValue,
     /// Relative share for the weighted strategies.
     pub weight: u32,
+    /// This server's request counters (unregistered ones until [`Upstream::with_metrics`]).
+    pub counters: ServerCounters,
 }
 
 impl Upstream {
@@ -45,7 +50,14 @@ impl Upstream {
             authority,
             host_header,
             weight: server.weight,
+            counters: ServerCounters::default(),
         }
+    }
+
+    /// The same upstream, counting its requests in `metrics`.
+    pub fn with_metrics(mut self, metrics: &Metrics) -> Upstream {
+        self.counters = metrics.server_counters(&self.label);
+        self
     }
 
     /// The URL to probe for health: the server's URL with `path`.
