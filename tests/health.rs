@@ -23,6 +23,15 @@ async fn healthy(lb: &roundabout::Running, url: &str) -> Option<bool> {
         .map(|s| s.healthy)
 }
 
+/// Waits up to `secs` seconds for the server at `url` to be reported `want`; fails if not.
+async fn wait_health(lb: &roundabout::Running, url: &str, want: bool, secs: u64) {
+    let seen = eventually(Duration::from_secs(secs), async || {
+        healthy(lb, url).await == Some(want)
+    })
+    .await;
+    assert!(seen, "{url} never became healthy = {want}");
+}
+
 /// A server that accepts connections and never answers.
 fn hanging_server() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -42,21 +51,11 @@ async fn a_failing_health_check_takes_a_server_out_and_passing_ones_bring_it_bac
     let lb = balancer(&urls(&[&a, &b]), "");
     let url = format!("http://{}/", lb.proxy_addr);
     // Workers register with the health registry as they start.
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(true))
-        .await
-    );
+    wait_health(&lb, &a.url(), true, 3).await;
 
     a.set_health(500);
     let started = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(false))
-        .await
-    );
+    wait_health(&lb, &a.url(), false, 3).await;
     // interval × (unhealthy_threshold + 1), with slack for a busy machine.
     assert!(
         started.elapsed() < Duration::from_millis(600 + 600),
@@ -70,12 +69,7 @@ async fn a_failing_health_check_takes_a_server_out_and_passing_ones_bring_it_bac
     assert_eq!(a.hits(), before, "an unhealthy server got traffic");
 
     a.set_health(200);
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(true))
-        .await
-    );
+    wait_health(&lb, &a.url(), true, 3).await;
     let mut names = Vec::new();
     for _ in 0..4 {
         names.push(get(&url).await.1);
@@ -89,20 +83,10 @@ async fn a_stopped_backend_is_taken_out_and_comes_back_when_started_again() {
     let lb = balancer(&urls(&[&a, &b]), "");
     let port = a.addr.port();
     a.stop().await;
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(false))
-        .await
-    );
+    wait_health(&lb, &a.url(), false, 3).await;
 
     let again = Backend::start_on("a-again", port);
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &again.url())
-            .await
-            == Some(true))
-        .await
-    );
+    wait_health(&lb, &again.url(), true, 3).await;
     let url = format!("http://{}/", lb.proxy_addr);
     let mut names = Vec::new();
     for _ in 0..4 {
@@ -116,32 +100,18 @@ async fn a_hung_server_fails_by_timeout_while_the_other_checks_go_on() {
     let a = Backend::start("a");
     let hung = hanging_server();
     let lb = balancer(&[hung.clone(), a.url()], "");
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &hung).await
-            == Some(false))
-        .await
-    );
+    wait_health(&lb, &hung, false, 3).await;
     // The hung server's probes never delay the others': a's change is seen just as fast.
     a.set_health(503);
     let started = Instant::now();
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(false))
-        .await
-    );
+    wait_health(&lb, &a.url(), false, 3).await;
     assert!(
         started.elapsed() < Duration::from_millis(1000),
         "{:?}",
         started.elapsed()
     );
     a.set_health(200);
-    assert!(
-        eventually(Duration::from_secs(3), async || healthy(&lb, &a.url())
-            .await
-            == Some(true))
-        .await
-    );
+    wait_health(&lb, &a.url(), true, 3).await;
     assert_eq!(healthy(&lb, &hung).await, Some(false));
 }
 
@@ -169,12 +139,7 @@ async fn with_every_server_down_the_answer_is_503_and_one_back_brings_200() {
     assert!(!res.body().await.unwrap().is_empty());
 
     b.set_health(200);
-    assert!(
-        eventually(Duration::from_secs(5), async || healthy(&lb, &b.url())
-            .await
-            == Some(true))
-        .await
-    );
+    wait_health(&lb, &b.url(), true, 5).await;
     assert_eq!(
         get(&format!("http://{}/", lb.proxy_addr)).await,
         (200, "b".to_string())
@@ -220,10 +185,5 @@ async fn a_refused_connection_counts_as_a_failed_check_at_once() {
     for _ in 0..6 {
         assert_eq!(get(&url).await, (200, "a".to_string()));
     }
-    assert!(
-        eventually(Duration::from_secs(1), async || healthy(&lb, &b.url())
-            .await
-            == Some(false))
-        .await
-    );
+    wait_health(&lb, &b.url(), false, 1).await;
 }

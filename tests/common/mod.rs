@@ -52,19 +52,8 @@ impl Backend {
 
     /// Starts a backend on `port` (0 = a free one), e.g. to bring one back where it was.
     pub fn start_on(name: &str, port: u16) -> Backend {
-        let listener = bind_retry(port);
-        let addr = listener.local_addr().unwrap();
-        let state = BackendState {
-            name: name.to_string(),
-            hits: Arc::new(AtomicUsize::new(0)),
-            health: Arc::new(AtomicU16::new(200)),
-        };
-        let app_state = state.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(web::Data::new(app_state.clone()))
-                .route("/health", web::get().to(health))
-                .route("/headers", web::to(headers))
+        Self::launch(name, port, |cfg| {
+            cfg.route("/headers", web::to(headers))
                 .route("/sha256", web::to(sha256))
                 .route("/status/{code}", web::to(status))
                 .route("/slow/{ms}", web::to(slow))
@@ -79,7 +68,43 @@ impl Backend {
                         HttpResponse::Ok().body(req.peer_addr().unwrap().to_string())
                     }),
                 )
-                .default_service(web::to(name_route))
+                .default_service(web::to(name_route));
+        })
+    }
+
+    /// Starts a backend on a free port whose `/` (and every route but `/health`) waits
+    /// `ms` milliseconds before answering `name`: a slow server for the load-aware
+    /// strategies, whichever path the proxy is asked for.
+    pub fn start_slow(name: &str, ms: u64) -> Backend {
+        let delay = Duration::from_millis(ms);
+        Self::launch(name, 0, move |cfg| {
+            cfg.default_service(web::to(move |state: web::Data<BackendState>| async move {
+                state.hits.fetch_add(1, Ordering::SeqCst);
+                actix_rt::time::sleep(delay).await;
+                HttpResponse::Ok().body(state.name.clone())
+            }));
+        })
+    }
+
+    /// One worker on `127.0.0.1:port` serving `/health` and the routes of `routes`.
+    fn launch(
+        name: &str,
+        port: u16,
+        routes: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
+    ) -> Backend {
+        let listener = bind_retry(port);
+        let addr = listener.local_addr().unwrap();
+        let state = BackendState {
+            name: name.to_string(),
+            hits: Arc::new(AtomicUsize::new(0)),
+            health: Arc::new(AtomicU16::new(200)),
+        };
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(web::Data::new(app_state.clone()))
+                .route("/health", web::get().to(health))
+                .configure(routes.clone())
         })
         .workers(1)
         .disable_signals()
@@ -120,48 +145,6 @@ impl Backend {
             actix_rt::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("backend {} still accepts after stop", self.name);
-    }
-}
-
-impl Backend {
-    /// Starts a backend on a free port whose `/` (and every route but `/health`) waits
-    /// `ms` milliseconds before answering `name`: a slow server for the load-aware
-    /// strategies, whichever path the proxy is asked for.
-    pub fn start_slow(name: &str, ms: u64) -> Backend {
-        let listener = bind_retry(0);
-        let addr = listener.local_addr().unwrap();
-        let state = BackendState {
-            name: name.to_string(),
-            hits: Arc::new(AtomicUsize::new(0)),
-            health: Arc::new(AtomicU16::new(200)),
-        };
-        let app_state = state.clone();
-        let delay = Duration::from_millis(ms);
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(web::Data::new(app_state.clone()))
-                .route("/health", web::get().to(health))
-                .default_service(web::to(move |state: web::Data<BackendState>| async move {
-                    state.hits.fetch_add(1, Ordering::SeqCst);
-                    actix_rt::time::sleep(delay).await;
-                    HttpResponse::Ok().body(state.name.clone())
-                }))
-        })
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
-        .unwrap()
-        .run();
-        let handle = server.handle();
-        actix_rt::spawn(server);
-        Backend {
-            name: state.name,
-            addr,
-            hits: state.hits,
-            health_status: state.health,
-            handle,
-        }
     }
 }
 
