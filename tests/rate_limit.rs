@@ -437,3 +437,39 @@ async fn a_local_block_ends_with_the_window_not_a_rounded_up_second_later() {
     assert_eq!(next_window.status, 200, "the window has ended");
     assert_eq!(next_window.remaining(), 4);
 }
+
+#[actix_rt::test]
+async fn a_redis_that_never_answers_does_not_stall_the_proxy() {
+    // Accepts connections and never answers: every check runs into the limiter's bound.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!("redis://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.push(conn);
+        }
+    });
+    let a = Backend::start("a");
+    let client = client();
+    for (policy, want) in [("allow", 200), ("deny", 503)] {
+        let lb = balancer(
+            &[a.url()],
+            &limiter(&silent, "60s", &format!("on_store_error = \"{policy}\"")),
+        );
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let answer = hit(&client, lb.proxy_addr, None).await;
+            assert_eq!(answer.status, want, "{policy}: {}", answer.body);
+            assert!(
+                answer.has_no_limit_headers(),
+                "an uncounted answer has no limit fields"
+            );
+            // Bounded by the limiter's 50 ms, far below any Redis client time-out.
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{policy}: {:?}",
+                started.elapsed()
+            );
+        }
+    }
+}
