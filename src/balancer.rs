@@ -4,7 +4,7 @@
 //! handlers that ask it for a server: a `send().await` to it never crosses a thread (see
 //! DESIGN.md for the measurements). It learns about health and membership only from the
 //! [`HealthActor`](crate::health::HealthActor), through [`ServerEvent`]s, and it keeps the
-//! in-flight count of every server from [`NextServer`] and [`RequestEnded`].
+//! in-flight count of every server from [`NextServer`] and the [`Lease`]s it hands out.
 
 use std::sync::Arc;
 
@@ -128,8 +128,7 @@ impl Actor for BalancerActor {
     }
 }
 
-/// Asks for the server the next request goes to; the answer counts as one in flight on it,
-/// to be ended by [`RequestEnded`].
+/// Asks for the server the next request goes to; the answer is a [`Lease`] on it.
 #[derive(Debug, Default)]
 pub struct NextServer {
     /// Servers this request already failed to reach; they are not chosen again.
@@ -137,13 +136,37 @@ pub struct NextServer {
 }
 
 impl Message for NextServer {
-    type Result = Option<Arc<Upstream>>;
+    type Result = Option<Lease>;
+}
+
+/// One request's claim on a server: while it lives, the request counts as in flight there.
+///
+/// Dropping it ends the count, however the request ended: answered, failed, or abandoned
+/// by a client that went away, even before the handler received the reply that carries it.
+#[derive(Debug)]
+pub struct Lease {
+    upstream: Arc<Upstream>,
+    balancer: Addr<BalancerActor>,
+}
+
+impl Lease {
+    /// The server leased.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.balancer
+            .do_send(RequestEnded(Arc::clone(&self.upstream)));
+    }
 }
 
 impl Handler<NextServer> for BalancerActor {
-    type Result = Option<Arc<Upstream>>;
+    type Result = Option<Lease>;
 
-    fn handle(&mut self, msg: NextServer, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
         let slots = &self.slots;
         let usable = |i: usize| {
             let s = &slots[i];
@@ -152,14 +175,17 @@ impl Handler<NextServer> for BalancerActor {
         let i = self.strategy.pick(slots, &usable)?;
         let slot = &mut self.slots[i];
         slot.in_flight += 1;
-        Some(slot.upstream.clone())
+        Some(Lease {
+            upstream: slot.upstream.clone(),
+            balancer: ctx.address(),
+        })
     }
 }
 
-/// A request sent by [`NextServer`] has ended, however it ended.
+/// A request's [`Lease`] has ended; sent by its `Drop`.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct RequestEnded(pub Arc<Upstream>);
+struct RequestEnded(Arc<Upstream>);
 
 impl Handler<RequestEnded> for BalancerActor {
     type Result = ();

@@ -527,6 +527,19 @@ pub fn parse_server_url(s: &str) -> Result<Url, String> {
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!("{s:?} must not carry credentials"));
     }
+    // The url crate lets through hosts (with `{`, `"`, …) that are no HTTP authority.
+    let authority = format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(80)
+    );
+    if authority
+        .parse::<actix_web::http::uri::Authority>()
+        .is_err()
+        || actix_web::http::header::HeaderValue::from_str(&authority).is_err()
+    {
+        return Err(format!("{s:?}: the host is not valid in an HTTP authority"));
+    }
     if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
             "{s:?} must be scheme://host:port only (the request's path is appended)"

@@ -41,7 +41,7 @@ use futures_util::Stream;
 use ipnet::IpNet;
 
 use crate::{
-    balancer::{BalancerActor, NextServer, RequestEnded},
+    balancer::{BalancerActor, Lease, NextServer},
     config::{Config, ProxySection},
     health::{describe, ConnectFailed, HealthActor},
     metrics::Metrics,
@@ -573,14 +573,14 @@ async fn send(
     let mut last_error = String::new();
     loop {
         attempts += 1;
-        let upstream = worker
+        let lease = worker
             .balancer
             .send(NextServer {
                 tried: tried.clone(),
             })
             .await
             .map_err(|_| ProxyError::Unavailable)?;
-        let Some(upstream) = upstream else {
+        let Some(lease) = lease else {
             return Err(if last_error.is_empty() {
                 ProxyError::NoServer {
                     retry_after: shared.retry_after_no_server.clone(),
@@ -589,7 +589,8 @@ async fn send(
                 ProxyError::BadGateway(last_error)
             });
         };
-        let guard = InFlight::new(worker, upstream.clone());
+        let upstream = lease.upstream().clone();
+        let guard = InFlight::new(worker, lease);
 
         let uri = upstream_uri(req, &upstream);
         let mut creq = worker.client.request(req.method().clone(), uri);
@@ -776,17 +777,15 @@ fn respond(
 /// Counts a request in flight on its server until it ends, however it ends (also when the
 /// client goes away mid-body: the guard lives in the response body).
 struct InFlight {
-    balancer: Addr<BalancerActor>,
-    upstream: Option<Arc<Upstream>>,
+    _lease: Lease,
     metrics: Arc<Metrics>,
 }
 
 impl InFlight {
-    fn new(worker: &Worker, upstream: Arc<Upstream>) -> Self {
+    fn new(worker: &Worker, lease: Lease) -> Self {
         worker.shared.metrics.in_flight(1);
         Self {
-            balancer: worker.balancer.clone(),
-            upstream: Some(upstream),
+            _lease: lease,
             metrics: worker.shared.metrics.clone(),
         }
     }
@@ -795,9 +794,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.metrics.in_flight(-1);
-        if let Some(upstream) = self.upstream.take() {
-            self.balancer.do_send(RequestEnded(upstream));
-        }
     }
 }
 

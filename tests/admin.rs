@@ -135,6 +135,7 @@ async fn bad_admin_calls_get_json_errors() {
         (r#"{"url": "ftp://127.0.0.1:21"}"#, 400),
         (r#"{"url": "http://127.0.0.1:1", "weight": 0}"#, 400),
         (r#"{"weight": 1}"#, 400),
+        (r#"{"url": "http://a{b:5000"}"#, 400),
     ];
     for (body, want) in cases {
         let (status, answer) = admin(&lb, "POST", "/servers", Some(body), None).await;
@@ -171,6 +172,8 @@ async fn bad_admin_calls_get_json_errors() {
 
     let (status, answer) = admin(&lb, "DELETE", "/servers/127.0.0.1:1", None, None).await;
     assert_eq!(status, 404);
+    // After all that the registry still runs: the list answers and a server can be added.
+    assert_eq!(server_list(&lb).await.len(), 1);
     assert!(serde_json::from_str::<Value>(&answer).unwrap()["error"].is_string());
 }
 
@@ -253,4 +256,63 @@ async fn metrics_count_traffic_and_show_health() {
         b.addr
     );
     assert!(metric(&text, &failures) >= 2.0, "{text}");
+}
+
+#[actix_rt::test]
+async fn clients_that_reset_mid_request_leave_no_request_counted_in_flight() {
+    let a = Backend::start("a");
+    let lb = balancer(&[a.url()], "");
+    let request = b"GET /slow/50 HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..2000 {
+        use tokio::io::AsyncWriteExt as _;
+        let mut s = tokio::net::TcpStream::connect(lb.proxy_addr).await.unwrap();
+        s.write_all(request).await.unwrap();
+        // Closing with linger 0 sends a reset: the handler is dropped wherever it is.
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            find(&server_list(&lb).await, &a.url()).is_some_and(|s| s["in_flight"] == 0)
+        })
+        .await,
+        "{:?}",
+        server_list(&lb).await
+    );
+    // The gauge agrees.
+    assert_eq!(lb.metrics.in_flight_now(), 0);
+}
+
+#[actix_rt::test]
+async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
+    use actix::Actor as _;
+    use roundabout::{
+        balancer::{BalancerActor, ListServers, NextServer},
+        config::HealthCheckSection,
+        health::HealthActor,
+        metrics::Metrics,
+        strategy,
+    };
+    let servers = config(&[dead_url()], "").servers;
+    let settings = HealthCheckSection {
+        interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let health = HealthActor::new(&servers, settings, std::sync::Arc::new(Metrics::new())).start();
+    let balancer = BalancerActor::new(
+        strategy::from_config(roundabout::config::Strategy::RoundRobin),
+        health,
+    )
+    .start();
+    let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
+    drop(balancer.send(NextServer::default()).await.unwrap());
+    assert_eq!(in_flight().await, 0);
+
+    // The request is queued and handled, but whoever asked has gone before reading it.
+    let unread = balancer.send(NextServer::default());
+    for _ in 0..10 {
+        actix_rt::task::yield_now().await;
+    }
+    drop(unread);
+    assert!(eventually(Duration::from_secs(1), async || in_flight().await == 0).await);
 }
