@@ -283,17 +283,34 @@ impl Config {
         text: &str,
         env: Option<config::Map<String, String>>,
     ) -> Result<Config, ConfigError> {
-        let environment = config::Environment::with_prefix("ROUNDABOUT")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("balancer.servers")
-            .with_list_parse_key("rate_limit.trusted_proxies")
-            .source(env);
+        // Values stay strings (serde converts numbers and booleans where a key wants one),
+        // so that a token such as "007" is not read as the number 7. Only the two list keys
+        // are parsed, and only they go through the source that splits on commas.
+        let env: config::Map<String, String> = env.unwrap_or_else(|| {
+            std::env::vars()
+                .filter(|(k, _)| k.starts_with("ROUNDABOUT__"))
+                .collect()
+        });
+        let (lists, scalars): (config::Map<_, _>, config::Map<_, _>) =
+            env.into_iter().partition(|(k, _)| {
+                LIST_KEYS.iter().any(|l| {
+                    k.eq_ignore_ascii_case(&format!("ROUNDABOUT__{}", l.replace('.', "__")))
+                })
+            });
+        let source = |vars| {
+            config::Environment::with_prefix("ROUNDABOUT")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(vars))
+        };
+        let mut list_source = source(lists).try_parsing(true).list_separator(",");
+        for key in LIST_KEYS {
+            list_source = list_source.with_list_parse_key(key);
+        }
         let merged = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .add_source(environment)
+            .add_source(source(scalars))
+            .add_source(list_source)
             .build()
             .map_err(|e| ConfigError::Source {
                 file: file.into(),
@@ -327,6 +344,9 @@ impl Config {
         toml::to_string_pretty(&self.resolved).unwrap_or_else(|e| format!("# {e}"))
     }
 }
+
+/// The keys whose environment value is a comma-separated list.
+const LIST_KEYS: [&str; 2] = ["balancer.servers", "rate_limit.trusted_proxies"];
 
 type KeyError = (String, String);
 
@@ -621,6 +641,16 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ("ROUNDABOUT__LISTEN__ADDRESS", "127.0.0.1:9999"),
             ("ROUNDABOUT__RATE_LIMIT__REDIS_URL", ""),
             ("ROUNDABOUT__PROXY__RETRIES", "5"),
+            ("ROUNDABOUT__ADMIN__TOKEN", "007"),
+            ("ROUNDABOUT__RATE_LIMIT__ENABLED", "false"),
+            (
+                "ROUNDABOUT__RATE_LIMIT__KEY_PREFIX",
+                "12345678901234567890123",
+            ),
+            (
+                "ROUNDABOUT__RATE_LIMIT__TRUSTED_PROXIES",
+                "10.0.0.0/8,192.168.1.1",
+            ),
             (
                 "ROUNDABOUT__BALANCER__SERVERS",
                 "http://127.0.0.1:1,http://127.0.0.1:2",
@@ -634,5 +664,9 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
         assert_eq!(c.rate_limit.redis_url, None);
         assert_eq!(c.proxy.retries, 5);
         assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.admin_token, "007", "text stays text");
+        assert_eq!(c.rate_limit.key_prefix, "12345678901234567890123");
+        assert!(!c.rate_limit.enabled);
+        assert_eq!(c.rate_limit.trusted_proxies.len(), 2);
     }
 }
