@@ -122,7 +122,9 @@ impl HealthActor {
         }
     }
 
-    fn broadcast(&self, event: ServerEvent) {
+    fn broadcast(&mut self, event: ServerEvent) {
+        // A worker that stopped (actix restarts a worker that panicked) leaves a dead entry.
+        self.balancers.retain(|b| b.connected());
         for b in &self.balancers {
             b.do_send(event.clone());
         }
@@ -286,6 +288,7 @@ impl Handler<Balancers> for HealthActor {
     type Result = MessageResult<Balancers>;
 
     fn handle(&mut self, _: Balancers, _: &mut Self::Context) -> Self::Result {
+        self.listers.retain(|l| l.connected());
         MessageResult(self.listers.clone())
     }
 }

@@ -89,7 +89,7 @@ impl Metrics {
         ));
         registry.register(
             "request_duration_seconds",
-            "Time from the request to the upstream's response head",
+            "Time from the request to its response head (the upstream's, or ours for 4xx/5xx of our own)",
             duration.clone(),
         );
         let in_flight = Gauge::<i64, AtomicI64>::default();
