@@ -50,8 +50,8 @@ use crate::{
 };
 
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
-/// `Expect` is answered by us (actix sends the 100 Continue), and `Host` is set per
-/// `preserve_host`, so neither is copied as-is.
+/// `Expect` is among them because it is answered here (actix sends the 100 Continue).
+/// `Host` is copied, and replaced by the server's authority when `preserve_host = false`.
 pub const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -558,9 +558,10 @@ async fn send(
             seen: Cell::new(0),
             max: proxy.max_body_bytes,
             over: Cell::new(false),
+            last_chunk: Cell::new(Instant::now()),
         })),
     };
-    // Moved into the first try; a retry (rare) takes a copy of the first try's.
+    // Moved into the first try; a retry (rare) builds them again.
     let mut headers = Some(upstream_headers(req, peer, shared));
     let idempotent = matches!(
         *req.method(),
@@ -593,7 +594,11 @@ async fn send(
         let guard = InFlight::new(worker, lease);
 
         let uri = upstream_uri(req, &upstream);
-        let mut creq = worker.client.request(req.method().clone(), uri);
+        // no_decompress: no Accept-Encoding of awc's own when the client sent none.
+        let mut creq = worker
+            .client
+            .request(req.method().clone(), uri)
+            .no_decompress();
         *creq.headers_mut() = match headers.take() {
             Some(h) => h,
             None => upstream_headers(req, peer, shared),
@@ -607,10 +612,11 @@ async fn send(
                 creq.send_body(SizedStream::new(n, BodyReader(b.clone())))
             }
             (Some(b), _) => creq.send_stream(BodyReader(b.clone())),
-            (None, _) => creq.send(),
+            // No body at all (not an empty one): no Content-Length: 0 on a GET.
+            (None, _) => creq.send_body(NoBody::new()),
         };
 
-        let result = actix_rt::time::timeout(proxy.timeout, sending).await;
+        let result = head_within(sending, proxy.timeout, body.as_deref()).await;
         let body_started = body.as_ref().is_some_and(|b| b.started.get());
         let error = match result {
             Err(_elapsed) => return Err(ProxyError::GatewayTimeout),
@@ -648,6 +654,28 @@ async fn send(
     }
 }
 
+/// Waits for the response head, or `Err` past `limit`. The limit counts from the start, or
+/// from the last request-body chunk sent, whichever is later: an upload that keeps flowing
+/// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`).
+async fn head_within<F: std::future::Future>(
+    sending: F,
+    limit: Duration,
+    body: Option<&BodyState>,
+) -> Result<F::Output, ()> {
+    let mut sending = std::pin::pin!(sending);
+    let mut from = Instant::now();
+    loop {
+        let deadline = tokio::time::Instant::from_std(from + limit);
+        match tokio::time::timeout_at(deadline, &mut sending).await {
+            Ok(out) => return Ok(out),
+            Err(_) => match body.map(|b| b.last_chunk.get()) {
+                Some(last) if last > from => from = last,
+                _ => return Err(()),
+            },
+        }
+    }
+}
+
 /// The upstream URI: the server's authority, the client's path and query.
 fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
     let mut parts = actix_web::http::uri::Parts::default();
@@ -662,23 +690,51 @@ fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
 }
 
-/// True when `name` must not cross the proxy: hop-by-hop, or named in `Connection`.
-fn is_hop_by_hop(name: &HeaderName, headers: &HeaderMap) -> bool {
-    HOP_BY_HOP.contains(name)
-        || headers.get_all(header::CONNECTION).any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+/// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
+/// `Connection` names.
+struct HopByHop<'a> {
+    /// The message's headers when its `Connection` names more than `keep-alive` or `close`
+    /// (rare); `None` skips the per-header look at `Connection`.
+    connection: Option<&'a HeaderMap>,
+}
+
+impl<'a> HopByHop<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let names_more = headers.get_all(header::CONNECTION).any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',').map(str::trim).any(|t| {
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case("keep-alive")
+                        && !t.eq_ignore_ascii_case("close")
+                })
             })
-        })
+        });
+        Self {
+            connection: names_more.then_some(headers),
+        }
+    }
+
+    /// True when `name` must not cross the proxy.
+    fn drops(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(name)
+            || self.connection.is_some_and(|headers| {
+                headers.get_all(header::CONNECTION).any(|v| {
+                    v.to_str().is_ok_and(|v| {
+                        v.split(',')
+                            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+                    })
+                })
+            })
+    }
 }
 
 /// The request headers to send upstream.
 fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, shared: &Shared) -> HeaderMap {
     let incoming = req.headers();
     let mut out = HeaderMap::with_capacity(incoming.len() + 3);
+    let hop = HopByHop::of(incoming);
     for (name, value) in incoming.iter() {
-        if is_hop_by_hop(name, incoming)
+        if hop.drops(name)
             || *name == X_FORWARDED_FOR
             || *name == X_FORWARDED_PROTO
             || *name == X_FORWARDED_HOST
@@ -726,8 +782,9 @@ fn respond(
     let mut out = HttpResponseBuilder::new(status);
     let mut built = out.finish();
     let headers = built.headers_mut();
+    let hop = HopByHop::of(res.headers());
     for (name, value) in res.headers().iter() {
-        if !is_hop_by_hop(name, res.headers()) {
+        if !hop.drops(name) {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -808,6 +865,8 @@ struct BodyState {
     max: u64,
     /// The body passed `max`; the request answers 413.
     over: Cell<bool>,
+    /// When the last chunk was read: the response-head timeout counts from it.
+    last_chunk: Cell<Instant>,
 }
 
 /// One try's view of [`BodyState`].
@@ -831,6 +890,7 @@ impl Stream for BodyReader {
         let next = Pin::new(&mut *payload).poll_next(cx);
         if let Poll::Ready(Some(Ok(chunk))) = &next {
             state.started.set(true);
+            state.last_chunk.set(Instant::now());
             let seen = state.seen.get() + chunk.len() as u64;
             state.seen.set(seen);
             if state.max > 0 && seen > state.max {
@@ -1013,8 +1073,11 @@ mod tests {
             header::CONNECTION,
             HeaderValue::from_static("close, X-Secret"),
         );
-        assert!(is_hop_by_hop(&HeaderName::from_static("x-secret"), &h));
-        assert!(is_hop_by_hop(&header::TE, &h));
-        assert!(!is_hop_by_hop(&header::ACCEPT, &h));
+        let hop = HopByHop::of(&h);
+        assert!(hop.drops(&HeaderName::from_static("x-secret")));
+        assert!(hop.drops(&header::TE));
+        assert!(!hop.drops(&header::ACCEPT));
+        let plain = HeaderMap::new();
+        assert!(HopByHop::of(&plain).connection.is_none());
     }
 }

@@ -196,6 +196,16 @@ X-End-To-End: kept\r\n\r\n",
     assert_eq!(header(&list, "x-forwarded-host"), Some("shop.example"));
     assert_eq!(header(&list, "host"), Some("shop.example"), "preserve_host");
     assert_eq!(header(&list, "user-agent"), None, "awc added a User-Agent");
+    assert_eq!(
+        header(&list, "accept-encoding"),
+        None,
+        "awc added an Accept-Encoding"
+    );
+    assert_eq!(
+        header(&list, "content-length"),
+        None,
+        "a GET without a body got a length"
+    );
     // awc (actix-http's encoder) always writes a Date on requests; it cannot be turned off.
 }
 
@@ -645,4 +655,41 @@ async fn chunk_lines_other_parsers_read_differently_are_refused() {
         answer.ends_with(&format!("5 {:x}", Sha256::digest(b"hello"))),
         "{answer:?}"
     );
+}
+
+/// Sends a chunked POST to /sha256 on a raw connection, one chunk per item of `gaps`
+/// (the pause before it, in ms), and returns the answer.
+async fn trickle(addr: std::net::SocketAddr, gaps: &[u64]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /sha256 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for &gap in gaps {
+        actix_rt::time::sleep(std::time::Duration::from_millis(gap)).await;
+        // The proxy may have answered (504) and closed meanwhile.
+        if s.write_all(b"5\r\nchunk\r\n").await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[actix_rt::test]
+async fn a_flowing_upload_is_not_cut_by_the_timeout_but_a_paused_one_is() {
+    let a = Backend::start("a");
+    let lb = balancer(&[a.url()], "[proxy]\ntimeout = \"500ms\"\n");
+    // 10 chunks, 150 ms apart: 1.5 s in all, never a pause of 500 ms.
+    let answer = trickle(lb.proxy_addr, &[150; 10]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.ends_with(&format!("50 {:x}", Sha256::digest(b"chunk".repeat(10)))),
+        "{answer}"
+    );
+
+    let answer = trickle(lb.proxy_addr, &[0, 1500]).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
