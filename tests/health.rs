@@ -148,11 +148,7 @@ async fn with_every_server_down_the_answer_is_503_and_one_back_brings_200() {
 
 #[actix_rt::test]
 async fn a_backend_stopped_mid_stream_costs_the_client_nothing() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(&urls(&[&a, &b, &c]), "");
     let url = format!("http://{}/", lb.proxy_addr);
     let mut errors = Vec::new();

@@ -29,11 +29,7 @@ fn header<'a>(list: &'a [(String, String)], name: &str) -> Option<&'a str> {
 
 #[actix_rt::test]
 async fn round_robin_sends_each_backend_exactly_n_in_a_fixed_cycle() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(&urls(&[&a, &b, &c]), "");
     let n = 10;
     let mut order = Vec::new();

@@ -99,11 +99,7 @@ async fn slow_share(strategy: &str) -> usize {
 
 #[actix_rt::test]
 async fn weighted_round_robin_gives_5_1_1_as_50_10_10_in_nginx_smooth_order() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(
         &[],
         &balancer_section("weighted_round_robin", &[(&a, 5), (&b, 1), (&c, 1)]),
@@ -146,11 +142,7 @@ async fn power_of_two_sends_a_slow_server_far_fewer_requests_than_round_robin() 
 
 #[actix_rt::test]
 async fn power_of_two_spreads_evenly_over_equal_servers() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(
         &[],
         &balancer_section("power_of_two", &[(&a, 1), (&b, 1), (&c, 1)]),
@@ -244,11 +236,7 @@ fn the_binary_check_accepts_weighted_servers_and_prints_them() {
 
 #[actix_rt::test]
 async fn weighted_round_robin_keeps_the_ratio_among_healthy_servers_and_starves_the_sick_one() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(
         &[],
         &balancer_section("weighted_round_robin", &[(&a, 5), (&b, 1), (&c, 1)]),
@@ -324,11 +312,7 @@ async fn weighted_round_robin_keeps_the_ratio_when_servers_are_added_and_removed
 
 #[actix_rt::test]
 async fn round_robin_keeps_its_turn_when_a_server_is_removed() {
-    let (a, b, c) = (
-        Backend::start("a"),
-        Backend::start("b"),
-        Backend::start("c"),
-    );
+    let (a, b, c) = Backend::abc();
     let lb = balancer(&urls(&[&a, &b, &c]), "");
     let admin = lb.admin_addr.unwrap();
     let before = sequence(&lb, 2).await;

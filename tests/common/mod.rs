@@ -50,6 +50,11 @@ impl Backend {
         Self::start_on(name, 0)
     }
 
+    /// Three backends named `a`, `b` and `c`.
+    pub fn abc() -> (Backend, Backend, Backend) {
+        (Self::start("a"), Self::start("b"), Self::start("c"))
+    }
+
     /// Starts a backend on `port` (0 = a free one), e.g. to bring one back where it was.
     pub fn start_on(name: &str, port: u16) -> Backend {
         Self::launch(name, port, |cfg| {
