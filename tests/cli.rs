@@ -222,12 +222,9 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let slow = p.url("/slow/1500");
     let request = actix_rt::spawn(async move { get(&slow).await });
     actix_rt::time::sleep(Duration::from_millis(400)).await;
-    let pid = p.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    let sent = unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(sent, 0, "SIGTERM sent");
     actix_rt::time::sleep(Duration::from_millis(300)).await;
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", p.port))
