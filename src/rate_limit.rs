@@ -76,7 +76,18 @@ pub enum StoreError {
     Redis(#[from] redis::RedisError),
     #[error("no answer within {}ms", STORE_TIMEOUT.as_millis())]
     Timeout,
+    /// The in-process store holds [`MEMORY_STORE_CAP`] windows that have not ended.
+    #[error("in-process store full ({MEMORY_STORE_CAP} client IPs in their window)")]
+    Full,
 }
+
+/// The most client IPs the in-process store keeps a window for (about 100 MB), as nginx's
+/// `limit_req_zone` has a fixed size: past it, a new IP is a store error and
+/// `on_store_error` decides, rather than memory growing with every address an attacker has.
+pub const MEMORY_STORE_CAP: usize = 1 << 20;
+
+/// Shards of the in-process store: a sweep or a hit locks one sixteenth of it.
+const SHARDS: usize = 16;
 
 /// Increments the window counter, starting the window on its first hit; returns
 /// `{count, milliseconds left}`. The `ttl < 0` branch mends a key that lost its expiry, so
@@ -150,7 +161,7 @@ impl Store {
         window: Duration,
     ) -> Result<Decision, StoreError> {
         match self {
-            Store::Memory(m) => Ok(m.hit(ip, limit, window, Instant::now())),
+            Store::Memory(m) => m.hit(ip, limit, window, Instant::now()),
             Store::Redis { mut conn, script } => {
                 let mut invocation = script.key(key);
                 invocation.arg(window.as_millis() as u64);
@@ -167,11 +178,18 @@ impl Store {
 
 /// The in-process store: one per process, shared by every worker.
 ///
-/// A std `Mutex`, not an async one: the critical section is a hash lookup and never spans
-/// an `.await` (mini-redis's `Db` makes the same choice).
-#[derive(Default)]
+/// std `Mutex`es, not async ones: each critical section is a hash lookup and never spans an
+/// `.await` (mini-redis's `Db` makes the same choice). The map is split in [`SHARDS`] by IP,
+/// so two workers rarely wait on each other and dropping ended windows pauses one shard.
 pub struct MemoryStore {
-    windows: Mutex<MemoryWindows>,
+    shards: [Mutex<MemoryWindows>; SHARDS],
+    cap_per_shard: usize,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_cap(MEMORY_STORE_CAP)
+    }
 }
 
 #[derive(Default)]
@@ -182,30 +200,67 @@ struct MemoryWindows {
     swept: Option<Instant>,
 }
 
+impl MemoryWindows {
+    fn sweep(&mut self, now: Instant) {
+        self.counts.retain(|_, (_, end)| *end > now);
+        self.swept = Some(now);
+    }
+}
+
 impl MemoryStore {
+    /// A store for at most about `cap` client IPs at once.
+    pub fn with_cap(cap: usize) -> Self {
+        Self {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            cap_per_shard: cap.div_ceil(SHARDS).max(1),
+        }
+    }
+
+    fn shard(&self, ip: &IpAddr) -> std::sync::MutexGuard<'_, MemoryWindows> {
+        use std::hash::{BuildHasher as _, Hasher as _};
+        // A fixed hasher is enough to spread the IPs; the shard maps hash them again.
+        let mut h =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .build_hasher();
+        std::hash::Hash::hash(ip, &mut h);
+        self.shards[h.finish() as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Counts one request of `ip` at `now`.
-    pub fn hit(&self, ip: IpAddr, limit: u64, window: Duration, now: Instant) -> Decision {
-        let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn hit(
+        &self,
+        ip: IpAddr,
+        limit: u64,
+        window: Duration,
+        now: Instant,
+    ) -> Result<Decision, StoreError> {
+        let mut w = self.shard(&ip);
         // Bound memory: at most once per window, drop every window that has ended.
         if w.swept.is_none_or(|t| now.duration_since(t) >= window) {
-            w.counts.retain(|_, (_, end)| *end > now);
-            w.swept = Some(now);
+            w.sweep(now);
+        }
+        if !w.counts.contains_key(&ip) && w.counts.len() >= self.cap_per_shard {
+            w.sweep(now);
+            if w.counts.len() >= self.cap_per_shard {
+                return Err(StoreError::Full);
+            }
         }
         let entry = w.counts.entry(ip).or_insert((0, now + window));
         if entry.1 <= now {
             *entry = (0, now + window);
         }
         entry.0 += 1;
-        Decision::from_count(entry.0, limit, entry.1 - now)
+        Ok(Decision::from_count(entry.0, limit, entry.1 - now))
     }
 
     /// How many windows are kept now.
     pub fn len(&self) -> usize {
-        self.windows
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .counts
-            .len()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).counts.len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -329,7 +384,7 @@ impl Handler<Check> for RateLimitActor {
             // Answered at once: no key to build, no future to box.
             Store::Memory(m) => {
                 let d = m.hit(ip, self.limit, self.window, now);
-                ActorResponse::reply(self.settle(ip, Ok(d)))
+                ActorResponse::reply(self.settle(ip, d))
             }
             Store::Redis { .. } => {
                 let key = format!("{}:{}", self.prefix, ip);
@@ -354,13 +409,15 @@ mod tests {
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let w = Duration::from_secs(10);
-        let remaining: Vec<u64> = (0..3).map(|_| m.hit(a, 2, w, t0).remaining).collect();
+        let remaining: Vec<u64> = (0..3)
+            .map(|_| m.hit(a, 2, w, t0).unwrap().remaining)
+            .collect();
         assert_eq!(remaining, [1, 0, 0]);
-        assert!(!m.hit(a, 2, w, t0).allowed);
-        assert!(m.hit(b, 2, w, t0).allowed);
-        let later = m.hit(a, 2, w, t0 + Duration::from_millis(2500));
+        assert!(!m.hit(a, 2, w, t0).unwrap().allowed);
+        assert!(m.hit(b, 2, w, t0).unwrap().allowed);
+        let later = m.hit(a, 2, w, t0 + Duration::from_millis(2500)).unwrap();
         assert_eq!(later.reset_secs, 8);
-        let next_window = m.hit(a, 2, w, t0 + w);
+        let next_window = m.hit(a, 2, w, t0 + w).unwrap();
         assert!(next_window.allowed);
         assert_eq!(next_window.remaining, 1);
     }
@@ -371,11 +428,36 @@ mod tests {
         let t0 = Instant::now();
         let w = Duration::from_secs(1);
         for i in 0..100u8 {
-            m.hit(IpAddr::from([10, 0, 0, i]), 5, w, t0);
+            m.hit(IpAddr::from([10, 0, 0, i]), 5, w, t0).unwrap();
         }
         assert_eq!(m.len(), 100);
-        m.hit(IpAddr::from([10, 1, 0, 0]), 5, w, t0 + 2 * w);
-        assert_eq!(m.len(), 1);
+        // A window later new clients arrive; every shard they touch (with these 1000, all:
+        // the shard hash has fixed keys) drops its ended windows.
+        for i in 0..1000u16 {
+            let ip = IpAddr::from([10, 1, (i >> 8) as u8, i as u8]);
+            m.hit(ip, 5, w, t0 + 2 * w).unwrap();
+        }
+        assert_eq!(m.len(), 1000, "only the new windows are kept");
+    }
+
+    #[test]
+    fn a_full_memory_store_is_a_store_error_until_windows_end() {
+        let m = MemoryStore::with_cap(SHARDS * 4);
+        let t0 = Instant::now();
+        let w = Duration::from_secs(10);
+        let ips = (0..=u16::MAX).map(|i| IpAddr::from([10, 9, (i >> 8) as u8, i as u8]));
+        let admitted = ips
+            .clone()
+            .take_while(|&ip| m.hit(ip, 5, w, t0).is_ok())
+            .count();
+        assert!(admitted <= SHARDS * 4, "{admitted}");
+        let refused = ips.clone().nth(admitted).unwrap();
+        assert!(matches!(m.hit(refused, 5, w, t0), Err(StoreError::Full)));
+        // IPs already counted go on being counted.
+        let first = ips.clone().next().unwrap();
+        assert_eq!(m.hit(first, 5, w, t0).unwrap().remaining, 3);
+        // Once windows end there is room again.
+        assert!(m.hit(refused, 5, w, t0 + w).is_ok());
     }
 
     #[test]
