@@ -1,7 +1,7 @@
 //! The admin API on `admin.address`: runtime server management, health and metrics.
 //!
 //! The handlers own nothing: membership changes go to the
-//! [`HealthActor`](crate::health::HealthActor), which broadcasts them to every worker's
+//! [`HealthActor`], which broadcasts them to every worker's
 //! balancer; `GET /servers` asks each balancer for its view and sums in-flight counts.
 //! With `admin.token` set, every call but `/healthz` needs `Authorization: Bearer TOKEN`,
 //! compared in constant time.

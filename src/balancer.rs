@@ -3,7 +3,7 @@
 //! It is started inside the `HttpServer::new` factory, so it runs on the same arbiter as the
 //! handlers that ask it for a server: a `send().await` to it never crosses a thread (see
 //! DESIGN.md for the measurements). It learns about health and membership only from the
-//! [`HealthActor`](crate::health::HealthActor), through [`ServerEvent`]s, and it keeps the
+//! [`HealthActor`], through [`ServerEvent`]s, and it keeps the
 //! in-flight count of every server from [`NextServer`] and the [`Lease`]s it hands out.
 
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! answer within `proxy.timeout`, 413 body too large, 400 ambiguous framing or a malformed
 //! request, 431 header section too large, 417 unknown expectation, 501 CONNECT, 429 limited.
 //!
-//! What is refused before any server is chosen ([`check_request`]): whatever actix-http
+//! What is refused before any server is chosen (`check_request`): whatever actix-http
 //! lets through that a strict intermediary must not pass on, because the next parser could
 //! read it another way (RFC 9112 §3.2, §6.3; RFC 9110 §7.2, §9.1).
 

@@ -179,7 +179,7 @@ impl Store {
 /// The in-process store: one per process, shared by every worker.
 ///
 /// std `Mutex`es, not async ones: each critical section is a hash lookup and never spans an
-/// `.await` (mini-redis's `Db` makes the same choice). The map is split in [`SHARDS`] by IP,
+/// `.await` (mini-redis's `Db` makes the same choice). The map is split in `SHARDS` (16) by IP,
 /// so two workers rarely wait on each other and dropping ended windows pauses one shard.
 pub struct MemoryStore {
     shards: [Mutex<MemoryWindows>; SHARDS],
