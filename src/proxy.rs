@@ -745,7 +745,7 @@ fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, shared: &Shared) ->
     }
     if let Some(peer) = peer {
         let trusted = shared.trusted_proxies.iter().any(|n| n.contains(&peer));
-        let mut xff = String::new();
+        let mut xff = String::with_capacity(48);
         if trusted {
             for v in incoming.get_all(X_FORWARDED_FOR) {
                 if let Ok(v) = v.to_str() {
@@ -754,7 +754,8 @@ fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, shared: &Shared) ->
                 }
             }
         }
-        xff.push_str(&peer.to_string());
+        // Written in place: no String of its own for the address.
+        let _ = std::fmt::Write::write_fmt(&mut xff, format_args!("{peer}"));
         if let Ok(v) = HeaderValue::from_str(&xff) {
             out.insert(X_FORWARDED_FOR, v);
         }
