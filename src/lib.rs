@@ -74,13 +74,6 @@ impl Running {
             let _ = t.await;
         }
     }
-
-    /// Waits until the listeners stop by themselves.
-    pub async fn wait(self) {
-        for t in self.tasks {
-            let _ = t.await;
-        }
-    }
 }
 
 /// Starts the balancer inside the current actix system: binds both listeners (before which

@@ -15,6 +15,7 @@
 
 use std::{
     cell::{Cell, RefCell},
+    future::Future as _,
     net::IpAddr,
     pin::Pin,
     rc::Rc,
@@ -45,7 +46,7 @@ use crate::{
     config::{Config, ProxySection},
     health::{describe, ConnectFailed, HealthActor},
     metrics::Metrics,
-    rate_limit::{Check, Decision, RateLimitActor, Verdict},
+    rate_limit::{ceil_secs, Check, Decision, RateLimitActor, Verdict},
     upstream::Upstream,
 };
 
@@ -97,13 +98,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
-        let interval = config.health_check.interval;
-        let secs = interval.as_secs() + u64::from(interval.subsec_nanos() > 0);
         let rl = &config.rate_limit;
         Self {
             proxy: config.proxy.clone(),
             trusted_proxies: rl.trusted_proxies.clone(),
-            retry_after_no_server: HeaderValue::from(secs.max(1)),
+            retry_after_no_server: HeaderValue::from(ceil_secs(config.health_check.interval)),
             ratelimit_policy: rl.enabled.then(|| {
                 let value = format!("\"default\";q={};w={}", rl.requests, rl.window.as_secs());
                 HeaderValue::from_str(&value).expect("digits and quotes are a header value")
@@ -196,7 +195,7 @@ impl ResponseError for ProxyError {
                 res.insert_header((header::RETRY_AFTER, retry_after.clone()));
             }
             ProxyError::RateLimited(d) => {
-                res.insert_header((header::RETRY_AFTER, d.reset_secs.max(1)));
+                res.insert_header((header::RETRY_AFTER, d.reset_secs));
             }
             // The body was not read: the connection cannot carry another request.
             ProxyError::TooLarge(_)
@@ -949,8 +948,6 @@ impl Stream for UpstreamBody {
     }
 }
 
-use std::future::Future as _;
-
 /// The client IP per the SPEC: the TCP peer, or, when the peer is a trusted proxy, the
 /// rightmost `X-Forwarded-For` address that is not itself trusted (the leftmost when all
 /// are). A malformed `X-Forwarded-For` from a trusted peer gives the peer.
@@ -1000,7 +997,7 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
 
 /// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers).
 fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<&HeaderValue>) {
-    let reset = d.reset_secs.max(1);
+    let reset = d.reset_secs;
     headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(d.limit));
     headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
     headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));

@@ -35,7 +35,7 @@ pub struct Decision {
     pub allowed: bool,
     pub limit: u64,
     pub remaining: u64,
-    /// Whole seconds until the window resets, rounded up: what the client is told.
+    /// Whole seconds until the window resets, rounded up and at least 1: what the client is told.
     pub reset_secs: u64,
     /// Exactly how long until the window resets: how long a refused IP stays blocked
     /// locally (blocking for `reset_secs` would refuse up to a second into the next window).
@@ -54,7 +54,8 @@ impl Decision {
     }
 }
 
-fn ceil_secs(d: Duration) -> u64 {
+/// Whole seconds in `d`, rounded up, at least 1: the unit of `Retry-After`.
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
     (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
 }
 
