@@ -1,0 +1,259 @@
+//! [`FileConfig`] → [`Config`]: every value checked and turned into its real type (`Url`,
+//! `IpNet`, `SocketAddr`, `LevelFilter`), every error naming its dotted key. Nothing here
+//! reads files or the environment.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use url::Url;
+
+use super::file::{
+    FileConfig, FileServer, HealthCheckSection, OnStoreError, ProxySection, Strategy,
+};
+
+/// A checked server entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerConfig {
+    /// `scheme://host:port`, without path.
+    pub url: Url,
+    /// Relative share for the weighted strategies; at least 1.
+    pub weight: u32,
+}
+
+/// The validated configuration the program runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// 0 = one per CPU core.
+    pub workers: usize,
+    pub strategy: Strategy,
+    pub servers: Vec<ServerConfig>,
+    pub health_check: HealthCheckSection,
+    pub proxy: ProxySection,
+    pub rate_limit: RateLimit,
+    /// `None` disables the admin listener.
+    pub admin: Option<SocketAddr>,
+    pub admin_token: String,
+    pub log_level: log::LevelFilter,
+    pub access_log: bool,
+    /// The file as resolved (after environment overrides), for `--check`.
+    pub resolved: FileConfig,
+}
+
+/// The checked `[rate_limit]` section.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub enabled: bool,
+    pub requests: u64,
+    pub window: Duration,
+    /// `None` = the in-process store.
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub on_store_error: OnStoreError,
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+type KeyError = (String, String);
+
+fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {
+    (key.to_string(), reason.to_string())
+}
+
+impl FileConfig {
+    /// Checks every value and converts it to its real type; errors name the key.
+    pub fn validate(self) -> Result<Config, KeyError> {
+        let listen = parse_addr(&self.listen.address).map_err(|r| key_err("listen.address", r))?;
+
+        let mut servers = Vec::with_capacity(self.balancer.servers.len());
+        for (i, s) in self.balancer.servers.iter().enumerate() {
+            let (url, weight) = match s {
+                FileServer::Url(u) => (u.as_str(), 1),
+                FileServer::Weighted(w) => (w.url.as_str(), w.weight),
+            };
+            let key = format!("balancer.servers[{i}]");
+            let url = parse_server_url(url).map_err(|r| key_err(format!("{key}.url"), r))?;
+            if weight == 0 {
+                return Err(key_err(format!("{key}.weight"), "must be at least 1"));
+            }
+            if servers.iter().any(|s: &ServerConfig| s.url == url) {
+                return Err(key_err(key, format!("{url} is listed twice")));
+            }
+            servers.push(ServerConfig { url, weight });
+        }
+
+        let hc = &self.health_check;
+        if !hc.path.starts_with('/') {
+            return Err(key_err("health_check.path", "must start with '/'"));
+        }
+        if hc
+            .path
+            .parse::<actix_web::http::uri::PathAndQuery>()
+            .is_err()
+        {
+            return Err(key_err("health_check.path", "is not a valid request path"));
+        }
+        nonzero(hc.interval, "health_check.interval")?;
+        nonzero(hc.timeout, "health_check.timeout")?;
+        if hc.unhealthy_threshold == 0 {
+            return Err(key_err(
+                "health_check.unhealthy_threshold",
+                "must be at least 1",
+            ));
+        }
+        if hc.healthy_threshold == 0 {
+            return Err(key_err(
+                "health_check.healthy_threshold",
+                "must be at least 1",
+            ));
+        }
+
+        nonzero(self.proxy.connect_timeout, "proxy.connect_timeout")?;
+        nonzero(self.proxy.timeout, "proxy.timeout")?;
+
+        let rl = &self.rate_limit;
+        if rl.requests == 0 {
+            return Err(key_err("rate_limit.requests", "must be at least 1"));
+        }
+        nonzero(rl.window, "rate_limit.window")?;
+        if rl.window.subsec_nanos() != 0 {
+            return Err(key_err(
+                "rate_limit.window",
+                "must be a whole number of seconds (Retry-After is in seconds)",
+            ));
+        }
+        let redis_url = if rl.redis_url.is_empty() {
+            None
+        } else {
+            match Url::parse(&rl.redis_url) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {
+                    Some(rl.redis_url.clone())
+                }
+                Ok(u) => {
+                    return Err(key_err(
+                        "rate_limit.redis_url",
+                        format!(
+                            "scheme {:?} is not redis://, rediss:// or unix://",
+                            u.scheme()
+                        ),
+                    ))
+                }
+                Err(e) => return Err(key_err("rate_limit.redis_url", format!("not a URL: {e}"))),
+            }
+        };
+        if rl.key_prefix.is_empty() {
+            return Err(key_err("rate_limit.key_prefix", "must not be empty"));
+        }
+        let mut trusted_proxies = Vec::with_capacity(rl.trusted_proxies.len());
+        for (i, t) in rl.trusted_proxies.iter().enumerate() {
+            let net = parse_net(t.trim())
+                .map_err(|r| key_err(format!("rate_limit.trusted_proxies[{i}]"), r))?;
+            trusted_proxies.push(net);
+        }
+
+        let admin = if self.admin.address.is_empty() {
+            None
+        } else {
+            let addr = parse_addr(&self.admin.address).map_err(|r| key_err("admin.address", r))?;
+            if !addr.ip().is_loopback() && self.admin.token.is_empty() {
+                return Err(key_err(
+                    "admin.token",
+                    format!("must be set when admin.address ({addr}) is not a loopback address"),
+                ));
+            }
+            Some(addr)
+        };
+
+        let log_level = self.log.level.parse::<log::LevelFilter>().map_err(|_| {
+            key_err(
+                "log.level",
+                format!(
+                    "{:?} is not one of off, error, warn, info, debug, trace",
+                    self.log.level
+                ),
+            )
+        })?;
+
+        Ok(Config {
+            listen,
+            workers: self.listen.workers,
+            strategy: self.balancer.strategy,
+            servers,
+            health_check: self.health_check.clone(),
+            proxy: self.proxy.clone(),
+            rate_limit: RateLimit {
+                enabled: rl.enabled,
+                requests: rl.requests,
+                window: rl.window,
+                redis_url,
+                key_prefix: rl.key_prefix.clone(),
+                on_store_error: rl.on_store_error,
+                trusted_proxies,
+            },
+            admin,
+            admin_token: self.admin.token.clone(),
+            log_level,
+            access_log: self.log.access_log,
+            resolved: self,
+        })
+    }
+}
+
+fn nonzero(d: Duration, key: &str) -> Result<(), KeyError> {
+    if d.is_zero() {
+        Err(key_err(key, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP:port address (e.g. \"127.0.0.1:8000\")"))
+}
+
+/// A CIDR, or a bare address meaning just that address.
+pub fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"))
+}
+
+/// Checks a server URL: `http://host:port`, no path, query, fragment or credentials.
+pub fn parse_server_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "{s:?}: https upstreams are not supported yet; use http://"
+            ))
+        }
+        other => return Err(format!("{s:?}: scheme {other:?} is not http")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("{s:?} must not carry credentials"));
+    }
+    // The url crate lets through hosts (with `{`, `"`, …) that are no HTTP authority.
+    let authority = format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(80)
+    );
+    if authority
+        .parse::<actix_web::http::uri::Authority>()
+        .is_err()
+        || actix_web::http::header::HeaderValue::from_str(&authority).is_err()
+    {
+        return Err(format!("{s:?}: the host is not valid in an HTTP authority"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{s:?} must be scheme://host:port only (the request's path is appended)"
+        ));
+    }
+    Ok(url)
+}
