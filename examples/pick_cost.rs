@@ -32,7 +32,7 @@ use clap::Parser;
 use roundabout::{
     balancer::{BalancerActor, NextServer},
     config::{HealthCheckSection, ServerConfig, Strategy as StrategyKind},
-    health::HealthActor,
+    health::{HealthActor, Register},
     metrics::Metrics,
     strategy::{self, Slot},
     upstream::Upstream,
@@ -88,12 +88,20 @@ fn main() {
                 unhealthy_threshold: u32::MAX,
                 ..HealthCheckSection::default()
             };
-            let health = HealthActor::new(&configs, settings, Arc::new(Metrics::new())).start();
-            let balancer = BalancerActor::new(
+            let metrics = Arc::new(Metrics::new());
+            let health = HealthActor::new(&configs, settings, metrics.clone()).start();
+            let registry = health.clone();
+            let balancer = BalancerActor::start(
                 strategy::from_config(StrategyKind::RoundRobin),
-                health.clone(),
-            )
-            .start();
+                metrics,
+                move |events, list| {
+                    registry.send(Register {
+                        events,
+                        list,
+                        limiter: None,
+                    })
+                },
+            );
 
             // The balancer holds its mailbox until the health actor has answered its Register.
             let first = balancer

@@ -6,7 +6,7 @@
 //! With `admin.token` set, every call but `/healthz` needs `Authorization: Bearer TOKEN`,
 //! compared in constant time.
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use actix::Addr;
 use actix_web::{
@@ -18,9 +18,10 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     balancer::ListServers,
-    config::{parse_server_url, ServerConfig},
-    health::{AddServer, Balancers, HealthActor, MembershipError, RemoveServer},
+    config::{default_weight, parse_server_url, ServerConfig},
+    health::{AddServer, Balancers, HealthActor, RemoveServer},
     metrics::Metrics,
+    registry::MembershipError,
 };
 
 /// What the admin handlers share.
@@ -94,10 +95,6 @@ struct NewServer {
     weight: u32,
 }
 
-fn default_weight() -> u32 {
-    1
-}
-
 /// Registers the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
@@ -159,26 +156,31 @@ pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, Admi
         .await
         .map_err(|_| AdminError::Unavailable)?;
     let mut out: Vec<ServerInfo> = Vec::new();
+    // Label → index in `out`: every worker lists every server.
+    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
     for b in balancers {
         // A worker that has stopped no longer has a view to give.
         let Ok(views) = b.send(ListServers).await else {
             continue;
         };
         for v in views {
-            let url = v.upstream.url.as_str().trim_end_matches('/').to_string();
-            match out.iter_mut().find(|s| s.url == url) {
-                Some(s) => {
+            match seen.get(&v.upstream.label) {
+                Some(&i) => {
+                    let s = &mut out[i];
                     s.in_flight += v.in_flight;
                     s.draining |= v.draining;
                     s.healthy &= v.healthy;
                 }
-                None => out.push(ServerInfo {
-                    url,
-                    weight: v.upstream.weight,
-                    healthy: v.healthy,
-                    in_flight: v.in_flight,
-                    draining: v.draining,
-                }),
+                None => {
+                    seen.insert(v.upstream.label.clone(), out.len());
+                    out.push(ServerInfo {
+                        url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+                        weight: v.upstream.weight,
+                        healthy: v.healthy,
+                        in_flight: v.in_flight,
+                        draining: v.draining,
+                    });
+                }
             }
         }
     }

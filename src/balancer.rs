@@ -2,48 +2,58 @@
 //!
 //! It is started inside the `HttpServer::new` factory, so it runs on the same arbiter as the
 //! handlers that ask it for a server: a `send().await` to it never crosses a thread (see
-//! DESIGN.md for the measurements). It learns about health and membership only from the
-//! [`HealthActor`], through [`ServerEvent`]s, and it keeps the
-//! in-flight count of every server from [`NextServer`] and the [`Lease`]s it hands out.
+//! DESIGN.md for the measurements). It learns about health and membership only through the
+//! [`ServerEvent`]s it is sent, from whoever it joined at start (the HealthActor, wired in
+//! `lib.rs`; this module knows nothing of it), and it keeps the in-flight count of every
+//! server from [`NextServer`] and the [`Lease`]s it hands out. The logic is the plain
+//! [`ServerList`]; the actor is a thin shell around it. It must not block, and must not
+//! share its list with another thread.
 
-use std::sync::Arc;
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use actix::prelude::*;
 
 use crate::{
-    health::{HealthActor, Register},
+    metrics::Metrics,
     strategy::{Slot, Strategy},
     upstream::Upstream,
 };
 
-/// The worker-local balancer.
-pub struct BalancerActor {
+/// A worker's servers, their health as last broadcast, and the strategy's cursor.
+pub struct ServerList {
     slots: Vec<Slot>,
+    /// Label → index in `slots`; rebuilt whenever the list changes shape.
+    index: HashMap<Arc<str>, usize>,
     strategy: Box<dyn Strategy>,
-    health: Addr<HealthActor>,
 }
 
-impl BalancerActor {
-    /// A balancer with no servers yet; it registers with `health` when it starts and gets
-    /// the current list from it before it handles any request.
-    pub fn new(strategy: Box<dyn Strategy>, health: Addr<HealthActor>) -> Self {
+impl ServerList {
+    /// An empty list balanced by `strategy`.
+    pub fn new(strategy: Box<dyn Strategy>) -> Self {
         Self {
             slots: Vec::new(),
+            index: HashMap::new(),
             strategy,
-            health,
         }
     }
 
     fn position(&self, label: &str) -> Option<usize> {
-        self.slots.iter().position(|s| *s.upstream.label == *label)
+        self.index.get(label).copied()
     }
 
-    fn remove_at(&mut self, i: usize) {
-        self.slots.remove(i);
+    /// After an insertion or removal: indices moved, the strategy's cursor follows.
+    fn reshaped(&mut self) {
+        self.index = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.upstream.label.clone(), i))
+            .collect();
         self.strategy.resize(&self.slots);
     }
 
-    fn apply(&mut self, event: ServerEvent) {
+    /// Applies a change broadcast by the registry.
+    pub fn apply(&mut self, event: ServerEvent) {
         match event {
             ServerEvent::Snapshot(servers) => {
                 // Keep the in-flight counts of servers that stay, so their ends still balance.
@@ -61,10 +71,10 @@ impl BalancerActor {
                         }
                     })
                     .collect();
+                let listed: std::collections::HashSet<Arc<str>> =
+                    next.iter().map(|s| s.upstream.label.clone()).collect();
                 for old in self.slots.drain(..) {
-                    if old.in_flight > 0
-                        && !next.iter().any(|s| s.upstream.label == old.upstream.label)
-                    {
+                    if old.in_flight > 0 && !listed.contains(&old.upstream.label) {
                         next.push(Slot {
                             draining: true,
                             ..old
@@ -72,7 +82,7 @@ impl BalancerActor {
                     }
                 }
                 self.slots = next;
-                self.strategy.resize(&self.slots);
+                self.reshaped();
             }
             ServerEvent::Health { label, healthy } => {
                 if let Some(i) = self.position(&label) {
@@ -94,13 +104,14 @@ impl BalancerActor {
                         draining: false,
                         in_flight: 0,
                     });
-                    self.strategy.resize(&self.slots);
+                    self.reshaped();
                 }
             },
             ServerEvent::Removed { label } => {
                 if let Some(i) = self.position(&label) {
                     if self.slots[i].in_flight == 0 {
-                        self.remove_at(i);
+                        self.slots.remove(i);
+                        self.reshaped();
                     } else {
                         self.slots[i].draining = true;
                     }
@@ -108,24 +119,88 @@ impl BalancerActor {
             }
         }
     }
+
+    /// Chooses the server for a request, skipping those in `tried`, and counts the request
+    /// in flight there.
+    pub fn begin(&mut self, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
+        let slots = &self.slots;
+        let usable = |i: usize| {
+            let s = &slots[i];
+            s.healthy && !s.draining && !tried.iter().any(|t| t.label == s.upstream.label)
+        };
+        let i = self.strategy.pick(slots, &usable)?;
+        let slot = &mut self.slots[i];
+        slot.in_flight += 1;
+        Some(slot.upstream.clone())
+    }
+
+    /// A request on `label` ended; a draining server goes once its last one has.
+    pub fn end(&mut self, label: &str) {
+        // By label, not by `Arc`: a server removed and added back while this request was in
+        // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
+        if let Some(i) = self.position(label) {
+            let slot = &mut self.slots[i];
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+            if slot.draining && slot.in_flight == 0 {
+                self.slots.remove(i);
+                self.reshaped();
+            }
+        }
+    }
+
+    /// This worker's view of every server, draining ones included.
+    pub fn views(&self) -> Vec<ServerView> {
+        self.slots
+            .iter()
+            .map(|s| ServerView {
+                upstream: s.upstream.clone(),
+                healthy: s.healthy,
+                draining: s.draining,
+                in_flight: s.in_flight,
+            })
+            .collect()
+    }
+}
+
+/// The worker-local balancer: a [`ServerList`] behind a mailbox.
+pub struct BalancerActor {
+    list: ServerList,
+    /// The process-wide in-flight gauge, moved with each lease.
+    metrics: Arc<Metrics>,
+}
+
+impl BalancerActor {
+    /// Starts a balancer on the current arbiter. `join` is given the balancer's recipients
+    /// and answers with the current server list; until that answer arrives the balancer
+    /// holds every other message back, so no request sees an empty list at start.
+    pub fn start<F>(
+        strategy: Box<dyn Strategy>,
+        metrics: Arc<Metrics>,
+        join: impl FnOnce(Recipient<ServerEvent>, Recipient<ListServers>) -> F,
+    ) -> Addr<Self>
+    where
+        F: Future<Output = Result<ServerEvent, MailboxError>> + 'static,
+    {
+        BalancerActor::create(move |ctx| {
+            let joined = join(ctx.address().recipient(), ctx.address().recipient());
+            // `wait` is used only here, at start-up.
+            ctx.wait(
+                actix::fut::wrap_future::<_, Self>(joined).map(|snapshot, act, _| {
+                    if let Ok(snapshot) = snapshot {
+                        act.list.apply(snapshot);
+                    }
+                }),
+            );
+            BalancerActor {
+                list: ServerList::new(strategy),
+                metrics,
+            }
+        })
+    }
 }
 
 impl Actor for BalancerActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Until the registry answers with the current list there is nothing to balance
-        // over, so hold other messages back: `wait` is used only here, at start-up.
-        let register = self.health.send(Register {
-            events: ctx.address().recipient(),
-            list: ctx.address().recipient(),
-        });
-        ctx.wait(register.into_actor(self).map(|snapshot, act, _| {
-            if let Ok(snapshot) = snapshot {
-                act.apply(snapshot);
-            }
-        }));
-    }
 }
 
 /// Asks for the server the next request goes to; the answer is a [`Lease`] on it.
@@ -139,7 +214,8 @@ impl Message for NextServer {
     type Result = Option<Lease>;
 }
 
-/// One request's claim on a server: while it lives, the request counts as in flight there.
+/// One request's claim on a server: while it lives, the request counts as in flight there
+/// (this worker's count, and the process's gauge).
 ///
 /// Dropping it ends the count, however the request ended: answered, failed, or abandoned
 /// by a client that went away, even before the handler received the reply that carries it.
@@ -167,16 +243,10 @@ impl Handler<NextServer> for BalancerActor {
     type Result = Option<Lease>;
 
     fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
-        let slots = &self.slots;
-        let usable = |i: usize| {
-            let s = &slots[i];
-            s.healthy && !s.draining && !msg.tried.iter().any(|t| t.label == s.upstream.label)
-        };
-        let i = self.strategy.pick(slots, &usable)?;
-        let slot = &mut self.slots[i];
-        slot.in_flight += 1;
+        let upstream = self.list.begin(&msg.tried)?;
+        self.metrics.in_flight(1);
         Some(Lease {
-            upstream: slot.upstream.clone(),
+            upstream,
             balancer: ctx.address(),
         })
     }
@@ -191,19 +261,12 @@ impl Handler<RequestEnded> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, RequestEnded(upstream): RequestEnded, _: &mut Self::Context) {
-        // By label, not by `Arc`: a server removed and added back while this request was in
-        // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
-        if let Some(i) = self.position(&upstream.label) {
-            let slot = &mut self.slots[i];
-            slot.in_flight = slot.in_flight.saturating_sub(1);
-            if slot.draining && slot.in_flight == 0 {
-                self.remove_at(i);
-            }
-        }
+        self.metrics.in_flight(-1);
+        self.list.end(&upstream.label);
     }
 }
 
-/// A change in the server set, broadcast by the HealthActor to every worker's balancer.
+/// A change in the server set, broadcast by the registry to every worker's balancer.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum ServerEvent {
@@ -224,7 +287,7 @@ impl Handler<ServerEvent> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, event: ServerEvent, _: &mut Self::Context) {
-        self.apply(event);
+        self.list.apply(event);
     }
 }
 
@@ -246,16 +309,116 @@ impl Handler<ListServers> for BalancerActor {
     type Result = MessageResult<ListServers>;
 
     fn handle(&mut self, _: ListServers, _: &mut Self::Context) -> Self::Result {
-        MessageResult(
-            self.slots
-                .iter()
-                .map(|s| ServerView {
-                    upstream: s.upstream.clone(),
-                    healthy: s.healthy,
-                    draining: s.draining,
-                    in_flight: s.in_flight,
-                })
-                .collect(),
-        )
+        MessageResult(self.list.views())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::ServerConfig, strategy::RoundRobin};
+
+    fn upstream(port: u16) -> Arc<Upstream> {
+        Arc::new(Upstream::new(&ServerConfig {
+            url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+            weight: 1,
+        }))
+    }
+
+    fn list_of(ports: &[u16]) -> ServerList {
+        let mut list = ServerList::new(Box::new(RoundRobin::default()));
+        list.apply(ServerEvent::Snapshot(
+            ports.iter().map(|&p| (upstream(p), true)).collect(),
+        ));
+        list
+    }
+
+    fn ports(list: &ServerList) -> Vec<u16> {
+        list.views()
+            .iter()
+            .map(|v| v.upstream.url.port().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn requests_go_round_and_skip_the_servers_already_tried() {
+        let mut list = list_of(&[1, 2, 3]);
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[]).unwrap().url.port().unwrap())
+            .collect();
+        assert_eq!(picked, [1, 2, 3, 1]);
+        let tried = [upstream(2)];
+        assert_eq!(list.begin(&tried).unwrap().url.port(), Some(3));
+    }
+
+    #[test]
+    fn a_removed_server_drains_and_goes_with_its_last_request() {
+        let mut list = list_of(&[1, 2]);
+        let first = list.begin(&[]).unwrap();
+        list.apply(ServerEvent::Removed {
+            label: first.label.clone(),
+        });
+        assert_eq!(
+            ports(&list),
+            [1, 2],
+            "still listed while a request is in flight"
+        );
+        assert!(list.views()[0].draining);
+        assert_eq!(
+            list.begin(&[]).unwrap().url.port(),
+            Some(2),
+            "no new requests"
+        );
+        list.end(&first.label);
+        assert_eq!(ports(&list), [2]);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_counts_of_servers_that_stay_and_drains_those_that_leave() {
+        let mut list = list_of(&[1, 2]);
+        let one = list.begin(&[]).unwrap();
+        let two = list.begin(&[]).unwrap();
+        list.apply(ServerEvent::Snapshot(vec![(upstream(2), true)]));
+        let views = list.views();
+        assert_eq!(ports(&list), [2, 1]);
+        assert_eq!((views[0].in_flight, views[0].draining), (1, false));
+        assert_eq!((views[1].in_flight, views[1].draining), (1, true));
+        list.end(&one.label);
+        list.end(&two.label);
+        assert_eq!(ports(&list), [2]);
+        assert_eq!(list.views()[0].in_flight, 0);
+    }
+
+    #[test]
+    fn a_server_re_added_while_draining_stays_in_rotation() {
+        let mut list = list_of(&[1]);
+        let lease = list.begin(&[]).unwrap();
+        list.apply(ServerEvent::Removed {
+            label: lease.label.clone(),
+        });
+        list.apply(ServerEvent::Added {
+            upstream: upstream(1),
+            healthy: true,
+        });
+        list.end(&lease.label);
+        assert_eq!(ports(&list), [1]);
+        assert!(!list.views()[0].draining);
+        assert!(list.begin(&[]).is_some());
+    }
+
+    #[test]
+    fn an_unhealthy_server_gets_nothing_until_it_is_back() {
+        let mut list = list_of(&[1]);
+        let label = upstream(1).label.clone();
+        list.apply(ServerEvent::Health {
+            label: label.clone(),
+            healthy: false,
+        });
+        assert!(list.begin(&[]).is_none());
+        list.apply(ServerEvent::Health {
+            label,
+            healthy: true,
+        });
+        assert!(list.begin(&[]).is_some());
     }
 }

@@ -1,30 +1,32 @@
-//! `HealthActor`: one per process, the single owner of health truth and of the server set.
+//! `HealthActor`: one per process, the single owner of health truth and of the
+//! [`Registry`].
 //!
 //! Every `health_check.interval` it probes every server with `GET url + path`, all at once,
 //! each bounded by `health_check.timeout`, so a hung server never delays another's check or
 //! the next round. Results, and the passive failures the handlers report when they cannot
 //! connect, go through [`HealthState`] (HAProxy's rise/fall): a server changes state only
 //! after `unhealthy_threshold` failures or `healthy_threshold` passes in a row. Every change
-//! is logged once and broadcast to the worker balancers registered through [`Register`].
-//! Runtime membership changes (the admin API) come here too, and are broadcast the same way.
+//! is logged once and put in the registry, which broadcasts it to the workers. Runtime
+//! membership changes (the admin API) come here too. It never forwards a request.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
 use actix::prelude::*;
 use actix_web::http::StatusCode;
-use awc::error::{ConnectError, SendRequestError};
 
 use crate::{
     balancer::{ListServers, ServerEvent},
     config::{HealthCheckSection, ServerConfig},
     metrics::Metrics,
-    upstream::Upstream,
+    rate_limit::Reconfigure,
+    registry::{MembershipError, Registry, WorkerHandles},
+    upstream::{self, describe, Upstream},
 };
 
-/// Consecutive-result counting for one server, like HAProxy's `rise`/`fall`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Consecutive-result counting for one server, like HAProxy's `rise`/`fall`. Whether the
+/// server is in rotation is the registry's; this only counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HealthState {
-    pub healthy: bool,
     /// Passes in a row (reset by a failure).
     pub passes: u32,
     /// Failures in a row (reset by a pass).
@@ -34,60 +36,48 @@ pub struct HealthState {
 }
 
 impl HealthState {
-    /// A server from the config file: in rotation until checks say otherwise.
-    pub fn in_rotation() -> Self {
-        Self {
-            healthy: true,
-            passes: 0,
-            failures: 0,
-            probation: false,
-        }
-    }
-
     /// A server added at runtime: out of rotation until its first passed check.
     pub fn on_probation() -> Self {
         Self {
-            healthy: false,
-            passes: 0,
-            failures: 0,
             probation: true,
+            ..Self::default()
         }
     }
 
-    /// Counts one result; returns true when the server changed state.
-    pub fn observe(&mut self, ok: bool, rise: u32, fall: u32) -> bool {
+    /// Counts one result for a server that is `healthy` now; returns its new state when it
+    /// changes.
+    pub fn observe(&mut self, healthy: bool, ok: bool, rise: u32, fall: u32) -> Option<bool> {
         if ok {
             self.failures = 0;
             self.passes = self.passes.saturating_add(1);
-            if !self.healthy && (self.probation || self.passes >= rise) {
-                self.healthy = true;
+            if !healthy && (self.probation || self.passes >= rise) {
                 self.probation = false;
-                return true;
+                return Some(true);
             }
         } else {
             self.passes = 0;
             self.failures = self.failures.saturating_add(1);
-            if self.healthy && self.failures >= fall {
-                self.healthy = false;
-                return true;
+            if healthy && self.failures >= fall {
+                return Some(false);
             }
         }
-        false
+        None
     }
 }
 
-struct Tracked {
-    upstream: Arc<Upstream>,
+/// One server's checks.
+#[derive(Debug, Default)]
+struct Checks {
     state: HealthState,
     /// A probe is out; the next round skips this server rather than stacking probes.
     probing: bool,
 }
 
-/// The process-wide health checker and server registry.
+/// The process-wide health checker; owner of the server registry.
 pub struct HealthActor {
-    servers: Vec<Tracked>,
-    balancers: Vec<Recipient<ServerEvent>>,
-    listers: Vec<Recipient<ListServers>>,
+    registry: Registry,
+    /// By label, for every member of the registry.
+    checks: HashMap<Arc<str>, Checks>,
     settings: HealthCheckSection,
     metrics: Arc<Metrics>,
     /// Built in `started`: `awc::Client` is not `Send`, and this actor's thread is its home.
@@ -101,58 +91,47 @@ impl HealthActor {
         settings: HealthCheckSection,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let servers = servers
+        let upstreams: Vec<Arc<Upstream>> = servers
             .iter()
-            .map(|s| Tracked {
-                upstream: Arc::new(Upstream::new(s).with_metrics(&metrics)),
-                state: HealthState::in_rotation(),
-                probing: false,
+            .map(|s| Arc::new(Upstream::new(s).with_metrics(&metrics)))
+            .collect();
+        let checks = upstreams
+            .iter()
+            .map(|u| {
+                metrics.set_healthy(&u.label, true);
+                (u.label.clone(), Checks::default())
             })
-            .collect::<Vec<_>>();
-        for t in &servers {
-            metrics.set_healthy(&t.upstream.label, true);
-        }
+            .collect();
         Self {
-            servers,
-            balancers: Vec::new(),
-            listers: Vec::new(),
+            registry: Registry::new(upstreams),
+            checks,
             settings,
             metrics,
             client: None,
         }
     }
 
-    fn broadcast(&mut self, event: ServerEvent) {
-        // A worker that stopped (actix restarts a worker that panicked) leaves a dead entry.
-        self.balancers.retain(|b| b.connected());
-        for b in &self.balancers {
-            b.do_send(event.clone());
-        }
-    }
-
-    fn snapshot(&self) -> ServerEvent {
-        ServerEvent::Snapshot(
-            self.servers
-                .iter()
-                .map(|t| (t.upstream.clone(), t.state.healthy))
-                .collect(),
-        )
-    }
-
     fn probe_all(&mut self, ctx: &mut Context<Self>) {
-        for i in 0..self.servers.len() {
-            self.probe(i, ctx);
+        let all: Vec<Arc<Upstream>> = self
+            .registry
+            .members()
+            .iter()
+            .map(|m| m.upstream.clone())
+            .collect();
+        for upstream in all {
+            self.probe(upstream, ctx);
         }
     }
 
-    fn probe(&mut self, i: usize, ctx: &mut Context<Self>) {
+    fn probe(&mut self, upstream: Arc<Upstream>, ctx: &mut Context<Self>) {
         let Some(client) = &self.client else { return };
-        let tracked = &mut self.servers[i];
-        if tracked.probing {
+        let Some(checks) = self.checks.get_mut(&upstream.label) else {
+            return;
+        };
+        if checks.probing {
             return;
         }
-        tracked.probing = true;
-        let upstream = tracked.upstream.clone();
+        checks.probing = true;
         let request = client
             .get(upstream.health_url(&self.settings.path))
             .timeout(self.settings.timeout)
@@ -171,47 +150,44 @@ impl HealthActor {
             }
             .into_actor(self)
             .map(|(upstream, outcome), act, _| {
-                if let Some(t) = act
-                    .servers
-                    .iter_mut()
-                    .find(|t| Arc::ptr_eq(&t.upstream, &upstream))
-                {
-                    t.probing = false;
+                if let Some(checks) = act.checks.get_mut(&upstream.label) {
+                    checks.probing = false;
                 }
                 act.observe(&upstream, outcome);
             }),
         );
     }
 
-    /// Counts one result for `upstream` (a probe or a passive report) and broadcasts a change.
-    fn observe(&mut self, upstream: &Arc<Upstream>, outcome: Result<String, String>) {
+    /// Counts one result for `upstream` (a probe or a passive report) and applies a change.
+    fn observe(&mut self, upstream: &Upstream, outcome: Result<String, String>) {
         let (rise, fall) = (
             self.settings.healthy_threshold,
             self.settings.unhealthy_threshold,
         );
         // A report on a server removed meanwhile is dropped.
-        let Some(t) = self
-            .servers
-            .iter_mut()
-            .find(|t| t.upstream.label == upstream.label)
-        else {
+        let (Some(member), Some(checks)) = (
+            self.registry.get(&upstream.label),
+            self.checks.get_mut(&upstream.label),
+        ) else {
             return;
         };
+        let label = member.upstream.label.clone();
         let ok = outcome.is_ok();
         if !ok {
-            self.metrics.health_check_failed(&t.upstream.label);
+            self.metrics.health_check_failed(&label);
         }
-        if !t.state.observe(ok, rise, fall) {
+        let Some(healthy) = checks.state.observe(member.healthy, ok, rise, fall) else {
             return;
-        }
-        let healthy = t.state.healthy;
-        let label = t.upstream.label.clone();
+        };
         match outcome {
-            Ok(reason) => log::info!("{label} up: {reason} ({}/{rise})", t.state.passes.min(rise)),
-            Err(reason) => log::warn!("{label} down: {reason} ({}/{fall})", t.state.failures),
+            Ok(reason) => log::info!(
+                "{label} up: {reason} ({}/{rise})",
+                checks.state.passes.min(rise)
+            ),
+            Err(reason) => log::warn!("{label} down: {reason} ({}/{fall})", checks.state.failures),
         }
         self.metrics.set_healthy(&label, healthy);
-        self.broadcast(ServerEvent::Health { label, healthy });
+        self.registry.set_healthy(&label, healthy);
     }
 }
 
@@ -220,62 +196,38 @@ fn is_pass(status: StatusCode) -> bool {
     status.is_success() || status.is_redirection()
 }
 
-/// A short reason for a failed probe or forward, for the log line.
-pub fn describe(e: &SendRequestError, timeout: Duration) -> String {
-    match e {
-        SendRequestError::Connect(ConnectError::Io(io)) => match io.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
-            _ => format!("connect: {io}"),
-        },
-        SendRequestError::Connect(ConnectError::Timeout) | SendRequestError::Timeout => {
-            format!("timed out after {}", humantime::format_duration(timeout))
-        }
-        SendRequestError::Connect(other) => format!("connect: {other}"),
-        other => other.to_string(),
-    }
-}
-
 impl Actor for HealthActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.client = Some(
-            awc::Client::builder()
-                .connector(
-                    awc::Connector::new()
-                        .timeout(self.settings.timeout)
-                        .limit(0),
-                )
-                .disable_redirects()
-                .no_default_headers()
-                .add_default_header((
-                    "user-agent",
-                    concat!("roundabout-health/", env!("CARGO_PKG_VERSION")),
-                ))
-                .disable_timeout()
-                .finish(),
-        );
+        self.client = Some(upstream::client(
+            self.settings.timeout,
+            Some(concat!("roundabout-health/", env!("CARGO_PKG_VERSION"))),
+        ));
         // First round now, so a server that is down at start leaves rotation soon.
         self.probe_all(ctx);
         ctx.run_interval(self.settings.interval, |act, ctx| act.probe_all(ctx));
     }
 }
 
-/// A worker's balancer joins the broadcast; the answer is the current [`ServerEvent::Snapshot`].
+/// A worker joins the broadcast; the answer is the current [`ServerEvent::Snapshot`].
 #[derive(Message)]
 #[rtype(result = "ServerEvent")]
 pub struct Register {
     pub events: Recipient<ServerEvent>,
     pub list: Recipient<ListServers>,
+    pub limiter: Option<Recipient<Reconfigure>>,
 }
 
 impl Handler<Register> for HealthActor {
     type Result = MessageResult<Register>;
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
-        self.balancers.push(msg.events);
-        self.listers.push(msg.list);
-        MessageResult(self.snapshot())
+        MessageResult(self.registry.join(WorkerHandles {
+            events: msg.events,
+            list: msg.list,
+            limiter: msg.limiter,
+        }))
     }
 }
 
@@ -288,8 +240,7 @@ impl Handler<Balancers> for HealthActor {
     type Result = MessageResult<Balancers>;
 
     fn handle(&mut self, _: Balancers, _: &mut Self::Context) -> Self::Result {
-        self.listers.retain(|l| l.connected());
-        MessageResult(self.listers.clone())
+        MessageResult(self.registry.listers())
     }
 }
 
@@ -309,15 +260,6 @@ impl Handler<ConnectFailed> for HealthActor {
     }
 }
 
-/// Why a runtime membership change was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MembershipError {
-    #[error("server {0} is already present")]
-    Duplicate(String),
-    #[error("no server {0}")]
-    Unknown(String),
-}
-
 /// Adds a server at runtime: out of rotation until its first passed check, probed at once.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Arc<Upstream>, MembershipError>")]
@@ -328,29 +270,21 @@ impl Handler<AddServer> for HealthActor {
 
     fn handle(&mut self, AddServer(server): AddServer, ctx: &mut Self::Context) -> Self::Result {
         let upstream = Arc::new(Upstream::new(&server).with_metrics(&self.metrics));
-        if self
-            .servers
-            .iter()
-            .any(|t| t.upstream.label == upstream.label)
-        {
-            return Err(MembershipError::Duplicate(upstream.label.to_string()));
-        }
+        self.registry.add(upstream.clone())?;
         log::info!(
             "{} added (weight {}), waiting for its first check",
             upstream.label,
             upstream.weight
         );
-        self.servers.push(Tracked {
-            upstream: upstream.clone(),
-            state: HealthState::on_probation(),
-            probing: false,
-        });
+        self.checks.insert(
+            upstream.label.clone(),
+            Checks {
+                state: HealthState::on_probation(),
+                probing: false,
+            },
+        );
         self.metrics.set_healthy(&upstream.label, false);
-        self.broadcast(ServerEvent::Added {
-            upstream: upstream.clone(),
-            healthy: false,
-        });
-        self.probe(self.servers.len() - 1, ctx);
+        self.probe(upstream.clone(), ctx);
         Ok(upstream)
     }
 }
@@ -364,17 +298,10 @@ impl Handler<RemoveServer> for HealthActor {
     type Result = Result<(), MembershipError>;
 
     fn handle(&mut self, RemoveServer(label): RemoveServer, _: &mut Self::Context) -> Self::Result {
-        let i = self
-            .servers
-            .iter()
-            .position(|t| *t.upstream.label == *label)
-            .ok_or_else(|| MembershipError::Unknown(label.clone()))?;
-        let removed = self.servers.remove(i);
+        let removed = self.registry.remove(&label)?;
+        self.checks.remove(&*removed.upstream.label);
         log::info!("{label} removed, draining");
         self.metrics.forget_server(&removed.upstream.label);
-        self.broadcast(ServerEvent::Removed {
-            label: removed.upstream.label.clone(),
-        });
         Ok(())
     }
 }
@@ -383,32 +310,42 @@ impl Handler<RemoveServer> for HealthActor {
 mod tests {
     use super::*;
 
+    /// Feeds `results` to a server that starts `healthy`; the states it goes through.
+    fn run(mut s: HealthState, mut healthy: bool, results: &[bool]) -> Vec<bool> {
+        results
+            .iter()
+            .map(|&ok| {
+                if let Some(now) = s.observe(healthy, ok, 2, 3) {
+                    healthy = now;
+                }
+                healthy
+            })
+            .collect()
+    }
+
     #[test]
     fn a_server_leaves_after_fall_failures_and_returns_after_rise_passes() {
-        let mut s = HealthState::in_rotation();
-        assert!(!s.observe(false, 2, 3));
-        assert!(!s.observe(false, 2, 3));
-        assert!(s.observe(false, 2, 3));
-        assert!(!s.healthy);
-        assert!(!s.observe(true, 2, 3));
-        assert!(s.observe(true, 2, 3));
-        assert!(s.healthy);
+        let states = run(
+            HealthState::default(),
+            true,
+            &[false, false, false, true, true],
+        );
+        assert_eq!(states, [true, true, false, false, true]);
     }
 
     #[test]
     fn a_pass_resets_the_failure_count() {
-        let mut s = HealthState::in_rotation();
-        s.observe(false, 2, 2);
-        s.observe(true, 2, 2);
-        assert!(!s.observe(false, 2, 2));
-        assert!(s.healthy);
+        let states = run(
+            HealthState::default(),
+            true,
+            &[false, false, true, false, false],
+        );
+        assert_eq!(states, [true; 5]);
     }
 
     #[test]
     fn a_server_on_probation_joins_after_its_first_pass() {
-        let mut s = HealthState::on_probation();
-        assert!(!s.healthy);
-        assert!(s.observe(true, 5, 2));
-        assert!(s.healthy);
+        assert_eq!(run(HealthState::on_probation(), false, &[true]), [true]);
+        assert_eq!(run(HealthState::default(), false, &[true]), [false]);
     }
 }

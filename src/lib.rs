@@ -8,15 +8,24 @@
 //!
 //! # Layout
 //! - [`config`]: TOML + environment → `FileConfig` → validated [`config::Config`].
-//! - [`proxy`]: the hot path; what is forwarded, what is stripped, what each failure answers.
-//! - [`balancer`]: `BalancerActor`, one per worker: server list, cursor, in-flight counts.
+//! - [`proxy`]: the hot path, in `proxy/mod.rs` top to bottom; beside it what is refused
+//!   (`checks`), which headers cross (`headers`), how bodies stream (`body`) and what each
+//!   failure answers (`error`).
+//! - [`balancer`]: `BalancerActor`, one per worker: server list, cursor, in-flight counts,
+//!   and the [`balancer::Lease`] each request holds.
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
-//! - [`health`]: `HealthActor`, one per process: probes, rise/fall, server registry.
+//! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
+//! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
 //! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or an in-process store.
+//! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
+//! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
-//! - [`upstream`]: a server, as everything above shares it.
+//!
+//! No two modules import each other: the HealthActor knows the balancers only as
+//! `Recipient`s, which this file's worker factory registers.
 
+pub mod access_log;
 pub mod admin;
 pub mod balancer;
 pub mod config;
@@ -24,6 +33,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
+pub mod registry;
 pub mod strategy;
 pub mod upstream;
 
@@ -36,10 +46,10 @@ use crate::{
     admin::AdminState,
     balancer::BalancerActor,
     config::Config,
-    health::HealthActor,
+    health::{HealthActor, Register},
     metrics::Metrics,
     proxy::{Shared, Worker},
-    rate_limit::{Outage, RateLimitActor, Store},
+    rate_limit::{Outage, RateLimitActor},
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
@@ -82,7 +92,7 @@ impl Running {
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     let store = if config.rate_limit.enabled {
-        Some(Store::new(&config.rate_limit).map_err(|e| {
+        Some(rate_limit::open(&config.rate_limit).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("rate_limit.redis_url: {e}"),
@@ -111,11 +121,11 @@ pub fn start(config: Config) -> io::Result<Running> {
         .transpose()?;
 
     if let Some(store) = &store {
-        actix_rt::spawn(
-            store
-                .clone()
-                .warm_up(outage.clone(), config.rate_limit.on_store_error),
-        );
+        actix_rt::spawn(rate_limit::warm_up(
+            store.clone(),
+            outage.clone(),
+            config.rate_limit.on_store_error,
+        ));
     }
     let health = HealthActor::new(
         &config.servers,
@@ -130,13 +140,24 @@ pub fn start(config: Config) -> io::Result<Running> {
     let factory_metrics = metrics.clone();
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
-        let balancer =
-            BalancerActor::new(strategy::from_config(strategy), factory_health.clone()).start();
         let limiter = store.clone().map(|store| {
             RateLimitActor::new(&rate_limit, store, outage.clone(), factory_metrics.clone()).start()
         });
+        let limiter_handle = limiter.clone().map(|l| l.recipient());
+        let health = factory_health.clone();
+        let balancer = BalancerActor::start(
+            strategy::from_config(strategy),
+            factory_metrics.clone(),
+            move |events, list| {
+                health.send(Register {
+                    events,
+                    list,
+                    limiter: limiter_handle,
+                })
+            },
+        );
         let worker = Worker {
-            client: Worker::client(&shared.proxy),
+            client: upstream::client(shared.proxy.connect_timeout, None),
             balancer,
             limiter,
             health: factory_health.clone(),

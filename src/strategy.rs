@@ -1,6 +1,6 @@
 //! Balancing strategies: plain types behind one trait, with no actor in sight.
 //!
-//! The [`BalancerActor`](crate::balancer::BalancerActor) owns a list of [`Slot`]s and one
+//! The balancer (`BalancerActor`, in `balancer.rs`) owns a list of [`Slot`]s and one
 //! `Box<dyn Strategy>`; on every request it asks the strategy for an index among the slots
 //! that are usable (healthy, not draining, not already tried by this request). Strategies keep
 //! only their own cursor or weights; they never see a slot that is not usable.

@@ -1,9 +1,15 @@
-//! An upstream server as the hot path needs it: everything derived from its URL once, when it
-//! is configured or added, so that forwarding a request copies nothing but an `Arc`.
+//! An upstream server as the hot path needs it, and the one way roundabout talks to servers.
+//!
+//! [`Upstream`] holds everything derived from a server's URL, computed once when it is
+//! configured or added, so that forwarding a request copies nothing but an `Arc`.
+//! [`client`] builds the `awc` client that both the proxy and the health checks use, and
+//! [`describe`] turns its errors into the words the logs use. Nothing here chooses a server
+//! or keeps state about one.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use actix_web::http::{header::HeaderValue, uri::Authority};
+use awc::error::{ConnectError, SendRequestError};
 use url::Url;
 
 use crate::{
@@ -69,6 +75,43 @@ impl Upstream {
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.label)
+    }
+}
+
+/// The `awc` client roundabout talks to servers with: no redirects followed, no headers of
+/// its own but `user_agent` (the proxy sends none: the client's goes through), no cap on a
+/// whole exchange (callers time the head and each body pause themselves), no cap on
+/// connections, keep-alive on. `awc::Client` is not `Send`: build one per thread.
+pub fn client(connect_timeout: Duration, user_agent: Option<&'static str>) -> awc::Client {
+    let mut builder = awc::Client::builder()
+        .connector(
+            awc::Connector::new()
+                .timeout(connect_timeout)
+                .limit(0)
+                .conn_keep_alive(Duration::from_secs(60))
+                .conn_lifetime(Duration::from_secs(600)),
+        )
+        .disable_redirects()
+        .no_default_headers()
+        .disable_timeout();
+    if let Some(agent) = user_agent {
+        builder = builder.add_default_header(("user-agent", agent));
+    }
+    builder.finish()
+}
+
+/// A short reason for a failed probe or forward, for the log line.
+pub fn describe(e: &SendRequestError, timeout: Duration) -> String {
+    match e {
+        SendRequestError::Connect(ConnectError::Io(io)) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+            _ => format!("connect: {io}"),
+        },
+        SendRequestError::Connect(ConnectError::Timeout) | SendRequestError::Timeout => {
+            format!("timed out after {}", humantime::format_duration(timeout))
+        }
+        SendRequestError::Connect(other) => format!("connect: {other}"),
+        other => other.to_string(),
     }
 }
 

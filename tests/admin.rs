@@ -291,7 +291,7 @@ async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
     use roundabout::{
         balancer::{BalancerActor, ListServers, NextServer},
         config::HealthCheckSection,
-        health::HealthActor,
+        health::{HealthActor, Register},
         metrics::Metrics,
         strategy,
     };
@@ -300,12 +300,19 @@ async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
         interval: Duration::from_secs(3600),
         ..Default::default()
     };
-    let health = HealthActor::new(&servers, settings, std::sync::Arc::new(Metrics::new())).start();
-    let balancer = BalancerActor::new(
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let health = HealthActor::new(&servers, settings, metrics.clone()).start();
+    let balancer = BalancerActor::start(
         strategy::from_config(roundabout::config::Strategy::RoundRobin),
-        health,
-    )
-    .start();
+        metrics,
+        move |events, list| {
+            health.send(Register {
+                events,
+                list,
+                limiter: None,
+            })
+        },
+    );
     let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
     drop(balancer.send(NextServer::default()).await.unwrap());
     assert_eq!(in_flight().await, 0);

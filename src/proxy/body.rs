@@ -1,0 +1,230 @@
+//! Bodies on their way through: the client's request body (shared by the tries of one
+//! request, bounded by `max_body_bytes`) and the upstream's response body (streamed back,
+//! cut when it pauses longer than `proxy.timeout`), and the response built around it. The
+//! per-request [`Lease`] rides in the response body, so the in-flight count ends when the
+//! body does, however it ends. Nothing here chooses a server or retries.
+
+use std::{
+    cell::{Cell, RefCell},
+    future::Future as _,
+    pin::Pin,
+    rc::Rc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use actix_web::{
+    body::{BodyStream, BoxBody, None as NoBody, SizedStream},
+    dev::Payload,
+    error::PayloadError,
+    http::{
+        header::{self, HeaderValue},
+        Method, StatusCode,
+    },
+    HttpRequest, HttpResponse, HttpResponseBuilder,
+};
+use bytes::Bytes;
+use futures_util::Stream;
+
+use super::headers::HopByHop;
+use crate::balancer::Lease;
+
+/// Waits for the response head, or `Err` past `limit`. The limit counts from the start, or
+/// from the last request-body chunk sent, whichever is later: an upload that keeps flowing
+/// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`).
+pub async fn head_within<F: std::future::Future>(
+    sending: F,
+    limit: Duration,
+    body: Option<&BodyState>,
+) -> Result<F::Output, ()> {
+    let mut sending = std::pin::pin!(sending);
+    let mut from = Instant::now();
+    loop {
+        let deadline = tokio::time::Instant::from_std(from + limit);
+        match tokio::time::timeout_at(deadline, &mut sending).await {
+            Ok(out) => return Ok(out),
+            Err(_) => match body.map(|b| b.last_chunk.get()) {
+                Some(last) if last > from => from = last,
+                _ => return Err(()),
+            },
+        }
+    }
+}
+
+/// The client's answer: the upstream's status and end-to-end headers, its body streamed.
+pub fn respond(
+    req: &HttpRequest,
+    res: awc::ClientResponse,
+    lease: Lease,
+    idle: Duration,
+) -> HttpResponse {
+    let status = res.status();
+    let mut out = HttpResponseBuilder::new(status);
+    let mut built = out.finish();
+    let headers = built.headers_mut();
+    let hop = HopByHop::of(res.headers());
+    for (name, value) in res.headers().iter() {
+        if !hop.drops(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let length = res
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // actix writes the framing headers from the body's size, never from these.
+    headers.remove(header::CONTENT_LENGTH);
+
+    // No body can follow. A HEAD answer keeps the upstream's length (actix writes the size
+    // of a HEAD body but not the body); 304 keeps a Content-Length set by hand.
+    if req.method() == Method::HEAD {
+        drop(lease);
+        let empty = futures_util::stream::empty::<Result<Bytes, PayloadError>>();
+        return match length {
+            Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, empty))),
+            None => built.set_body(BoxBody::new(BodyStream::new(empty))),
+        };
+    }
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        drop(lease);
+        if let (StatusCode::NOT_MODIFIED, Some(n)) = (status, length) {
+            built
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        return built.set_body(BoxBody::new(NoBody::new()));
+    }
+    let stream = UpstreamBody {
+        inner: res,
+        _lease: lease,
+        idle,
+        deadline: None,
+        armed: false,
+    };
+    match length {
+        Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),
+        None => built.set_body(BoxBody::new(BodyStream::new(stream))),
+    }
+}
+
+/// The client's request body, shared by the tries of one request so that a try that never
+/// read it (connection refused) leaves it whole for the next.
+pub struct BodyState {
+    payload: RefCell<Payload>,
+    /// Some bytes went to an upstream: the body cannot be sent again.
+    started: Cell<bool>,
+    seen: Cell<u64>,
+    /// 0 = unlimited.
+    max: u64,
+    /// The body passed `max`; the request answers 413.
+    over: Cell<bool>,
+    /// When the last chunk was read: the response-head timeout counts from it.
+    last_chunk: Cell<Instant>,
+}
+
+impl BodyState {
+    /// The body of a request, not read yet; `max` is `max_body_bytes` (0 = unlimited).
+    pub fn new(payload: Payload, max: u64) -> Rc<Self> {
+        Rc::new(Self {
+            payload: RefCell::new(payload),
+            started: Cell::new(false),
+            seen: Cell::new(0),
+            max,
+            over: Cell::new(false),
+            last_chunk: Cell::new(Instant::now()),
+        })
+    }
+
+    /// Some bytes went to an upstream: the body cannot be sent again.
+    pub fn started(&self) -> bool {
+        self.started.get()
+    }
+
+    /// The body passed `max_body_bytes`.
+    pub fn over(&self) -> bool {
+        self.over.get()
+    }
+}
+
+/// One try's view of [`BodyState`].
+pub struct BodyReader(pub Rc<BodyState>);
+
+/// The body stream's error: the client's, or ours for a body over the limit.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Client(#[from] PayloadError),
+    #[error("request body over max_body_bytes")]
+    TooLarge,
+}
+
+impl Stream for BodyReader {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let state = &*self.0;
+        let mut payload = state.payload.borrow_mut();
+        let next = Pin::new(&mut *payload).poll_next(cx);
+        if let Poll::Ready(Some(Ok(chunk))) = &next {
+            state.started.set(true);
+            state.last_chunk.set(Instant::now());
+            let seen = state.seen.get() + chunk.len() as u64;
+            state.seen.set(seen);
+            if state.max > 0 && seen > state.max {
+                state.over.set(true);
+                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+            }
+        }
+        next.map(|item| item.map(|r| r.map_err(BodyError::from)))
+    }
+}
+
+/// The upstream's body on its way to the client: ends the in-flight count when dropped, and
+/// fails when the upstream pauses longer than `proxy.timeout` between two chunks (a flowing
+/// download is never cut).
+struct UpstreamBody {
+    inner: awc::ClientResponse,
+    _lease: Lease,
+    idle: Duration,
+    /// Made at the first pause only: most bodies arrive without one.
+    deadline: Option<Pin<Box<actix_rt::time::Sleep>>>,
+    /// The deadline counts from the current pause (set at its start, cleared by a chunk).
+    armed: bool,
+}
+
+impl Stream for UpstreamBody {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(item) => {
+                this.armed = false;
+                Poll::Ready(item)
+            }
+            Poll::Pending => {
+                let until = actix_rt::time::Instant::now() + this.idle;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(actix_rt::time::sleep_until(until)));
+                if !this.armed {
+                    deadline.as_mut().reset(until);
+                    this.armed = true;
+                }
+                match deadline.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream body paused longer than proxy.timeout",
+                        )))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! [`ProxyError`]: every answer the proxy gives of its own, and the one place where each is
+//! mapped to a status, headers and a short plain-text body. Nothing here decides when to
+//! answer so.
+
+use actix_web::{
+    http::{header, header::HeaderValue, StatusCode},
+    HttpResponse, ResponseError,
+};
+
+use super::checks::MAX_HEAD_BYTES;
+use crate::rate_limit::Decision;
+
+/// Why the proxy answered for itself.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no healthy upstream server")]
+    NoServer { retry_after: HeaderValue },
+    #[error("could not reach an upstream server: {0}")]
+    BadGateway(String),
+    #[error("the upstream server did not answer in time")]
+    GatewayTimeout,
+    #[error("request body larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request header fields larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("only the expectation 100-continue is supported")]
+    ExpectationFailed,
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
+    #[error("too many requests")]
+    RateLimited(Decision),
+    #[error("rate limiter unavailable")]
+    LimiterUnavailable,
+    #[error("balancer unavailable")]
+    Unavailable,
+}
+
+impl ResponseError for ProxyError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ProxyError::NoServer { .. }
+            | ProxyError::LimiterUnavailable
+            | ProxyError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
+            ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut res = HttpResponse::build(self.status_code());
+        res.content_type("text/plain; charset=utf-8");
+        match self {
+            ProxyError::NoServer { retry_after } => {
+                res.insert_header((header::RETRY_AFTER, retry_after.clone()));
+            }
+            ProxyError::RateLimited(d) => {
+                res.insert_header((header::RETRY_AFTER, d.reset_secs));
+            }
+            // The body was not read: the connection cannot carry another request.
+            ProxyError::TooLarge(_)
+            | ProxyError::BadRequest(_)
+            | ProxyError::HeadTooLarge
+            | ProxyError::ExpectationFailed
+            | ProxyError::NotImplemented(_) => {
+                res.force_close();
+            }
+            _ => {}
+        }
+        res.body(format!("{self}\n"))
+    }
+}

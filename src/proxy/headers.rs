@@ -1,0 +1,269 @@
+//! The headers that cross the proxy: what is dropped both ways (hop-by-hop), what is set
+//! upstream (`X-Forwarded-*`), who the client is (trusted proxies), and the limiter's fields
+//! on the answer. Pure functions over header maps; nothing here chooses a server or does I/O.
+
+use std::net::IpAddr;
+
+use actix_web::{
+    http::{
+        header::{self, HeaderMap, HeaderName, HeaderValue},
+        uri::{PathAndQuery, Scheme, Uri},
+    },
+    HttpRequest,
+};
+use ipnet::IpNet;
+
+use crate::{rate_limit::Decision, upstream::Upstream};
+
+/// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
+/// `Expect` is among them because it is answered here (actix sends the 100 Continue).
+/// `Host` is copied, and replaced by the server's authority when `preserve_host = false`.
+pub const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::EXPECT,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The upstream URI: the server's authority, the client's path and query.
+pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
+    let mut parts = actix_web::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(
+        req.uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).expect("scheme, authority and path make a URI")
+}
+
+/// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
+/// `Connection` names.
+pub struct HopByHop<'a> {
+    /// The message's headers when its `Connection` names more than `keep-alive` or `close`
+    /// (rare); `None` skips the per-header look at `Connection`.
+    connection: Option<&'a HeaderMap>,
+}
+
+impl<'a> HopByHop<'a> {
+    pub fn of(headers: &'a HeaderMap) -> Self {
+        let names_more = headers.get_all(header::CONNECTION).any(|v| {
+            v.to_str().map_or(true, |v| {
+                v.split(',').map(str::trim).any(|t| {
+                    !t.is_empty()
+                        && !t.eq_ignore_ascii_case("keep-alive")
+                        && !t.eq_ignore_ascii_case("close")
+                })
+            })
+        });
+        Self {
+            connection: names_more.then_some(headers),
+        }
+    }
+
+    /// True when `name` must not cross the proxy.
+    pub fn drops(&self, name: &HeaderName) -> bool {
+        HOP_BY_HOP.contains(name)
+            || self.connection.is_some_and(|headers| {
+                headers.get_all(header::CONNECTION).any(|v| {
+                    v.to_str().is_ok_and(|v| {
+                        v.split(',')
+                            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+                    })
+                })
+            })
+    }
+}
+
+/// The request headers to send upstream.
+pub fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, trusted: &[IpNet]) -> HeaderMap {
+    let incoming = req.headers();
+    let mut out = HeaderMap::with_capacity(incoming.len() + 3);
+    let hop = HopByHop::of(incoming);
+    for (name, value) in incoming.iter() {
+        if hop.drops(name)
+            || *name == X_FORWARDED_FOR
+            || *name == X_FORWARDED_PROTO
+            || *name == X_FORWARDED_HOST
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if let Some(peer) = peer {
+        let trusted = trusted.iter().any(|n| n.contains(&peer));
+        let mut xff = String::with_capacity(48);
+        if trusted {
+            for v in incoming.get_all(X_FORWARDED_FOR) {
+                if let Ok(v) = v.to_str() {
+                    xff.push_str(v);
+                    xff.push_str(", ");
+                }
+            }
+        }
+        // Written in place: no String of its own for the address.
+        let _ = std::fmt::Write::write_fmt(&mut xff, format_args!("{peer}"));
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            out.insert(X_FORWARDED_FOR, v);
+        }
+    }
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let host = incoming.get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    if let Some(host) = host {
+        out.insert(X_FORWARDED_HOST, host);
+    }
+    out
+}
+
+/// The client IP per the SPEC: the TCP peer, or, when the peer is a trusted proxy, the
+/// rightmost `X-Forwarded-For` address that is not itself trusted (the leftmost when all
+/// are). A malformed `X-Forwarded-For` from a trusted peer gives the peer.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut leftmost = None;
+    for value in headers.get_all(X_FORWARDED_FOR).rev() {
+        let Ok(value) = value.to_str() else {
+            return peer;
+        };
+        for entry in value.rsplit(',') {
+            let Some(ip) = parse_forwarded_ip(entry.trim()) else {
+                return peer;
+            };
+            if !is_trusted(&ip) {
+                return ip;
+            }
+            leftmost = Some(ip);
+        }
+    }
+    leftmost.unwrap_or(peer)
+}
+
+/// An `X-Forwarded-For` entry: `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]` or `[::1]:80`.
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse() {
+        return Some(ip);
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']')?;
+        if tail.is_empty()
+            || tail
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok())
+        {
+            return ip.parse().ok();
+        }
+        return None;
+    }
+    s.parse::<std::net::SocketAddrV4>()
+        .ok()
+        .map(|a| IpAddr::V4(*a.ip()))
+}
+
+/// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers).
+pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<&HeaderValue>) {
+    let reset = d.reset_secs;
+    headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(d.limit));
+    headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
+    headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+    if let Some(policy) = policy {
+        headers.insert(RATELIMIT_POLICY, policy.clone());
+    }
+    let value = format!("\"default\";r={};t={}", d.remaining, reset);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(RATELIMIT, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(xff: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in xff {
+            h.append(X_FORWARDED_FOR, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_untrusted_peer_is_the_client_whatever_it_claims() {
+        let peer: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            client_ip(peer, &headers(&["1.1.1.1"]), &nets(&["10.0.0.0/8"])),
+            peer
+        );
+    }
+
+    #[test]
+    fn a_trusted_peer_gives_the_rightmost_untrusted_address() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = nets(&["10.0.0.0/8"]);
+        let h = headers(&["6.6.6.6, 1.2.3.4", "10.0.0.7"]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
+        let all_trusted = headers(&["10.1.1.1, 10.2.2.2"]);
+        assert_eq!(
+            client_ip(peer, &all_trusted, &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
+        let v6 = headers(&["[2001:db8::1]:443"]);
+        assert_eq!(
+            client_ip(peer, &v6, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn a_malformed_forwarded_for_from_a_trusted_peer_gives_the_peer() {
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = nets(&["10.0.0.0/8"]);
+        assert_eq!(client_ip(peer, &headers(&["not-an-ip"]), &trusted), peer);
+        assert_eq!(client_ip(peer, &headers(&[]), &trusted), peer);
+    }
+
+    #[test]
+    fn connection_named_headers_are_hop_by_hop() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        let hop = HopByHop::of(&h);
+        assert!(hop.drops(&HeaderName::from_static("x-secret")));
+        assert!(hop.drops(&header::TE));
+        assert!(!hop.drops(&header::ACCEPT));
+        let plain = HeaderMap::new();
+        assert!(HopByHop::of(&plain).connection.is_none());
+    }
+}

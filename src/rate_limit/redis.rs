@@ -1,0 +1,97 @@
+//! The shared store: one fixed window per client IP in Redis, so that every instance on the
+//! same `redis_url` and `key_prefix` shares one budget.
+//!
+//! A check is ONE round trip: a Lua script (`EVALSHA`) that increments, sets the expiry on
+//! the first hit, and returns the count and the time left; no key is ever left without an
+//! expiry. Each check is bounded by [`STORE_TIMEOUT`]. The connection is multiplexed and
+//! reconnects by itself; nothing here blocks, and nothing decides what a failure means
+//! (that is `on_store_error`'s, in the actor).
+
+use std::{
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use futures_util::FutureExt as _;
+
+use super::{Decision, Hit, Store, StoreError};
+
+/// The longest a limiter check may wait on the store before it counts as a store error.
+pub const STORE_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Increments the window counter, starting the window on its first hit; returns
+/// `{count, milliseconds left}`. The `ttl < 0` branch mends a key that lost its expiry, so
+/// none can live forever.
+const WINDOW_SCRIPT: &str = r"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  ttl = tonumber(ARGV[1])
+end
+return {n, ttl}
+";
+
+/// Counts in Redis, keyed `key_prefix:IP`.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: redis::aio::ConnectionManager,
+    script: Arc<redis::Script>,
+    prefix: Arc<str>,
+}
+
+impl RedisStore {
+    /// A lazily connecting store (so the balancer starts, and fails open or closed, while
+    /// Redis is down).
+    pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let settings = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_millis(500)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, settings)?;
+        Ok(Self {
+            conn,
+            script: Arc::new(redis::Script::new(WINDOW_SCRIPT)),
+            prefix: prefix.into(),
+        })
+    }
+
+    /// Opens the connection now, so that the first request does not pay for the connect
+    /// and an unreachable Redis is reported at start.
+    pub async fn ping(mut self) -> Result<(), StoreError> {
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut self.conn);
+        match actix_rt::time::timeout(Duration::from_secs(2), ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+}
+
+impl Store for RedisStore {
+    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, _now: Instant) -> Hit {
+        let mut conn = self.conn.clone();
+        let script = self.script.clone();
+        let key = format!("{}:{}", self.prefix, ip);
+        Hit::Pending(
+            async move {
+                let mut invocation = script.key(key);
+                invocation.arg(window.as_millis() as u64);
+                let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
+                let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
+                    .await
+                    .map_err(|_| StoreError::Timeout)??;
+                let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
+                Ok(Decision::from_count(count, limit, ttl))
+            }
+            .boxed_local(),
+        )
+    }
+}
