@@ -94,10 +94,9 @@ fn main() {
             let balancer = BalancerActor::start(
                 strategy::from_config(StrategyKind::RoundRobin),
                 metrics,
-                move |events, list| {
+                move |balancer| {
                     registry.send(Register {
-                        events,
-                        list,
+                        balancer,
                         limiter: None,
                     })
                 },

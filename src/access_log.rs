@@ -31,6 +31,12 @@ pub struct AccessEntry {
     pub bytes: u64,
 }
 
+/// Reopens the access log file (SIGUSR1, for logrotate). The log goes to stderr today,
+/// which needs no reopening.
+pub fn reopen() {
+    log::debug!("SIGUSR1: the access log goes to stderr; nothing to reopen");
+}
+
 /// `res`, whose body writes `entry`'s line once it has been sent or dropped.
 pub fn logged(res: HttpResponse, entry: AccessEntry) -> HttpResponse {
     res.map_body(|_, body| BoxBody::new(Logged { body, entry }))

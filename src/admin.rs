@@ -115,13 +115,28 @@ fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), AdminError> {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer_token)
         .unwrap_or("");
     if token_matches(given.as_bytes(), state.token.as_bytes()) {
         Ok(())
     } else {
         Err(AdminError::Unauthorized)
     }
+}
+
+/// The token of `Bearer TOKEN`: the scheme is case-insensitive and may be followed by more
+/// than one space (RFC 9110 §11.4, §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
+}
+
+/// Who made an admin call, for the log.
+fn caller(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map_or_else(|| "an unknown caller".into(), |a| a.to_string())
 }
 
 /// Compares in time that depends on the token's length only, never on the bytes given, so
@@ -210,7 +225,10 @@ async fn add_server(
     let weight = new.weight;
     let upstream = state
         .health
-        .send(AddServer(ServerConfig { url, weight }))
+        .send(AddServer {
+            server: ServerConfig { url, weight },
+            by: caller(&req),
+        })
         .await
         .map_err(|_| AdminError::Unavailable)??;
     Ok(HttpResponse::Created().json(ServerInfo {
@@ -230,7 +248,10 @@ async fn remove_server(
     authorize(&req, &state)?;
     state
         .health
-        .send(RemoveServer(path.into_inner()))
+        .send(RemoveServer {
+            label: path.into_inner(),
+            by: caller(&req),
+        })
         .await
         .map_err(|_| AdminError::Unavailable)??;
     Ok(HttpResponse::NoContent().finish())
@@ -238,7 +259,16 @@ async fn remove_server(
 
 #[cfg(test)]
 mod tests {
-    use super::token_matches;
+    use super::{bearer_token, token_matches};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"] {
+            assert_eq!(bearer_token(header), Some("s3cret"), "{header}");
+        }
+        assert_eq!(bearer_token("Basic s3cret"), None);
+        assert_eq!(bearer_token("Bearers3cret"), None);
+    }
 
     #[test]
     fn the_token_matches_only_itself() {

@@ -14,8 +14,9 @@ use std::{collections::HashMap, future::Future, sync::Arc};
 use actix::prelude::*;
 
 use crate::{
+    config,
     metrics::Metrics,
-    strategy::{Slot, Strategy},
+    strategy::{self, Slot, Strategy},
     upstream::Upstream,
 };
 
@@ -107,6 +108,13 @@ impl ServerList {
                     self.reshaped();
                 }
             },
+            ServerEvent::Reweighted { upstream } => {
+                if let Some(i) = self.position(&upstream.label) {
+                    self.slots[i].upstream = upstream;
+                    // nginx starts the weighted scores again when the peers change.
+                    self.strategy.resize(&self.slots);
+                }
+            }
             ServerEvent::Removed { label } => {
                 if let Some(i) = self.position(&label) {
                     if self.slots[i].in_flight == 0 {
@@ -148,6 +156,12 @@ impl ServerList {
         }
     }
 
+    /// Balances by `strategy` from now on.
+    pub fn set_strategy(&mut self, mut strategy: Box<dyn Strategy>) {
+        strategy.resize(&self.slots);
+        self.strategy = strategy;
+    }
+
     /// This worker's view of every server, draining ones included.
     pub fn views(&self) -> Vec<ServerView> {
         self.slots
@@ -176,13 +190,18 @@ impl BalancerActor {
     pub fn start<F>(
         strategy: Box<dyn Strategy>,
         metrics: Arc<Metrics>,
-        join: impl FnOnce(Recipient<ServerEvent>, Recipient<ListServers>) -> F,
+        join: impl FnOnce(BalancerHandles) -> F,
     ) -> Addr<Self>
     where
         F: Future<Output = Result<ServerEvent, MailboxError>> + 'static,
     {
         BalancerActor::create(move |ctx| {
-            let joined = join(ctx.address().recipient(), ctx.address().recipient());
+            let address = ctx.address();
+            let joined = join(BalancerHandles {
+                events: address.clone().recipient(),
+                list: address.clone().recipient(),
+                rebalance: address.recipient(),
+            });
             // `wait` is used only here, at start-up.
             ctx.wait(
                 actix::fut::wrap_future::<_, Self>(joined).map(|snapshot, act, _| {
@@ -201,6 +220,13 @@ impl BalancerActor {
 
 impl Actor for BalancerActor {
     type Context = Context<Self>;
+}
+
+/// Where a balancer is told of changes and asked for its view.
+pub struct BalancerHandles {
+    pub events: Recipient<ServerEvent>,
+    pub list: Recipient<ListServers>,
+    pub rebalance: Recipient<Rebalance>,
 }
 
 /// Asks for the server the next request goes to; the answer is a [`Lease`] on it.
@@ -279,8 +305,23 @@ pub enum ServerEvent {
         upstream: Arc<Upstream>,
         healthy: bool,
     },
+    /// A server's weight changed (a reload).
+    Reweighted { upstream: Arc<Upstream> },
     /// A server was removed at runtime: no new requests; gone once its in-flight ones end.
     Removed { label: Arc<str> },
+}
+
+/// Balance by another strategy from now on (a reload).
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct Rebalance(pub config::Strategy);
+
+impl Handler<Rebalance> for BalancerActor {
+    type Result = ();
+
+    fn handle(&mut self, Rebalance(kind): Rebalance, _: &mut Self::Context) {
+        self.list.set_strategy(strategy::from_config(kind));
+    }
 }
 
 impl Handler<ServerEvent> for BalancerActor {

@@ -15,13 +15,16 @@ use actix::prelude::*;
 use actix_web::http::StatusCode;
 
 use crate::{
-    balancer::{ListServers, ServerEvent},
-    config::{HealthCheckSection, ServerConfig},
+    balancer::{BalancerHandles, ListServers, ServerEvent},
+    config::{HealthCheckSection, ServerConfig, Strategy},
     metrics::Metrics,
     rate_limit::Reconfigure,
-    registry::{MembershipError, Registry, WorkerHandles},
+    registry::{Changes, MembershipError, Registry, WorkerHandles},
     upstream::{self, describe, Upstream},
 };
+
+/// The user agent of health checks.
+const USER_AGENT: &str = concat!("roundabout-health/", env!("CARGO_PKG_VERSION"));
 
 /// Consecutive-result counting for one server, like HAProxy's `rise`/`fall`. Whether the
 /// server is in rotation is the registry's; this only counts.
@@ -82,6 +85,8 @@ pub struct HealthActor {
     metrics: Arc<Metrics>,
     /// Built in `started`: `awc::Client` is not `Send`, and this actor's thread is its home.
     client: Option<awc::Client>,
+    /// The timer of the probe rounds, replaced when the interval changes.
+    rounds: Option<SpawnHandle>,
 }
 
 impl HealthActor {
@@ -108,7 +113,33 @@ impl HealthActor {
             settings,
             metrics,
             client: None,
+            rounds: None,
         }
+    }
+
+    /// Probes now, then every `interval`.
+    fn schedule(&mut self, ctx: &mut Context<Self>) {
+        if let Some(rounds) = self.rounds.take() {
+            ctx.cancel_future(rounds);
+        }
+        self.probe_all(ctx);
+        self.rounds = Some(ctx.run_interval(self.settings.interval, |act, ctx| act.probe_all(ctx)));
+    }
+
+    fn track(&mut self, upstream: &Upstream, state: HealthState, healthy: bool) {
+        self.checks.insert(
+            upstream.label.clone(),
+            Checks {
+                state,
+                probing: false,
+            },
+        );
+        self.metrics.set_healthy(&upstream.label, healthy);
+    }
+
+    fn untrack(&mut self, upstream: &Upstream) {
+        self.checks.remove(&upstream.label);
+        self.metrics.forget_server(&upstream.label);
     }
 
     fn probe_all(&mut self, ctx: &mut Context<Self>) {
@@ -200,13 +231,9 @@ impl Actor for HealthActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.client = Some(upstream::client(
-            self.settings.timeout,
-            Some(concat!("roundabout-health/", env!("CARGO_PKG_VERSION"))),
-        ));
+        self.client = Some(upstream::client(self.settings.timeout, Some(USER_AGENT)));
         // First round now, so a server that is down at start leaves rotation soon.
-        self.probe_all(ctx);
-        ctx.run_interval(self.settings.interval, |act, ctx| act.probe_all(ctx));
+        self.schedule(ctx);
     }
 }
 
@@ -214,8 +241,7 @@ impl Actor for HealthActor {
 #[derive(Message)]
 #[rtype(result = "ServerEvent")]
 pub struct Register {
-    pub events: Recipient<ServerEvent>,
-    pub list: Recipient<ListServers>,
+    pub balancer: BalancerHandles,
     pub limiter: Option<Recipient<Reconfigure>>,
 }
 
@@ -224,10 +250,54 @@ impl Handler<Register> for HealthActor {
 
     fn handle(&mut self, msg: Register, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.registry.join(WorkerHandles {
-            events: msg.events,
-            list: msg.list,
+            events: msg.balancer.events,
+            list: msg.balancer.list,
+            rebalance: msg.balancer.rebalance,
             limiter: msg.limiter,
         }))
+    }
+}
+
+/// A reloaded config file's part for the registry and the workers: the servers it lists,
+/// the health settings, the strategy (`None`: unchanged) and the limiter's live keys.
+#[derive(Message)]
+#[rtype(result = "Changes")]
+pub struct Reload {
+    pub servers: Vec<ServerConfig>,
+    pub health_check: HealthCheckSection,
+    pub strategy: Option<Strategy>,
+    pub limiter: Reconfigure,
+}
+
+impl Handler<Reload> for HealthActor {
+    type Result = MessageResult<Reload>;
+
+    fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) -> Self::Result {
+        let servers = msg
+            .servers
+            .iter()
+            .map(|s| Arc::new(Upstream::new(s).with_metrics(&self.metrics)))
+            .collect();
+        let changes = self.registry.reload(servers);
+        for upstream in &changes.added {
+            self.track(upstream, HealthState::default(), true);
+        }
+        for upstream in &changes.removed {
+            self.untrack(upstream);
+        }
+        if let Some(strategy) = msg.strategy {
+            self.registry.rebalance(strategy);
+        }
+        self.registry.reconfigure_limiters(&msg.limiter);
+
+        let old = std::mem::replace(&mut self.settings, msg.health_check);
+        if old.timeout != self.settings.timeout {
+            self.client = Some(upstream::client(self.settings.timeout, Some(USER_AGENT)));
+        }
+        if old.interval != self.settings.interval || !changes.added.is_empty() {
+            self.schedule(ctx);
+        }
+        MessageResult(changes)
     }
 }
 
@@ -263,27 +333,25 @@ impl Handler<ConnectFailed> for HealthActor {
 /// Adds a server at runtime: out of rotation until its first passed check, probed at once.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Arc<Upstream>, MembershipError>")]
-pub struct AddServer(pub ServerConfig);
+pub struct AddServer {
+    pub server: ServerConfig,
+    /// Who asked, for the log: the caller's address.
+    pub by: String,
+}
 
 impl Handler<AddServer> for HealthActor {
     type Result = Result<Arc<Upstream>, MembershipError>;
 
-    fn handle(&mut self, AddServer(server): AddServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = Arc::new(Upstream::new(&server).with_metrics(&self.metrics));
+    fn handle(&mut self, msg: AddServer, ctx: &mut Self::Context) -> Self::Result {
+        let upstream = Arc::new(Upstream::new(&msg.server).with_metrics(&self.metrics));
         self.registry.add(upstream.clone())?;
         log::info!(
-            "{} added (weight {}), waiting for its first check",
+            "{} added (weight {}) by {}, waiting for its first check",
             upstream.label,
-            upstream.weight
+            upstream.weight,
+            msg.by
         );
-        self.checks.insert(
-            upstream.label.clone(),
-            Checks {
-                state: HealthState::on_probation(),
-                probing: false,
-            },
-        );
-        self.metrics.set_healthy(&upstream.label, false);
+        self.track(&upstream, HealthState::on_probation(), false);
         self.probe(upstream.clone(), ctx);
         Ok(upstream)
     }
@@ -292,16 +360,20 @@ impl Handler<AddServer> for HealthActor {
 /// Removes a server at runtime, by `host:port`; the balancers drain it.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), MembershipError>")]
-pub struct RemoveServer(pub String);
+pub struct RemoveServer {
+    /// `host:port`.
+    pub label: String,
+    /// Who asked, for the log: the caller's address.
+    pub by: String,
+}
 
 impl Handler<RemoveServer> for HealthActor {
     type Result = Result<(), MembershipError>;
 
-    fn handle(&mut self, RemoveServer(label): RemoveServer, _: &mut Self::Context) -> Self::Result {
-        let removed = self.registry.remove(&label)?;
-        self.checks.remove(&*removed.upstream.label);
-        log::info!("{label} removed, draining");
-        self.metrics.forget_server(&removed.upstream.label);
+    fn handle(&mut self, msg: RemoveServer, _: &mut Self::Context) -> Self::Result {
+        let removed = self.registry.remove(&msg.label)?;
+        self.untrack(&removed.upstream);
+        log::info!("{} removed by {}, draining", msg.label, msg.by);
         Ok(())
     }
 }

@@ -20,6 +20,7 @@
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
+//! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
 //!
 //! No two modules import each other: the HealthActor knows the balancers only as
@@ -34,28 +35,35 @@ pub mod metrics;
 pub mod proxy;
 pub mod rate_limit;
 pub mod registry;
+pub mod reload;
 pub mod strategy;
 pub mod upstream;
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use actix::{Actor, Addr};
 use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
+use tokio::sync::watch;
 
 use crate::{
     admin::AdminState,
     balancer::BalancerActor,
-    config::Config,
+    config::{Config, ConfigError},
     health::{HealthActor, Register},
     metrics::Metrics,
-    proxy::{Shared, Worker},
+    proxy::{Settings, Worker},
     rate_limit::{Outage, RateLimitActor},
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A started balancer: its bound addresses and the handles to stop it.
+/// A started balancer: its bound addresses and the handles to stop or reload it.
 pub struct Running {
     /// Where the proxy listens (the real port when the config said `:0`).
     pub proxy_addr: SocketAddr,
@@ -66,6 +74,10 @@ pub struct Running {
     proxy: ServerHandle,
     admin: Option<ServerHandle>,
     tasks: Vec<actix_rt::task::JoinHandle<io::Result<()>>>,
+    /// Where the workers' settings are published.
+    settings: watch::Sender<Arc<Settings>>,
+    /// The configuration running now; a reload replaces it.
+    config: Mutex<Config>,
 }
 
 impl Running {
@@ -84,6 +96,28 @@ impl Running {
             let _ = t.await;
         }
     }
+
+    /// Reads the config file again and applies it, as SIGHUP does; `by` names who asked, for
+    /// the log. A bad file is refused (and logged) and the running configuration stays.
+    pub async fn reload(&self, by: &str) -> Result<(), ConfigError> {
+        let current = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let next = match current.reload() {
+            Ok(next) => next,
+            Err(e) => {
+                log::error!(
+                    "reload ({by}) refused: invalid configuration: {e}; the running configuration stays"
+                );
+                return Err(e);
+            }
+        };
+        reload::apply(&current, &next, &self.health, &self.settings, by).await;
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
 }
 
 /// Starts the balancer inside the current actix system: binds both listeners (before which
@@ -91,18 +125,15 @@ impl Running {
 /// thread and one BalancerActor and RateLimitActor per worker.
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    let store = if config.rate_limit.enabled {
-        Some(rate_limit::open(&config.rate_limit).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("rate_limit.redis_url: {e}"),
-            )
-        })?)
-    } else {
-        None
-    };
+    // Made even with limiting off, so that a reload can turn it on; Redis connects lazily.
+    let store = rate_limit::open(&config.rate_limit).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("rate_limit.redis_url: {e}"),
+        )
+    })?;
     let outage = Arc::new(Outage::default());
-    let shared = Arc::new(Shared::new(&config, metrics.clone()));
+    let (settings, updates) = watch::channel(Arc::new(Settings::new(&config)));
 
     // Bind first: a port in use is reported before any actor starts.
     let proxy_listener = std::net::TcpListener::bind(config.listen)
@@ -120,7 +151,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         .map(|l| l.local_addr())
         .transpose()?;
 
-    if let Some(store) = &store {
+    if config.rate_limit.enabled {
         actix_rt::spawn(rate_limit::warm_up(
             store.clone(),
             outage.clone(),
@@ -140,29 +171,32 @@ pub fn start(config: Config) -> io::Result<Running> {
     let factory_metrics = metrics.clone();
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
-        let limiter = store.clone().map(|store| {
-            RateLimitActor::new(&rate_limit, store, outage.clone(), factory_metrics.clone()).start()
-        });
-        let limiter_handle = limiter.clone().map(|l| l.recipient());
-        let health = factory_health.clone();
+        let limiter = RateLimitActor::new(
+            &rate_limit,
+            store.clone(),
+            outage.clone(),
+            factory_metrics.clone(),
+        )
+        .start();
+        let limiter_handle = Some(limiter.clone().recipient());
+        let registry = factory_health.clone();
         let balancer = BalancerActor::start(
             strategy::from_config(strategy),
             factory_metrics.clone(),
-            move |events, list| {
-                health.send(Register {
-                    events,
-                    list,
+            move |balancer| {
+                registry.send(Register {
+                    balancer,
                     limiter: limiter_handle,
                 })
             },
         );
-        let worker = Worker {
-            client: upstream::client(shared.proxy.connect_timeout, None),
+        let worker = Worker::new(
             balancer,
             limiter,
-            health: factory_health.clone(),
-            shared: shared.clone(),
-        };
+            factory_health.clone(),
+            factory_metrics.clone(),
+            updates.clone(),
+        );
         App::new()
             .app_data(web::Data::new(worker))
             .default_service(web::to(proxy::forward))
@@ -215,13 +249,25 @@ pub fn start(config: Config) -> io::Result<Running> {
         proxy,
         admin,
         tasks,
+        settings,
+        config: Mutex::new(config),
     })
 }
 
-/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully.
+/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully. SIGHUP reloads the
+/// configuration file; SIGUSR1 reopens the access log.
 pub async fn run(config: Config) -> io::Result<()> {
     let running = start(config)?;
-    shutdown_signal().await;
+    let mut signals = reload::Signals::new()?;
+    loop {
+        match signals.next().await {
+            reload::Signal::Stop => break,
+            reload::Signal::Reload => {
+                let _ = running.reload("SIGHUP").await;
+            }
+            reload::Signal::ReopenLogs => access_log::reopen(),
+        }
+    }
     log::info!(
         "stopping: no new connections; waiting up to {}s for in-flight requests",
         SHUTDOWN_TIMEOUT.as_secs()
@@ -229,29 +275,4 @@ pub async fn run(config: Config) -> io::Result<()> {
     running.stop(true).await;
     log::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

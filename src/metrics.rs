@@ -1,9 +1,14 @@
 //! Prometheus metrics, shared by every worker (`Arc<Metrics>`; the counters are atomics).
 //!
 //! Label values that name a server are the upstream's `Arc<str>` label, so recording a
-//! request clones a pointer, not a string.
+//! request clones a pointer, not a string. A server's series live as long as the server:
+//! they are made when it is configured or added, and dropped when it has been removed and
+//! its last request has ended, so servers that come and go do not grow `/metrics`.
 
-use std::sync::{atomic::AtomicI64, Arc};
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicI64, Arc, Mutex, Weak},
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
@@ -36,7 +41,11 @@ struct ServerLabels {
 /// One server's request counters, one per status class, looked up in the family once (when
 /// the server is configured), so that counting a request is one atomic increment.
 #[derive(Debug, Clone, Default)]
-pub struct ServerCounters([Counter; 5]);
+pub struct ServerCounters {
+    counters: [Counter; 5],
+    /// Keeps the server's series registered; `None` for counters counted nowhere.
+    _series: Option<Arc<ServerSeries>>,
+}
 
 impl ServerCounters {
     fn inc(&self, status: u16) {
@@ -47,7 +56,47 @@ impl ServerCounters {
             400..=499 => 3,
             _ => 4,
         };
-        self.0[class].inc();
+        self.counters[class].inc();
+    }
+}
+
+/// The families that hold per-server series, and which servers are alive in them.
+#[derive(Debug, Clone)]
+struct ServerFamilies {
+    requests: Family<RequestLabels, Counter>,
+    healthy: Family<ServerLabels, Gauge>,
+    health_check_failures: Family<ServerLabels, Counter>,
+    /// Per label, the series handle every `Upstream` of that server shares.
+    live: Arc<Mutex<HashMap<Arc<str>, Weak<ServerSeries>>>>,
+}
+
+/// A server's place in the families: its series are removed when the last handle goes.
+#[derive(Debug)]
+struct ServerSeries {
+    label: Arc<str>,
+    families: ServerFamilies,
+}
+
+impl Drop for ServerSeries {
+    fn drop(&mut self) {
+        let mut live = self.families.live.lock().unwrap_or_else(|e| e.into_inner());
+        // A new handle may have been made for the same server meanwhile; it keeps them.
+        if live.get(&self.label).is_some_and(|w| w.upgrade().is_some()) {
+            return;
+        }
+        live.remove(&self.label);
+        let f = &self.families;
+        for class in CLASSES {
+            f.requests.remove(&RequestLabels {
+                server: ServerName(self.label.clone()),
+                class,
+            });
+        }
+        let server = ServerLabels {
+            server: ServerName(self.label.clone()),
+        };
+        f.healthy.remove(&server);
+        f.health_check_failures.remove(&server);
     }
 }
 
@@ -56,11 +105,9 @@ const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// Every metric roundabout exports, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
+    servers: ServerFamilies,
     duration: Histogram,
     in_flight: Gauge<i64, AtomicI64>,
-    healthy: Family<ServerLabels, Gauge>,
-    health_check_failures: Family<ServerLabels, Counter>,
     rate_limited: Counter,
     store_errors: Counter,
     /// Answers of our own (429, 502, …), `server=""`.
@@ -122,15 +169,22 @@ impl Metrics {
             "Rate-limit checks that failed because the store (Redis) could not answer",
             store_errors.clone(),
         );
-        let own = Self::counters_in(&requests, &Arc::from(""));
+        let servers = ServerFamilies {
+            requests,
+            healthy,
+            health_check_failures,
+            live: Arc::default(),
+        };
+        let own = ServerCounters {
+            counters: Self::counters_in(&servers.requests, &Arc::from("")),
+            _series: None,
+        };
         Self {
             own,
             registry,
-            requests,
+            servers,
             duration,
             in_flight,
-            healthy,
-            health_check_failures,
             rate_limited,
             store_errors,
         }
@@ -144,20 +198,52 @@ impl Metrics {
         out
     }
 
-    fn counters_in(family: &Family<RequestLabels, Counter>, server: &Arc<str>) -> ServerCounters {
-        ServerCounters(CLASSES.map(|class| {
+    fn counters_in(family: &Family<RequestLabels, Counter>, server: &Arc<str>) -> [Counter; 5] {
+        CLASSES.map(|class| {
             family
                 .get_or_create(&RequestLabels {
                     server: ServerName(server.clone()),
                     class,
                 })
                 .clone()
-        }))
+        })
     }
 
-    /// The request counters of `server`, to keep beside it.
+    /// The request counters of `server`, to keep beside it. Every series of the server is
+    /// present from now on (at 0), until the last `ServerCounters` of it is dropped.
     pub fn server_counters(&self, server: &Arc<str>) -> ServerCounters {
-        Self::counters_in(&self.requests, server)
+        let f = &self.servers;
+        let series = {
+            let mut live = f.live.lock().unwrap_or_else(|e| e.into_inner());
+            match live.get(server).and_then(Weak::upgrade) {
+                Some(series) => series,
+                None => {
+                    let series = Arc::new(ServerSeries {
+                        label: server.clone(),
+                        families: f.clone(),
+                    });
+                    live.insert(server.clone(), Arc::downgrade(&series));
+                    series
+                }
+            }
+        };
+        let labels = ServerLabels {
+            server: ServerName(server.clone()),
+        };
+        drop(f.health_check_failures.get_or_create(&labels));
+        ServerCounters {
+            counters: Self::counters_in(&f.requests, server),
+            _series: Some(series),
+        }
+    }
+
+    /// How many servers have series now (removed ones count until they have drained).
+    pub fn servers_tracked(&self) -> usize {
+        self.servers
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Counts one answered request; `server` is `None` for answers of our own (429, 502, …).
@@ -174,7 +260,8 @@ impl Metrics {
     }
 
     pub fn set_healthy(&self, server: &Arc<str>, healthy: bool) {
-        self.healthy
+        self.servers
+            .healthy
             .get_or_create(&ServerLabels {
                 server: ServerName(server.clone()),
             })
@@ -182,16 +269,18 @@ impl Metrics {
     }
 
     pub fn health_check_failed(&self, server: &Arc<str>) {
-        self.health_check_failures
+        self.servers
+            .health_check_failures
             .get_or_create(&ServerLabels {
                 server: ServerName(server.clone()),
             })
             .inc();
     }
 
-    /// A removed server's health gauge goes away with it.
+    /// A removed server's health gauge goes away with it (its other series once it has
+    /// drained).
     pub fn forget_server(&self, server: &Arc<str>) {
-        self.healthy.remove(&ServerLabels {
+        self.servers.healthy.remove(&ServerLabels {
             server: ServerName(server.clone()),
         });
     }
@@ -218,7 +307,8 @@ mod tests {
     fn encodes_requests_by_server_and_class() {
         let m = Metrics::new();
         let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        m.request(Some(&m.server_counters(&s)), 204, Some(0.002));
+        let counters = m.server_counters(&s);
+        m.request(Some(&counters), 204, Some(0.002));
         m.request(None, 503, None);
         m.set_healthy(&s, true);
         let text = m.encode();
@@ -229,5 +319,32 @@ mod tests {
         assert!(text.contains(r#"roundabout_requests_total{server="",class="5xx"} 1"#));
         assert!(text.contains(r#"roundabout_server_healthy{server="127.0.0.1:5000"} 1"#));
         assert!(text.contains("roundabout_request_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn a_servers_series_go_with_its_last_counters() {
+        let m = Metrics::new();
+        let s: Arc<str> = Arc::from("127.0.0.1:5000");
+        let first = m.server_counters(&s);
+        let second = m.server_counters(&s);
+        first.inc(200);
+        m.set_healthy(&s, true);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"roundabout_health_check_failures_total{server="127.0.0.1:5000"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="5xx"} 0"#)
+        );
+        drop(first);
+        assert!(
+            m.encode().contains(r#"class="2xx"} 1"#),
+            "another holder keeps them"
+        );
+        m.forget_server(&s);
+        drop(second);
+        assert!(!m.encode().contains("127.0.0.1:5000"), "{}", m.encode());
+        assert_eq!(m.servers_tracked(), 0);
     }
 }

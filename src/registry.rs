@@ -10,7 +10,8 @@ use std::{collections::HashMap, sync::Arc};
 use actix::Recipient;
 
 use crate::{
-    balancer::{ListServers, ServerEvent},
+    balancer::{ListServers, Rebalance, ServerEvent},
+    config::Strategy,
     rate_limit::Reconfigure,
     upstream::Upstream,
 };
@@ -21,6 +22,20 @@ pub struct Member {
     pub upstream: Arc<Upstream>,
     /// In rotation: the balancers send it requests.
     pub healthy: bool,
+    /// Listed in the config file (else added through the admin API): a reload may remove
+    /// it, never one that was added at runtime.
+    pub from_file: bool,
+}
+
+/// What a reload changed in the membership.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// New in the file: in rotation at once, as at start.
+    pub added: Vec<Arc<Upstream>>,
+    /// Gone from the file: draining.
+    pub removed: Vec<Arc<Upstream>>,
+    /// Still in the file with another weight.
+    pub reweighted: Vec<Arc<Upstream>>,
 }
 
 /// What a worker registers: where to send server changes, where to ask for its view, and
@@ -28,6 +43,7 @@ pub struct Member {
 pub struct WorkerHandles {
     pub events: Recipient<ServerEvent>,
     pub list: Recipient<ListServers>,
+    pub rebalance: Recipient<Rebalance>,
     pub limiter: Option<Recipient<Reconfigure>>,
 }
 
@@ -58,6 +74,7 @@ impl Registry {
             registry.insert(Member {
                 upstream,
                 healthy: true,
+                from_file: true,
             });
         }
         registry
@@ -103,6 +120,7 @@ impl Registry {
         self.insert(Member {
             upstream: upstream.clone(),
             healthy: false,
+            from_file: false,
         });
         self.broadcast(ServerEvent::Added {
             upstream,
@@ -146,19 +164,72 @@ impl Registry {
         true
     }
 
+    /// Applies the servers of a reloaded config file: new ones join in rotation, ones gone
+    /// from the file drain (servers added through the admin API stay), a new weight applies
+    /// at once.
+    pub fn reload(&mut self, servers: Vec<Arc<Upstream>>) -> Changes {
+        let mut changes = Changes::default();
+        let listed: std::collections::HashSet<Arc<str>> =
+            servers.iter().map(|u| u.label.clone()).collect();
+        for upstream in servers {
+            match self.index.get(&upstream.label) {
+                Some(&i) => {
+                    let member = &mut self.members[i];
+                    member.from_file = true;
+                    if member.upstream.weight != upstream.weight {
+                        member.upstream = upstream.clone();
+                        changes.reweighted.push(upstream.clone());
+                        self.broadcast(ServerEvent::Reweighted { upstream });
+                    }
+                }
+                None => {
+                    self.insert(Member {
+                        upstream: upstream.clone(),
+                        healthy: true,
+                        from_file: true,
+                    });
+                    changes.added.push(upstream.clone());
+                    self.broadcast(ServerEvent::Added {
+                        upstream,
+                        healthy: true,
+                    });
+                }
+            }
+        }
+        let gone: Vec<Arc<str>> = self
+            .members
+            .iter()
+            .filter(|m| m.from_file && !listed.contains(&m.upstream.label))
+            .map(|m| m.upstream.label.clone())
+            .collect();
+        for label in gone {
+            if let Ok(member) = self.remove(&label) {
+                changes.removed.push(member.upstream);
+            }
+        }
+        changes
+    }
+
+    /// Every live worker's balancer changes strategy.
+    pub fn rebalance(&mut self, strategy: Strategy) {
+        self.forget_stopped();
+        for w in &self.workers {
+            w.rebalance.do_send(Rebalance(strategy));
+        }
+    }
+
+    /// Every live worker's limiter takes new settings.
+    pub fn reconfigure_limiters(&mut self, message: &Reconfigure) {
+        self.forget_stopped();
+        for limiter in self.workers.iter().filter_map(|w| w.limiter.as_ref()) {
+            limiter.do_send(message.clone());
+        }
+    }
+
     /// Every live worker's balancer, to ask for its view.
     pub fn listers(&mut self) -> Vec<Recipient<ListServers>> {
         self.forget_stopped();
         self.workers.iter().map(|w| w.list.clone()).collect()
-    }
-
-    /// Every live worker's limiter.
-    pub fn limiters(&mut self) -> Vec<Recipient<Reconfigure>> {
-        self.forget_stopped();
-        self.workers
-            .iter()
-            .filter_map(|w| w.limiter.clone())
-            .collect()
     }
 
     /// A worker that stopped (actix restarts a worker that panicked) leaves a dead entry.
@@ -219,6 +290,37 @@ mod tests {
             r.remove("127.0.0.1:1"),
             Err(MembershipError::Unknown(_))
         ));
+    }
+
+    #[test]
+    fn a_reload_adds_removes_and_reweights_file_servers_and_keeps_admin_ones() {
+        let mut r = Registry::new([upstream(1), upstream(2)]);
+        r.add(upstream(3)).unwrap();
+        let heavy = Arc::new(Upstream::new(&ServerConfig {
+            url: "http://127.0.0.1:2".parse().unwrap(),
+            weight: 5,
+        }));
+        let changes = r.reload(vec![heavy, upstream(4)]);
+        let names = |v: &[Arc<Upstream>]| v.iter().map(|u| u.label.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(&changes.added), ["127.0.0.1:4"]);
+        assert_eq!(names(&changes.removed), ["127.0.0.1:1"]);
+        assert_eq!(names(&changes.reweighted), ["127.0.0.1:2"]);
+        assert_eq!(labels(&r), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
+        assert_eq!(r.get("127.0.0.1:2").unwrap().upstream.weight, 5);
+        assert!(
+            r.get("127.0.0.1:4").unwrap().healthy,
+            "a file server starts in rotation"
+        );
+        // The same file again changes nothing; the admin-added server is never removed.
+        let again = r.reload(vec![
+            Arc::new(Upstream::new(&ServerConfig {
+                url: "http://127.0.0.1:2".parse().unwrap(),
+                weight: 5,
+            })),
+            upstream(4),
+        ]);
+        assert!(again.added.is_empty() && again.removed.is_empty() && again.reweighted.is_empty());
+        assert!(r.get("127.0.0.1:3").is_some());
     }
 
     #[test]

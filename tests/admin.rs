@@ -204,6 +204,24 @@ async fn with_a_token_every_call_but_healthz_needs_it() {
 }
 
 #[actix_rt::test]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let a = Backend::start("a");
+    let lb = balancer(
+        &[a.url()],
+        "[admin]\naddress = \"127.0.0.1:0\"\ntoken = \"s3cret\"\n",
+    );
+    for header in ["bearer s3cret", "BEARER s3cret", "Bearer  s3cret"] {
+        let res = client()
+            .get(format!("http://{}/servers", lb.admin_addr.unwrap()))
+            .insert_header(("authorization", header))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{header}");
+    }
+}
+
+#[actix_rt::test]
 async fn a_non_loopback_admin_address_needs_a_token() {
     let text = config_text(&[], "[admin]\naddress = \"0.0.0.0:0\"\n");
     let err =
@@ -305,10 +323,9 @@ async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
     let balancer = BalancerActor::start(
         strategy::from_config(roundabout::config::Strategy::RoundRobin),
         metrics,
-        move |events, list| {
+        move |balancer| {
             health.send(Register {
-                events,
-                list,
+                balancer,
                 limiter: None,
             })
         },

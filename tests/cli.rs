@@ -5,7 +5,7 @@ mod common;
 use std::{
     io::Write as _,
     net::TcpListener,
-    process::{Child, Command, Output, Stdio},
+    process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -27,14 +27,6 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     f.write_all(text.as_bytes()).unwrap();
     f
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -147,84 +139,29 @@ fn a_port_in_use_exits_1_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.address"));
 }
 
-/// The binary in front of `backend`, on a free port; killed on drop.
-struct Proc {
-    child: Child,
-    port: u16,
-    _config: tempfile::NamedTempFile,
-}
-
-impl Proc {
-    async fn start(backend: &Backend) -> Proc {
-        Self::start_with(backend, "[log]\nlevel = \"warn\"\n", Stdio::null()).await
-    }
-
-    /// As `start`, with `log` as the `[log]` section and stderr going to `stderr`.
-    async fn start_with(backend: &Backend, log: &str, stderr: Stdio) -> Proc {
-        let port = free_port();
-        let config = config_file(&format!(
+/// The binary in front of `backend` (one worker, no limiter, no admin), on a free port.
+async fn in_front_of(backend: &Backend, log: &str) -> Binary {
+    let port = free_port();
+    Binary::start(
+        port,
+        &format!(
             "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
              [balancer]\nservers = [\"{}\"]\n\
              [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n{log}",
             backend.url()
-        ));
-        let child = Command::new(BIN)
-            .args(["--config", config.path().to_str().unwrap()])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
-        let p = Proc {
-            child,
-            port,
-            _config: config,
-        };
-        assert!(
-            eventually(Duration::from_secs(10), async || {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            })
-            .await,
-            "the binary listens"
-        );
-        p
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// Peak resident memory so far, in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        ),
+    )
+    .await
 }
 
 #[actix_rt::test]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let a = Backend::start("a");
-    let mut p = Proc::start(&a).await;
+    let mut p = in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
     let slow = p.url("/slow/1500");
     let request = actix_rt::spawn(async move { get(&slow).await });
     actix_rt::time::sleep(Duration::from_millis(400)).await;
-    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
-    let sent = unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(sent, 0, "SIGTERM sent");
+    p.signal(libc::SIGTERM);
     actix_rt::time::sleep(Duration::from_millis(300)).await;
     assert!(
         tokio::net::TcpStream::connect(("127.0.0.1", p.port))
@@ -248,7 +185,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
 async fn a_1gb_body_passes_both_ways_in_constant_memory() {
     const GB: u64 = 1 << 30;
     let a = Backend::start("a");
-    let p = Proc::start(&a).await;
+    let p = in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
 
     let mut res = client()
         .get(p.url(&format!("/bytes/{GB}")))
@@ -283,12 +220,12 @@ async fn a_1gb_body_passes_both_ways_in_constant_memory() {
 #[actix_rt::test]
 async fn the_access_log_has_one_line_per_request_with_the_bytes_sent() {
     let a = Backend::start("a");
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let p = Proc::start_with(&a, "", Stdio::from(log.reopen().unwrap())).await;
+    let p = in_front_of(&a, "").await;
     assert_eq!(get(&p.url("/bytes/1000?x=1")).await.0, 200);
     assert_eq!(get(&p.url("/status/404")).await.0, 404);
+    p.wait_log("roundabout::access", 2).await;
+    let text = p.log();
     drop(p);
-    let text = std::fs::read_to_string(log.path()).unwrap();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("roundabout::access"))
@@ -309,16 +246,10 @@ async fn the_access_log_has_one_line_per_request_with_the_bytes_sent() {
         lines[1]
     );
 
-    let quiet = tempfile::NamedTempFile::new().unwrap();
-    let p = Proc::start_with(
-        &a,
-        "[log]\naccess_log = false\n",
-        Stdio::from(quiet.reopen().unwrap()),
-    )
-    .await;
+    let p = in_front_of(&a, "[log]\naccess_log = false\n").await;
     assert_eq!(get(&p.url("/")).await.0, 200);
+    let text = p.log();
     drop(p);
-    let text = std::fs::read_to_string(quiet.path()).unwrap();
     assert!(!text.contains("roundabout::access"), "{text}");
 }
 

@@ -17,6 +17,18 @@ pub enum Strategy {
     PowerOfTwo,
 }
 
+impl Strategy {
+    /// The name as the config file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::RoundRobin => "round_robin",
+            Strategy::WeightedRoundRobin => "weighted_round_robin",
+            Strategy::LeastRequests => "least_requests",
+            Strategy::PowerOfTwo => "power_of_two",
+        }
+    }
+}
+
 /// What the rate limiter does when its store (Redis) cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -21,7 +21,7 @@ pub use file::{
     ListenSection, LogSection, OnStoreError, ProxySection, RateLimitSection, Strategy,
     WeightedServer,
 };
-pub use validate::{parse_net, parse_server_url, Config, RateLimit, ServerConfig};
+pub use validate::{parse_net, parse_server_url, Config, RateLimit, ServerConfig, Source};
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,24 @@ impl Config {
             file: file.clone(),
             reason: format!("cannot read: {e}"),
         })?;
-        Self::from_toml_with_env(&file, &text, env)
+        let mut config = Self::from_toml_with_env(&file, &text, env.clone())?;
+        config.source = Some(Source {
+            path: path.to_path_buf(),
+            env,
+        });
+        Ok(config)
+    }
+
+    /// Reads the configuration again from where it came from (a reload). Refused for a
+    /// configuration that came from no file.
+    pub fn reload(&self) -> Result<Config, ConfigError> {
+        match &self.source {
+            Some(source) => Self::load_with_env(&source.path, source.env.clone()),
+            None => Err(ConfigError::Source {
+                file: "(none)".into(),
+                reason: "this configuration was not read from a file".into(),
+            }),
+        }
     }
 
     /// Parses TOML `text` (named `file` in errors) with environment overrides, validates.

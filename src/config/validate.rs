@@ -39,6 +39,16 @@ pub struct Config {
     pub access_log: bool,
     /// The file as resolved (after environment overrides), for `--check`.
     pub resolved: FileConfig,
+    /// Where it was read from; `None` when it was parsed from text.
+    pub source: Option<Source>,
+}
+
+/// Where a configuration was read from, to read it again on reload.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: std::path::PathBuf,
+    /// The environment given explicitly (`None`: the process's, read again on reload).
+    pub env: Option<config::Map<String, String>>,
 }
 
 /// The checked `[rate_limit]` section.
@@ -195,6 +205,7 @@ impl FileConfig {
             log_level,
             access_log: self.log.access_log,
             resolved: self,
+            source: None,
         })
     }
 }

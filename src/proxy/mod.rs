@@ -14,7 +14,7 @@ pub mod checks;
 pub mod error;
 pub mod headers;
 
-use std::{net::IpAddr, sync::Arc, time::Instant};
+use std::{cell::RefCell, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 
 use actix::Addr;
 use actix_web::{
@@ -25,6 +25,7 @@ use actix_web::{
 };
 use awc::error::SendRequestError;
 use ipnet::IpNet;
+use tokio::sync::watch;
 
 use self::{
     body::{head_within, respond, BodyReader, BodyState},
@@ -39,23 +40,24 @@ use crate::{
     health::{ConnectFailed, HealthActor},
     metrics::Metrics,
     rate_limit::{ceil_secs, Check, Decision, RateLimitActor, Verdict},
-    upstream::{describe, Upstream},
+    upstream::{self, describe, Upstream},
 };
 
-/// Settings every worker reads, shared (`Arc`) between them.
-pub struct Shared {
+/// What the hot path reads of the configuration, in the form it needs. Published by
+/// `lib.rs` at start and on every reload; each worker keeps its own copy.
+#[derive(Debug, Clone)]
+pub struct Settings {
     pub proxy: ProxySection,
     pub trusted_proxies: Vec<IpNet>,
     /// `Retry-After` for 503 "no healthy server": the health interval, whole seconds, ≥ 1.
     pub retry_after_no_server: HeaderValue,
-    /// `RateLimit-Policy` value, fixed by the config.
+    /// `RateLimit-Policy` value; `None` with the limiter off, which skips it.
     pub ratelimit_policy: Option<HeaderValue>,
     pub access_log: bool,
-    pub metrics: Arc<Metrics>,
 }
 
-impl Shared {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+impl Settings {
+    pub fn new(config: &Config) -> Self {
         let rl = &config.rate_limit;
         Self {
             proxy: config.proxy.clone(),
@@ -66,19 +68,60 @@ impl Shared {
                 HeaderValue::from_str(&value).expect("digits and quotes are a header value")
             }),
             access_log: config.access_log,
-            metrics,
         }
     }
 }
 
-/// One worker's handles: its balancer and limiter (same thread), its HTTP client.
+/// One worker's handles: its balancer and limiter (same thread), its settings and client.
 pub struct Worker {
-    /// `awc::Client` is not `Send`: one per worker, built in the worker's factory.
-    pub client: awc::Client,
-    pub balancer: Addr<BalancerActor>,
-    pub limiter: Option<Addr<RateLimitActor>>,
-    pub health: Addr<HealthActor>,
-    pub shared: Arc<Shared>,
+    balancer: Addr<BalancerActor>,
+    limiter: Addr<RateLimitActor>,
+    health: Addr<HealthActor>,
+    metrics: Arc<Metrics>,
+    /// Where reloads are published; looked at (one atomic load) per request.
+    updates: RefCell<watch::Receiver<Arc<Settings>>>,
+    /// This worker's copy of the settings (an `Rc`: no count shared with other workers)
+    /// and its client, rebuilt when `connect_timeout` changes. `awc::Client` is not
+    /// `Send`: one per worker, built on the worker's thread.
+    current: RefCell<(Rc<Settings>, awc::Client)>,
+}
+
+impl Worker {
+    /// The handles of the worker whose factory runs this.
+    pub fn new(
+        balancer: Addr<BalancerActor>,
+        limiter: Addr<RateLimitActor>,
+        health: Addr<HealthActor>,
+        metrics: Arc<Metrics>,
+        updates: watch::Receiver<Arc<Settings>>,
+    ) -> Self {
+        let settings = updates.borrow().clone();
+        let client = upstream::client(settings.proxy.connect_timeout, None);
+        Self {
+            balancer,
+            limiter,
+            health,
+            metrics,
+            updates: RefCell::new(updates),
+            current: RefCell::new((Rc::new((*settings).clone()), client)),
+        }
+    }
+
+    /// The settings and client for one request: the last ones published.
+    fn current(&self) -> (Rc<Settings>, awc::Client) {
+        let mut updates = self.updates.borrow_mut();
+        if updates.has_changed().unwrap_or(false) {
+            let new = updates.borrow_and_update().clone();
+            let mut current = self.current.borrow_mut();
+            if new.proxy.connect_timeout != current.0.proxy.connect_timeout {
+                // Requests under way keep the old client (and its pool) until they end.
+                current.1 = upstream::client(new.proxy.connect_timeout, None);
+            }
+            current.0 = Rc::new((*new).clone());
+        }
+        let current = self.current.borrow();
+        (current.0.clone(), current.1.clone())
+    }
 }
 
 /// The proxy handler: every request on `listen.address` comes here.
@@ -88,18 +131,23 @@ pub async fn forward(
     worker: web::Data<Worker>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let shared = &worker.shared;
+    let (settings, client) = worker.current();
     let peer = req.peer_addr().map(|a| a.ip());
-    let client_ip = peer.map(|p| client_ip(p, req.headers(), &shared.trusted_proxies));
+    let client_ip = peer.map(|p| client_ip(p, req.headers(), &settings.trusted_proxies));
 
     let mut decision = None;
-    let outcome = match check_request(&req, &shared.proxy) {
+    let limiter = settings
+        .ratelimit_policy
+        .is_some()
+        .then_some(&worker.limiter);
+    let outcome = match check_request(&req, &settings.proxy) {
         Err(e) => Err(e),
-        Ok(body) => match limit(&worker, client_ip).await {
+        Ok(body) => match limit(limiter, client_ip).await {
             Err(e) => Err(e),
             Ok(d) => {
                 decision = d;
-                send(&req, payload.into_inner(), body, peer, &worker).await
+                let payload = payload.into_inner();
+                send(&req, payload, body, peer, &worker, &settings, &client).await
             }
         },
     };
@@ -109,23 +157,23 @@ pub async fn forward(
         Err(e) => {
             if let ProxyError::RateLimited(d) = &e {
                 decision = Some(d.clone());
-                shared.metrics.rate_limited();
+                worker.metrics.rate_limited();
             }
             (e.error_response(), None)
         }
     };
     if let Some(d) = &decision {
-        rate_limit_headers(res.headers_mut(), d, shared.ratelimit_policy.as_ref());
+        rate_limit_headers(res.headers_mut(), d, settings.ratelimit_policy.as_ref());
     }
 
     let status = res.status().as_u16();
     let elapsed = started.elapsed();
-    shared.metrics.request(
+    worker.metrics.request(
         server.as_ref().map(|u| &u.counters),
         status,
         Some(elapsed.as_secs_f64()),
     );
-    if !shared.access_log {
+    if !settings.access_log {
         return res;
     }
     // The line is written when the body has been sent (or the client went away), with the
@@ -142,9 +190,12 @@ pub async fn forward(
     access_log::logged(res, entry)
 }
 
-/// Asks the worker's limiter, when there is one and we know the client.
-async fn limit(worker: &Worker, ip: Option<IpAddr>) -> Result<Option<Decision>, ProxyError> {
-    let (Some(limiter), Some(ip)) = (&worker.limiter, ip) else {
+/// Asks the worker's limiter, when limiting is on and we know the client.
+async fn limit(
+    limiter: Option<&Addr<RateLimitActor>>,
+    ip: Option<IpAddr>,
+) -> Result<Option<Decision>, ProxyError> {
+    let (Some(limiter), Some(ip)) = (limiter, ip) else {
         return Ok(None);
     };
     match limiter.send(Check { ip }).await {
@@ -162,15 +213,16 @@ async fn send(
     framing: Framing,
     peer: Option<IpAddr>,
     worker: &Worker,
+    settings: &Settings,
+    client: &awc::Client,
 ) -> Result<(HttpResponse, Arc<Upstream>), ProxyError> {
-    let shared = &worker.shared;
-    let proxy = &shared.proxy;
+    let proxy = &settings.proxy;
     let body = match framing {
         Framing::None => None,
         _ => Some(BodyState::new(payload, proxy.max_body_bytes)),
     };
     // Moved into the first try; a retry (rare) builds them again.
-    let mut headers = Some(upstream_headers(req, peer, &shared.trusted_proxies));
+    let mut headers = Some(upstream_headers(req, peer, &settings.trusted_proxies));
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -192,7 +244,7 @@ async fn send(
         let Some(lease) = lease else {
             return Err(if last_error.is_empty() {
                 ProxyError::NoServer {
-                    retry_after: shared.retry_after_no_server.clone(),
+                    retry_after: settings.retry_after_no_server.clone(),
                 }
             } else {
                 ProxyError::BadGateway(last_error)
@@ -202,13 +254,10 @@ async fn send(
 
         let uri = upstream_uri(req, &upstream);
         // no_decompress: no Accept-Encoding of awc's own when the client sent none.
-        let mut creq = worker
-            .client
-            .request(req.method().clone(), uri)
-            .no_decompress();
+        let mut creq = client.request(req.method().clone(), uri).no_decompress();
         *creq.headers_mut() = match headers.take() {
             Some(h) => h,
-            None => upstream_headers(req, peer, &shared.trusted_proxies),
+            None => upstream_headers(req, peer, &settings.trusted_proxies),
         };
         if !proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
             creq.headers_mut()

@@ -1,0 +1,175 @@
+//! What the operator's signals do, like nginx's: SIGTERM and SIGINT stop, SIGHUP reloads
+//! the config file, SIGUSR1 reopens the access log.
+//!
+//! A reload diffs the new configuration against the running one: the servers from the file
+//! and the live keys go to the registry, which hands them to every worker; the settings of
+//! the hot path are published to the workers; keys that only a restart can change are
+//! logged as such and left alone. Nothing here reads the file (that is `config`'s) or keeps
+//! state of its own.
+
+use std::{io, sync::Arc};
+
+use actix::Addr;
+use tokio::sync::watch;
+
+use crate::{
+    config::Config,
+    health::{HealthActor, Reload},
+    proxy::Settings,
+    rate_limit::Reconfigure,
+};
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM or SIGINT: stop gracefully.
+    Stop,
+    /// SIGHUP: read the config file again.
+    Reload,
+    /// SIGUSR1: reopen the access log file.
+    ReopenLogs,
+}
+
+/// The signals roundabout handles; installed at once, so that none of them keeps its
+/// default action (SIGHUP and SIGUSR1 would end the process).
+pub struct Signals {
+    #[cfg(unix)]
+    streams: [(tokio::signal::unix::Signal, Signal); 4],
+}
+
+impl Signals {
+    pub fn new() -> io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                streams: [
+                    (signal(SignalKind::terminate())?, Signal::Stop),
+                    (signal(SignalKind::interrupt())?, Signal::Stop),
+                    (signal(SignalKind::hangup())?, Signal::Reload),
+                    (signal(SignalKind::user_defined1())?, Signal::ReopenLogs),
+                ],
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// The next signal received.
+    pub async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            std::future::poll_fn(|cx| {
+                for (stream, what) in &mut self.streams {
+                    if stream.poll_recv(cx).is_ready() {
+                        return std::task::Poll::Ready(*what);
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop
+        }
+    }
+}
+
+/// Applies `next` over `current`: servers and live keys to the registry and the workers,
+/// the hot path's settings published, the log level set; restart-only keys logged.
+pub async fn apply(
+    current: &Config,
+    next: &Config,
+    health: &Addr<HealthActor>,
+    settings: &watch::Sender<Arc<Settings>>,
+    by: &str,
+) {
+    for key in restart_only_changes(current, next) {
+        log::warn!("reload ({by}): {key} changed; it takes effect at the next restart");
+    }
+    let reload = Reload {
+        servers: next.servers.clone(),
+        health_check: next.health_check.clone(),
+        strategy: (next.strategy != current.strategy).then_some(next.strategy),
+        limiter: Reconfigure(next.rate_limit.clone()),
+    };
+    let changes = health.send(reload).await.unwrap_or_default();
+    settings.send_replace(Arc::new(Settings::new(next)));
+    // RUST_LOG, when set, wins over the file (as at start).
+    if std::env::var_os("RUST_LOG").is_none() {
+        log::set_max_level(next.log_level);
+    }
+
+    let labels = |list: &[Arc<crate::upstream::Upstream>]| {
+        list.iter()
+            .map(|u| u.label.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut done = Vec::new();
+    if !changes.added.is_empty() {
+        done.push(format!("added {}", labels(&changes.added)));
+    }
+    if !changes.removed.is_empty() {
+        done.push(format!("removed {} (draining)", labels(&changes.removed)));
+    }
+    if !changes.reweighted.is_empty() {
+        done.push(format!("new weight for {}", labels(&changes.reweighted)));
+    }
+    if next.strategy != current.strategy {
+        done.push(format!(
+            "strategy {}",
+            next.resolved.balancer.strategy.name()
+        ));
+    }
+    if done.is_empty() {
+        done.push("no server changes".into());
+    }
+    log::info!("configuration reloaded ({by}): {}", done.join("; "));
+}
+
+/// The keys whose new value only a restart applies (SPEC, "Signals"), where they changed.
+fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
+    let (a, b) = (&current.resolved, &next.resolved);
+    [
+        ("listen.address", a.listen.address != b.listen.address),
+        ("listen.workers", a.listen.workers != b.listen.workers),
+        ("admin.address", a.admin.address != b.admin.address),
+        ("admin.token", a.admin.token != b.admin.token),
+        (
+            "rate_limit.redis_url",
+            a.rate_limit.redis_url != b.rate_limit.redis_url,
+        ),
+        (
+            "rate_limit.key_prefix",
+            a.rate_limit.key_prefix != b.rate_limit.key_prefix,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Config {
+        Config::from_toml_with_env("t.toml", text, Some(Default::default())).unwrap()
+    }
+
+    #[test]
+    fn restart_only_keys_are_named_and_live_ones_are_not() {
+        let a = parse("[listen]\naddress = \"127.0.0.1:8000\"\n[proxy]\nretries = 1");
+        let b = parse(
+            "[listen]\naddress = \"127.0.0.1:9000\"\n[proxy]\nretries = 3\n[rate_limit]\nkey_prefix = \"x\"",
+        );
+        assert_eq!(
+            restart_only_changes(&a, &b),
+            ["listen.address", "rate_limit.key_prefix"]
+        );
+        assert!(restart_only_changes(&a, &a).is_empty());
+    }
+}
