@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use actix_codec::Framed;
+use actix_codec::{AsyncRead, Framed};
 use actix_http::{
     body::{BodySize, MessageBody},
     error::PayloadError,
@@ -117,9 +117,7 @@ where
     let (do_send, mut res_head) = if is_expect {
         pin_framed.send((head, length).into()).await?;
 
-        let head = poll_fn(|cx| pin_framed.as_mut().poll_next(cx))
-            .await
-            .ok_or(ConnectError::Disconnected)??;
+        let head = read_response_head(pin_framed.as_mut(), true).await?;
 
         // return response head in case status code is not continue
         // and current head would be used as final response head.
@@ -140,9 +138,7 @@ where
         };
 
         // read response and init read body
-        let head = poll_fn(|cx| pin_framed.as_mut().poll_next(cx))
-            .await
-            .ok_or(ConnectError::Disconnected)??;
+        let head = read_response_head(pin_framed.as_mut(), false).await?;
 
         res_head = Some(head);
     }
@@ -177,11 +173,34 @@ where
     framed.send((head, BodySize::None).into()).await?;
 
     // read response head.
-    let head = poll_fn(|cx| Pin::new(&mut framed).poll_next(cx))
-        .await
-        .ok_or(ConnectError::Disconnected)??;
+    let head = read_response_head(Pin::new(&mut framed), false).await?;
 
     Ok((head, framed))
+}
+
+/// Reads response heads until one that answers the request: interim (1xx) responses are
+/// skipped (RFC 9110 §15.2: a client must be able to parse and ignore unexpected ones), but
+/// for `101 Switching Protocols`, and for `100 Continue` when `until_continue` (the wait for
+/// it after an `Expect: 100-continue` head).
+async fn read_response_head<T: AsyncRead>(
+    mut framed: Pin<&mut Framed<T, h1::ClientCodec>>,
+    until_continue: bool,
+) -> Result<ResponseHead, SendRequestError> {
+    loop {
+        let head = poll_fn(|cx| framed.as_mut().poll_next(cx))
+            .await
+            .ok_or(ConnectError::Disconnected)??;
+
+        let wanted = !head.status.is_informational()
+            || head.status == StatusCode::SWITCHING_PROTOCOLS
+            || (until_continue && head.status == StatusCode::CONTINUE);
+
+        if wanted {
+            return Ok(head);
+        }
+
+        log::trace!("skipping interim response: {}", head.status);
+    }
 }
 
 /// send request body to the peer

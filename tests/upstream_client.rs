@@ -1,0 +1,197 @@
+//! awc, the proxy's upstream client, against scripted raw-TCP backends: the framing cases
+//! that the vendored awc and actix-http fix (see `vendor/awc/VENDORED.md` and
+//! `vendor/actix-http/VENDORED.md`). Each test fails on upstream awc 3.11.0 with actix-http
+//! 3.20.0; when all pass there, the vendored copies can go.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+
+/// Each client step is bounded, so a framing bug shows up as a failure, not a hang.
+const STEP: Duration = Duration::from_secs(5);
+
+/// A backend on `127.0.0.1:<free port>` that runs `script` on each connection it accepts,
+/// each in its own thread, and counts the connections and records the request heads it read.
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a script gets: the connection, and the log of request heads.
+struct Conn {
+    stream: TcpStream,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl Conn {
+    /// Reads one request head (no body); `None` if the client closed first.
+    fn head(&mut self) -> Option<String> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match self.stream.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => return None,
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        self.heads.lock().unwrap().push(head.clone());
+        Some(head)
+    }
+
+    /// Writes `bytes`; a client that has gone is the test's to notice, not the backend's.
+    fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Sends what is left, then closes the connection: the end of a response that a
+    /// close ends (or cuts).
+    fn close(mut self) {
+        let _ = self.stream.flush();
+        let _ = self.stream.shutdown(Shutdown::Write);
+        // Read until the client closes, so that no unread byte turns the close into a reset.
+        let mut sink = [0u8; 1024];
+        while matches!(self.stream.read(&mut sink), Ok(n) if n > 0) {}
+    }
+}
+
+impl Scripted {
+    fn start(script: impl Fn(Conn) + Send + Sync + 'static) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (count, log) = (connections.clone(), heads.clone());
+        let script = Arc::new(script);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                stream.set_read_timeout(Some(STEP * 2)).unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let (script, heads) = (script.clone(), log.clone());
+                std::thread::spawn(move || script(Conn { stream, heads }));
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            heads,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// The proxy's way of using awc: keep-alive pool, no decompression, no default headers.
+fn client() -> awc::Client {
+    awc::Client::builder()
+        .connector(awc::Connector::new().limit(0))
+        .disable_redirects()
+        .no_default_headers()
+        .disable_timeout()
+        .finish()
+}
+
+async fn send(req: awc::ClientRequest) -> awc::ClientResponse {
+    actix_rt::time::timeout(STEP, req.no_decompress().send())
+        .await
+        .expect("response head in time")
+        .expect("response head")
+}
+
+/// Reads a response body as the proxy does, chunk by chunk: the bytes, or the first error.
+async fn body(res: &mut awc::ClientResponse) -> Result<Bytes, awc::error::PayloadError> {
+    let mut all = BytesMut::new();
+    loop {
+        match actix_rt::time::timeout(STEP, res.next()).await {
+            Err(_) => panic!("body stream stalled after {:?}", all),
+            Ok(None) => return Ok(all.freeze()),
+            Ok(Some(Ok(chunk))) => all.extend_from_slice(&chunk),
+            Ok(Some(Err(e))) => return Err(e),
+        }
+    }
+}
+
+// --- 1xx interim responses ---------------------------------------------------------------
+
+#[actix_rt::test]
+async fn interim_103_is_skipped_and_the_next_request_gets_its_own_answer() {
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_some() {
+            c.send(
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                  HTTP/1.1 100 Continue\r\n\r\n\
+                  HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst",
+            );
+        }
+        if c.head().is_some() {
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond");
+        }
+        c.close();
+    });
+    let client = client();
+
+    let mut res = send(client.get(backend.url("/1"))).await;
+    assert_eq!(
+        res.status(),
+        200,
+        "an interim answer taken for the final one"
+    );
+    assert_eq!(body(&mut res).await.unwrap(), "first");
+
+    let mut res = send(client.get(backend.url("/2"))).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(body(&mut res).await.unwrap(), "second");
+    assert_eq!(
+        backend.connections(),
+        1,
+        "the second request reused the connection"
+    );
+    let heads = backend.heads();
+    assert!(heads[0].starts_with("GET /1 ") && heads[1].starts_with("GET /2 "));
+}
+
+#[actix_rt::test]
+async fn expect_100_continue_still_sends_the_body_after_interim_answers() {
+    let backend = Scripted::start(|mut c| {
+        let Some(head) = c.head() else { return };
+        assert!(head.to_ascii_lowercase().contains("expect: 100-continue"));
+        c.send(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n");
+        let mut sent = [0u8; 4];
+        c.stream.read_exact(&mut sent).unwrap();
+        c.send(
+            b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\n",
+        );
+        c.send(&sent);
+        c.close();
+    });
+
+    let req = client()
+        .post(backend.url("/"))
+        .insert_header(("expect", "100-continue"))
+        .no_decompress()
+        .send_body("ping");
+    let mut res = actix_rt::time::timeout(STEP, req).await.unwrap().unwrap();
+    assert_eq!(res.status(), 201);
+    assert_eq!(body(&mut res).await.unwrap(), "ping");
+}
