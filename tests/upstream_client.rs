@@ -195,3 +195,52 @@ async fn expect_100_continue_still_sends_the_body_after_interim_answers() {
     assert_eq!(res.status(), 201);
     assert_eq!(body(&mut res).await.unwrap(), "ping");
 }
+
+// --- bodies cut short --------------------------------------------------------------------
+
+#[actix_rt::test]
+async fn chunked_body_cut_before_the_last_chunk_is_an_error() {
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_some() {
+            c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+        }
+        c.close();
+    });
+
+    let mut res = send(client().get(backend.url("/"))).await;
+    assert_eq!(res.status(), 200);
+    let got = body(&mut res).await;
+    assert!(got.is_err(), "a cut chunked body read as complete: {got:?}");
+}
+
+#[actix_rt::test]
+async fn chunked_body_cut_inside_a_chunk_is_an_error() {
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_some() {
+            c.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\na\r\nhel");
+        }
+        c.close();
+    });
+
+    let mut res = send(client().get(backend.url("/"))).await;
+    let got = body(&mut res).await;
+    assert!(got.is_err(), "a cut chunked body read as complete: {got:?}");
+}
+
+#[actix_rt::test]
+async fn content_length_body_cut_is_an_error() {
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_some() {
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello");
+        }
+        c.close();
+    });
+
+    let mut res = send(client().get(backend.url("/"))).await;
+    assert_eq!(res.status(), 200);
+    let got = body(&mut res).await;
+    assert!(
+        got.is_err(),
+        "a cut Content-Length body read as complete: {got:?}"
+    );
+}

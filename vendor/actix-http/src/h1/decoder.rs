@@ -523,6 +523,11 @@ impl PayloadDecoder {
     pub fn eof() -> PayloadDecoder {
         PayloadDecoder { kind: Kind::Eof }
     }
+
+    /// Returns true if the payload ends where the stream does (no length, not chunked).
+    pub(crate) fn is_close_delimited(&self) -> bool {
+        matches!(self.kind, Kind::Eof)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

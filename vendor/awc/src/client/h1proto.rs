@@ -281,7 +281,9 @@ impl<Io: ConnectionIo> Stream for PlStream<Io> {
                 this.framed.io_mut().on_release(keep_alive);
                 Poll::Ready(None)
             }
-            None => Poll::Ready(None),
+            // The payload codec ends a body, even a close-delimited one, with `Some(None)`:
+            // a stream that ends without it was cut short.
+            None => Poll::Ready(Some(Err(PayloadError::Incomplete(None)))),
         }
     }
 }
