@@ -244,3 +244,69 @@ async fn content_length_body_cut_is_an_error() {
         "a cut Content-Length body read as complete: {got:?}"
     );
 }
+
+// --- bodies that the close ends ----------------------------------------------------------
+
+async fn close_delimited(version: &'static str) {
+    let backend = Scripted::start(move |mut c| {
+        if c.head().is_some() {
+            c.send(format!("HTTP/{version} 200 OK\r\nX-Kind: close-delimited\r\n\r\n").as_bytes());
+            c.send(b"the whole ");
+            std::thread::sleep(Duration::from_millis(50));
+            c.send(b"body, until the close");
+        }
+        c.close();
+    });
+    let client = client();
+
+    let mut res = send(client.get(backend.url("/"))).await;
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        body(&mut res).await.unwrap(),
+        "the whole body, until the close"
+    );
+
+    // The connection ended with the body: never pooled, so a second request opens another.
+    let mut res = send(client.get(backend.url("/"))).await;
+    assert_eq!(
+        body(&mut res).await.unwrap(),
+        "the whole body, until the close"
+    );
+    assert_eq!(backend.connections(), 2);
+}
+
+#[actix_rt::test]
+async fn close_delimited_bodies_are_read_to_the_close() {
+    // RFC 9112 §6.3 rule 8. Upstream reads the HTTP/1.0 one right, and an HTTP/1.1 one as
+    // empty (and pools the connection).
+    close_delimited("1.1").await;
+    close_delimited("1.0").await;
+}
+
+#[actix_rt::test]
+async fn not_modified_and_no_content_have_no_body_whatever_their_headers() {
+    // RFC 9112 §6.3 rule 1: a 304's Content-Length is the representation's, not a body's;
+    // and neither a 304 nor a 204 without one is close-delimited. All three on one
+    // connection, which stays in the pool.
+    let backend = Scripted::start(|mut c| {
+        let answers: [&[u8]; 3] = [
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1234\r\nETag: \"x\"\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\n\r\n",
+        ];
+        for answer in answers {
+            if c.head().is_none() {
+                return;
+            }
+            c.send(answer);
+        }
+        c.close();
+    });
+    let client = client();
+    for status in [304, 204, 304] {
+        let mut res = send(client.get(backend.url("/"))).await;
+        assert_eq!(res.status(), status);
+        assert_eq!(body(&mut res).await.unwrap(), "");
+    }
+    assert_eq!(backend.connections(), 1);
+}
