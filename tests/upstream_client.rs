@@ -15,6 +15,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Each client step is bounded, so a framing bug shows up as a failure, not a hang.
 const STEP: Duration = Duration::from_secs(5);
@@ -309,4 +310,107 @@ async fn not_modified_and_no_content_have_no_body_whatever_their_headers() {
         assert_eq!(body(&mut res).await.unwrap(), "");
     }
     assert_eq!(backend.connections(), 1);
+}
+
+// --- upgrades ----------------------------------------------------------------------------
+
+/// Reads from `io` into `buf` until it holds `n` bytes.
+async fn read_to_len(io: &mut (impl AsyncRead + Unpin), buf: &mut BytesMut, n: usize) {
+    while buf.len() < n {
+        let read = actix_rt::time::timeout(STEP, io.read_buf(buf))
+            .await
+            .expect("tunnel bytes in time")
+            .expect("tunnel read");
+        assert!(read > 0, "tunnel closed after {buf:?}");
+    }
+}
+
+#[actix_rt::test]
+async fn upgrade_101_gives_a_tunnel_both_ways() {
+    const GREETING: &[u8] = b"hello from the server|";
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_none() {
+            return;
+        }
+        // an interim answer first, then the switch, and the new protocol's first bytes
+        // in the same write
+        let mut answer = b"HTTP/1.1 103 Early Hints\r\n\r\n\
+            HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo/1\r\n\r\n"
+            .to_vec();
+        answer.extend_from_slice(GREETING);
+        c.send(&answer);
+        // then echo every byte until the client closes
+        let mut buf = [0u8; 8192];
+        while let Ok(n @ 1..) = c.stream.read(&mut buf) {
+            c.send(&buf[..n]);
+        }
+    });
+
+    let req = client()
+        .get(backend.url("/tunnel"))
+        .insert_header(("upgrade", "echo/1"))
+        .insert_header(("connection", "Upgrade"))
+        .send_upgrade();
+    let answer = actix_rt::time::timeout(STEP, req).await.unwrap().unwrap();
+    assert_eq!(answer.status(), 101);
+    let awc::UpgradeResponse::Switched(res, framed) = answer else {
+        panic!("not switched")
+    };
+    assert_eq!(res.headers().get("upgrade").unwrap(), "echo/1");
+
+    // bytes read past the head come first, then the socket
+    let parts = framed.into_parts();
+    assert!(parts.write_buf.is_empty());
+    let (mut got, mut io) = (parts.read_buf, parts.io);
+    read_to_len(&mut io, &mut got, GREETING.len()).await;
+    assert_eq!(&got[..], GREETING);
+
+    // both ways, more than one read's worth
+    let sent: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    io.write_all(&sent).await.unwrap();
+    let mut echoed = BytesMut::new();
+    read_to_len(&mut io, &mut echoed, sent.len()).await;
+    assert_eq!(&echoed[..], &sent[..]);
+
+    // the head as sent: our Upgrade header, one Connection header that names it, no body
+    let head = backend.heads()[0].to_ascii_lowercase();
+    assert!(head.starts_with("get /tunnel http/1.1\r\n"), "{head}");
+    assert!(head.contains("\r\nupgrade: echo/1\r\n"), "{head}");
+    assert_eq!(head.matches("\r\nconnection:").count(), 1, "{head}");
+    assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+    assert!(head.contains("\r\nhost: 127.0.0.1:"), "{head}");
+    assert!(!head.contains("content-length") && !head.contains("transfer-encoding"));
+}
+
+#[actix_rt::test]
+async fn upgrade_answered_without_101_is_an_ordinary_response() {
+    let backend = Scripted::start(|mut c| {
+        if c.head().is_some() {
+            c.send(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                  6\r\nno upg\r\n6\r\nrade, \r\n6\r\nthanks\r\n0\r\n\r\n",
+            );
+        }
+        c.close();
+    });
+
+    let req = client()
+        .get(backend.url("/"))
+        .insert_header(("upgrade", "echo/1"))
+        .send_upgrade();
+    let answer = actix_rt::time::timeout(STEP, req).await.unwrap().unwrap();
+    let awc::UpgradeResponse::NotSwitched(mut res) = answer else {
+        panic!("switched on a 200")
+    };
+    assert_eq!(res.status(), 200);
+    assert_eq!(body(&mut res).await.unwrap(), "no upgrade, thanks");
+}
+
+#[actix_rt::test]
+async fn upgrade_request_needs_an_upgrade_header() {
+    let res = client().get("http://127.0.0.1:1/").send_upgrade().await;
+    assert!(matches!(
+        res,
+        Err(awc::error::SendRequestError::MissingUpgradeHeader)
+    ));
 }

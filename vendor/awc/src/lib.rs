@@ -125,6 +125,7 @@ mod request;
 mod responses;
 mod sender;
 pub mod test;
+mod upgrade;
 pub mod ws;
 
 pub mod http {
@@ -143,6 +144,7 @@ pub use self::{
     frozen::{FrozenClientRequest, FrozenSendBuilder},
     request::ClientRequest,
     sender::SendClientRequest,
+    upgrade::UpgradeResponse,
 };
 
 pub(crate) type BoxError = Box<dyn std::error::Error>;

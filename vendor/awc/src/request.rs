@@ -6,6 +6,7 @@ use actix_http::{
     header::{self, HeaderMap, HeaderValue, TryIntoHeaderPair},
     ConnectionType, Method, RequestHead, Uri, Version,
 };
+use actix_service::Service as _;
 use base64::prelude::*;
 use bytes::Bytes;
 use futures_core::Stream;
@@ -15,10 +16,10 @@ use serde::Serialize;
 use crate::cookie::{Cookie, CookieJar};
 use crate::{
     client::ClientConfig,
-    error::{FreezeRequestError, InvalidUrl},
+    error::{FreezeRequestError, InvalidUrl, SendRequestError},
     frozen::FrozenClientRequest,
     sender::{PrepForSendingError, RequestSender, SendClientRequest},
-    BoxError,
+    BoxError, ConnectRequest, UpgradeResponse,
 };
 
 /// An HTTP Client request builder
@@ -404,6 +405,83 @@ impl ClientRequest {
             slf.timeout,
             &slf.config,
         )
+    }
+
+    /// Sends this request, without a body, as an HTTP/1.1 protocol upgrade (RFC 9110 §7.8)
+    /// for whatever protocol its `Upgrade` header names, and returns the answer: on
+    /// `101 Switching Protocols` the connection itself, to speak the new protocol on; on any
+    /// other final answer an ordinary response, body and all.
+    ///
+    /// The request must carry an `Upgrade` header; it is sent as set. awc writes
+    /// `Connection: upgrade` (it writes the `Connection` header of every request from the
+    /// request's connection type: a `Connection` header in the request's headers is not
+    /// sent). Interim (1xx) answers are skipped. The request's timeout, or else the
+    /// client's, bounds the wait for the answer's head. The answer's body is not
+    /// decompressed, and no `Accept-Encoding` is added. Only an HTTP/1.1 connection can be
+    /// upgraded: over HTTP/2 this fails with [`SendRequestError::TunnelNotSupported`].
+    ///
+    /// ```no_run
+    /// use awc::UpgradeResponse;
+    /// # async fn relay(_early: bytes::BytesMut, _io: awc::BoxedSocket) {}
+    ///
+    /// # #[actix_rt::main]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let answer = awc::Client::new()
+    ///     .get("http://127.0.0.1:8080/chat")
+    ///     .insert_header(("upgrade", "my-protocol/1"))
+    ///     .send_upgrade()
+    ///     .await?;
+    ///
+    /// match answer {
+    ///     UpgradeResponse::Switched(_res, framed) => {
+    ///         let parts = framed.into_parts();
+    ///         // `parts.read_buf`: bytes the server sent after the 101 head, already read;
+    ///         // they come before anything read from `parts.io`, the socket
+    ///         relay(parts.read_buf, parts.io).await;
+    ///     }
+    ///     UpgradeResponse::NotSwitched(mut res) => {
+    ///         println!("{}: {:?}", res.status(), res.body().await?);
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn send_upgrade(mut self) -> Result<UpgradeResponse, SendRequestError> {
+        // the answer's body is handed over as it comes: ask for no coding it would need
+        self.response_decompress = false;
+        let mut slf = self.prep_for_sending()?;
+
+        if !slf.head.headers.contains_key(header::UPGRADE) {
+            return Err(SendRequestError::MissingUpgradeHeader);
+        }
+        slf.head.set_connection_type(ConnectionType::Upgrade);
+
+        // the tunnel path writes the head as it is: it needs its Host here
+        if !slf.head.headers.contains_key(header::HOST) {
+            if let Some(host) = slf.head.uri.host() {
+                let host = match slf.head.uri.port_u16() {
+                    Some(port) => format!("{host}:{port}"),
+                    None => host.to_owned(),
+                };
+                let host = HeaderValue::try_from(host).map_err(HttpError::from)?;
+                slf.head.headers.insert(header::HOST, host);
+            }
+        }
+
+        let timeout = slf.timeout.or(slf.config.timeout);
+        let fut = slf
+            .config
+            .connector
+            .call(ConnectRequest::Tunnel(slf.head, slf.addr));
+        let res = match timeout {
+            Some(to) => actix_rt::time::timeout(to, fut)
+                .await
+                .map_err(|_| SendRequestError::Timeout)??,
+            None => fut.await?,
+        };
+
+        let (head, framed) = res.into_tunnel_response();
+        Ok(UpgradeResponse::new(head, framed))
     }
 
     // allow unused mut when cookies feature is disabled

@@ -115,6 +115,10 @@ pub enum SendRequestError {
     #[display("Tunnels are not supported for http2 connection")]
     TunnelNotSupported,
 
+    /// An upgrade request without an `Upgrade` header
+    #[display("Upgrade request without an Upgrade header")]
+    MissingUpgradeHeader,
+
     /// Error sending request body
     Body(BoxError),
 
