@@ -186,6 +186,31 @@ impl Decoder for ClientPayloadCodec {
             None => None,
         })
     }
+
+    /// The connection is closed: a close-delimited payload ends here, and the connection
+    /// with it; a payload with a length or chunked framing that has not ended is cut short
+    /// (RFC 9112 §8), an error rather than an end.
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        if self.inner.payload.is_none() {
+            return Ok(None);
+        }
+
+        if let Some(item) = self.decode(src)? {
+            return Ok(Some(item));
+        }
+
+        match self.inner.payload {
+            Some(ref pl) if pl.is_close_delimited() => {
+                self.inner.payload = None;
+                self.inner.conn_type = ConnectionType::Close;
+                Ok(Some(None))
+            }
+            _ => Err(PayloadError::Incomplete(Some(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before the end of the response body",
+            )))),
+        }
+    }
 }
 
 impl Encoder<Message<(RequestHeadType, BodySize)>> for ClientCodec {

@@ -437,20 +437,24 @@ impl MessageType for ResponseHead {
             length = PayloadLength::None;
         }
 
-        // message payload
-        let decoder = if let PayloadLength::Payload(pl) = length {
+        // message payload, see https://datatracker.ietf.org/doc/html/rfc9112#section-6.3
+        let decoder = if (status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS)
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            // rule 1: never a body, whatever the headers say (a 304's Content-Length is the
+            // selected representation's)
+            PayloadType::None
+        } else if let PayloadLength::Payload(pl) = length {
             pl
         } else if status == StatusCode::SWITCHING_PROTOCOLS {
             // switching protocol or connect
             PayloadType::Stream(PayloadDecoder::eof())
         } else {
-            // for HTTP/1.0 read to eof and close connection
-            if msg.version == Version::HTTP_10 {
-                msg.set_connection_type(ConnectionType::Close);
-                PayloadType::Payload(PayloadDecoder::eof())
-            } else {
-                PayloadType::None
-            }
+            // rule 8: neither length nor chunked, in HTTP/1.1 as in HTTP/1.0: the body is
+            // what comes until the server closes, so the connection ends with it
+            msg.set_connection_type(ConnectionType::Close);
+            PayloadType::Payload(PayloadDecoder::eof())
         };
 
         Ok(Some((msg, decoder)))
@@ -522,6 +526,11 @@ impl PayloadDecoder {
     /// Creates an decoder that yields chunks until the stream returns EOF.
     pub fn eof() -> PayloadDecoder {
         PayloadDecoder { kind: Kind::Eof }
+    }
+
+    /// Returns true if the payload ends where the stream does (no length, not chunked).
+    pub(crate) fn is_close_delimited(&self) -> bool {
+        matches!(self.kind, Kind::Eof)
     }
 }
 
