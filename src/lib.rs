@@ -257,8 +257,10 @@ pub fn start(config: Config) -> io::Result<Running> {
 /// Runs the balancer until SIGTERM or SIGINT, then stops gracefully. SIGHUP reloads the
 /// configuration file; SIGUSR1 reopens the access log.
 pub async fn run(config: Config) -> io::Result<()> {
-    let running = start(config)?;
+    // Before the listeners: a SIGHUP that finds the port open must not find its default
+    // action (the end of the process) still in place.
     let mut signals = reload::Signals::new()?;
+    let running = start(config)?;
     loop {
         match signals.next().await {
             reload::Signal::Stop => break,
