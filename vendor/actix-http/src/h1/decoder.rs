@@ -80,6 +80,7 @@ pub(crate) trait MessageType: Sized {
     ) -> Result<PayloadLength, ParseError> {
         let mut ka = None;
         let mut has_upgrade_websocket = false;
+        let mut has_upgrade_other = false;
         let mut expect = false;
         let mut chunked = false;
         let mut seen_te = false;
@@ -183,6 +184,9 @@ pub(crate) trait MessageType: Sized {
                         if let Ok(val) = value.to_str().map(str::trim) {
                             if val.eq_ignore_ascii_case("websocket") {
                                 has_upgrade_websocket = true;
+                            } else if !val.is_empty() {
+                                // any other protocol (RFC 9110 §7.8); see below
+                                has_upgrade_other = true;
                             }
                         }
                     }
@@ -236,6 +240,11 @@ pub(crate) trait MessageType: Sized {
             Ok(PayloadLength::Payload(PayloadType::Payload(
                 PayloadDecoder::length(len),
             )))
+        } else if has_upgrade_other && ka == Some(ConnectionType::Upgrade) {
+            // An upgrade to any protocol, asked for with `Connection: upgrade` and framing
+            // no body: what follows the head belongs to the new protocol, as with WebSocket
+            // (a proxy tunnels it once the server agrees).
+            Ok(PayloadLength::UpgradeWebSocket)
         } else {
             Ok(PayloadLength::None)
         }
