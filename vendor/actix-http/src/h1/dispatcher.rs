@@ -33,7 +33,7 @@ use crate::{
     config::ServiceConfig,
     error::{DispatchError, ParseError, PayloadError},
     service::HttpFlow,
-    ConnectionType, Error, Extensions, HttpMessage, OnConnectData, Request, Response, StatusCode,
+    ConnectionType, Extensions, HttpMessage, OnConnectData, Request, Response, StatusCode,
 };
 
 const LW_BUFFER_SIZE: usize = 1024;
@@ -489,6 +489,19 @@ where
         Ok(size)
     }
 
+    /// A response body failed mid-way: what was written of it goes out, then the connection
+    /// closes without the body's end (no last chunk), so a cut body never looks complete to
+    /// the client; requests pipelined behind it are dropped with the connection.
+    fn cut_short(
+        mut state: Pin<&mut State<S, B, X>>,
+        messages: &mut VecDeque<DispatcherMessage>,
+        flags: &mut Flags,
+    ) {
+        state.set(State::None);
+        messages.clear();
+        flags.insert(Flags::SHUTDOWN | Flags::FINISHED);
+    }
+
     fn send_response(
         mut self: Pin<&mut Self>,
         mut res: Response<()>,
@@ -721,10 +734,10 @@ where
                             }
 
                             Poll::Ready(Some(Err(err))) => {
-                                let err = err.into();
-                                tracing::error!("Response payload stream error: {err:?}");
-                                this.flags.insert(Flags::FINISHED);
-                                return Err(DispatchError::Body(err));
+                                let err: Box<dyn std::error::Error> = err.into();
+                                tracing::debug!("Response payload stream error: {err:?}");
+                                Self::cut_short(this.state, this.messages, this.flags);
+                                return Ok(PollResponse::DrainWriteBuf);
                             }
 
                             Poll::Pending => return Ok(PollResponse::DoNothing),
@@ -779,11 +792,9 @@ where
                             }
 
                             Poll::Ready(Some(Err(err))) => {
-                                tracing::error!("Response payload stream error: {err:?}");
-                                this.flags.insert(Flags::FINISHED);
-                                return Err(DispatchError::Body(
-                                    Error::new_body().with_cause(err).into(),
-                                ));
+                                tracing::debug!("Response payload stream error: {err:?}");
+                                Self::cut_short(this.state, this.messages, this.flags);
+                                return Ok(PollResponse::DrainWriteBuf);
                             }
 
                             Poll::Pending => return Ok(PollResponse::DoNothing),
