@@ -7,7 +7,7 @@ use std::{
 use actix_codec::{AsyncRead, Framed};
 use actix_http::{
     body::{BodySize, MessageBody},
-    error::PayloadError,
+    error::{ParseError, PayloadError},
     h1,
     header::{HeaderMap, TryIntoHeaderValue, EXPECT, HOST},
     Payload, RequestHeadType, ResponseHead, StatusCode,
@@ -187,9 +187,12 @@ async fn read_response_head<T: AsyncRead>(
     until_continue: bool,
 ) -> Result<ResponseHead, SendRequestError> {
     loop {
+        // The connection closed before an answer: the request may not even have arrived (a
+        // kept-alive connection the server had just closed), so it is a response error, not
+        // a connect one (which says the server could not be reached at all).
         let head = poll_fn(|cx| framed.as_mut().poll_next(cx))
             .await
-            .ok_or(ConnectError::Disconnected)??;
+            .ok_or(SendRequestError::Response(ParseError::Incomplete))??;
 
         let wanted = !head.status.is_informational()
             || head.status == StatusCode::SWITCHING_PROTOCOLS
