@@ -133,6 +133,22 @@ async fn body(res: &mut awc::ClientResponse) -> Result<Bytes, awc::error::Payloa
     }
 }
 
+// --- a close before any answer -----------------------------------------------------------
+
+#[actix_rt::test]
+async fn a_close_before_any_answer_is_a_response_error_not_a_connect_error() {
+    let backend = Scripted::start(|mut c| {
+        c.head();
+        c.close();
+    });
+    let res = client().get(backend.url("/")).send().await;
+    match res {
+        Err(awc::error::SendRequestError::Response(_)) => {}
+        Err(e) => panic!("wrong error: {e:?}"),
+        Ok(res) => panic!("an answer: {}", res.status()),
+    }
+}
+
 // --- 1xx interim responses ---------------------------------------------------------------
 
 #[actix_rt::test]
