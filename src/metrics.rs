@@ -43,6 +43,8 @@ struct ServerLabels {
 #[derive(Debug, Clone, Default)]
 pub struct ServerCounters {
     counters: [Counter; 5],
+    /// Bodies this server ended early.
+    failed: Counter,
     /// Keeps the server's series registered; `None` for counters counted nowhere.
     _series: Option<Arc<ServerSeries>>,
 }
@@ -64,6 +66,7 @@ impl ServerCounters {
 #[derive(Debug, Clone)]
 struct ServerFamilies {
     requests: Family<RequestLabels, Counter>,
+    body_failures: Family<ServerLabels, Counter>,
     healthy: Family<ServerLabels, Gauge>,
     health_check_failures: Family<ServerLabels, Counter>,
     /// Per label, the series handle every `Upstream` of that server shares.
@@ -97,6 +100,7 @@ impl Drop for ServerSeries {
         };
         f.healthy.remove(&server);
         f.health_check_failures.remove(&server);
+        f.body_failures.remove(&server);
     }
 }
 
@@ -145,6 +149,12 @@ impl Metrics {
             "Requests being proxied now",
             in_flight.clone(),
         );
+        let body_failures = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "upstream_body_failures",
+            "Response bodies the server ended early (closed, reset, or paused past proxy.timeout); the client's connection was closed without a clean end",
+            body_failures.clone(),
+        );
         let healthy = Family::<ServerLabels, Gauge>::default();
         registry.register(
             "server_healthy",
@@ -171,12 +181,14 @@ impl Metrics {
         );
         let servers = ServerFamilies {
             requests,
+            body_failures,
             healthy,
             health_check_failures,
             live: Arc::default(),
         };
         let own = ServerCounters {
             counters: Self::counters_in(&servers.requests, &Arc::from("")),
+            failed: Counter::default(),
             _series: None,
         };
         Self {
@@ -233,6 +245,7 @@ impl Metrics {
         drop(f.health_check_failures.get_or_create(&labels));
         ServerCounters {
             counters: Self::counters_in(&f.requests, server),
+            failed: f.body_failures.get_or_create(&labels).clone(),
             _series: Some(series),
         }
     }
@@ -246,11 +259,21 @@ impl Metrics {
             .len()
     }
 
-    /// Counts one answered request; `server` is `None` for answers of our own (429, 502, …).
-    pub fn request(&self, server: Option<&ServerCounters>, status: u16, seconds: Option<f64>) {
+    /// Counts one answered request by the status sent (499: the client went away);
+    /// `server` is `None` for answers of our own (429, 502, …).
+    pub fn answered(&self, server: Option<&ServerCounters>, status: u16) {
         server.unwrap_or(&self.own).inc(status);
-        if let Some(s) = seconds {
-            self.duration.observe(s);
+    }
+
+    /// The time from a request to its response head.
+    pub fn head_time(&self, seconds: f64) {
+        self.duration.observe(seconds);
+    }
+
+    /// A server ended a response body early.
+    pub fn upstream_failed(&self, server: Option<&ServerCounters>) {
+        if let Some(s) = server {
+            s.failed.inc();
         }
     }
 
@@ -308,8 +331,9 @@ mod tests {
         let m = Metrics::new();
         let s: Arc<str> = Arc::from("127.0.0.1:5000");
         let counters = m.server_counters(&s);
-        m.request(Some(&counters), 204, Some(0.002));
-        m.request(None, 503, None);
+        m.answered(Some(&counters), 204);
+        m.head_time(0.002);
+        m.answered(None, 503);
         m.set_healthy(&s, true);
         let text = m.encode();
         assert!(

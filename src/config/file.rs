@@ -132,6 +132,9 @@ pub struct ProxySection {
     pub retries: u32,
     pub preserve_host: bool,
     pub max_body_bytes: u64,
+    /// An upgraded connection (WebSocket) idle this long either way is closed.
+    #[serde(with = "humantime_serde")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 impl Default for ProxySection {
@@ -142,6 +145,7 @@ impl Default for ProxySection {
             retries: 2,
             preserve_host: true,
             max_body_bytes: 0,
+            tunnel_idle_timeout: Duration::from_secs(3600),
         }
     }
 }

@@ -120,6 +120,7 @@ impl FileConfig {
 
         nonzero(self.proxy.connect_timeout, "proxy.connect_timeout")?;
         nonzero(self.proxy.timeout, "proxy.timeout")?;
+        nonzero(self.proxy.tunnel_idle_timeout, "proxy.tunnel_idle_timeout")?;
 
         let rl = &self.rate_limit;
         if rl.requests == 0 {

@@ -27,36 +27,52 @@ use bytes::Bytes;
 use futures_util::Stream;
 
 use super::headers::HopByHop;
-use crate::balancer::Lease;
+use crate::{
+    access_log::{Ending, Record},
+    balancer::Lease,
+};
+
+/// Why no response head came in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stalled {
+    /// The server did not answer (504).
+    Upstream,
+    /// The client's body stopped arriving before it was complete (408).
+    Upload,
+}
 
 /// Waits for the response head, or `Err` past `limit`. The limit counts from the start, or
 /// from the last request-body chunk sent, whichever is later: an upload that keeps flowing
-/// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`).
+/// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`),
+/// and then it is the client's stall, not the server's.
 pub async fn head_within<F: std::future::Future>(
     sending: F,
     limit: Duration,
     body: Option<&BodyState>,
-) -> Result<F::Output, ()> {
+) -> Result<F::Output, Stalled> {
     let mut sending = std::pin::pin!(sending);
     let mut from = Instant::now();
     loop {
         let deadline = tokio::time::Instant::from_std(from + limit);
         match tokio::time::timeout_at(deadline, &mut sending).await {
             Ok(out) => return Ok(out),
-            Err(_) => match body.map(|b| b.last_chunk.get()) {
-                Some(last) if last > from => from = last,
-                _ => return Err(()),
+            Err(_) => match body {
+                Some(b) if b.last_chunk.get() > from => from = b.last_chunk.get(),
+                Some(b) if !b.finished.get() => return Err(Stalled::Upload),
+                _ => return Err(Stalled::Upstream),
             },
         }
     }
 }
 
 /// The client's answer: the upstream's status and end-to-end headers, its body streamed.
+/// `record` is finished when the body has been sent, however that ends.
 pub fn respond(
     req: &HttpRequest,
     res: awc::ClientResponse,
     lease: Lease,
     idle: Duration,
+    record: Record,
 ) -> HttpResponse {
     let status = res.status();
     let mut out = HttpResponseBuilder::new(status);
@@ -80,6 +96,7 @@ pub fn respond(
     // of a HEAD body but not the body); 304 keeps a Content-Length set by hand.
     if req.method() == Method::HEAD {
         drop(lease);
+        record.finish(0, Ending::Complete);
         let empty = futures_util::stream::empty::<Result<Bytes, PayloadError>>();
         return match length {
             Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, empty))),
@@ -91,6 +108,7 @@ pub fn respond(
         || status == StatusCode::NOT_MODIFIED
     {
         drop(lease);
+        record.finish(0, Ending::Complete);
         if let (StatusCode::NOT_MODIFIED, Some(n)) = (status, length) {
             built
                 .headers_mut()
@@ -104,6 +122,9 @@ pub fn respond(
         idle,
         deadline: None,
         armed: false,
+        record: Some(record),
+        bytes: 0,
+        ending: Ending::ClientGone,
     };
     match length {
         Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),
@@ -124,6 +145,10 @@ pub struct BodyState {
     over: Cell<bool>,
     /// When the last chunk was read: the response-head timeout counts from it.
     last_chunk: Cell<Instant>,
+    /// The whole body has been read.
+    finished: Cell<bool>,
+    /// The client's connection failed mid-body (it went away).
+    client_failed: Cell<bool>,
 }
 
 impl BodyState {
@@ -136,7 +161,14 @@ impl BodyState {
             max,
             over: Cell::new(false),
             last_chunk: Cell::new(Instant::now()),
+            finished: Cell::new(false),
+            client_failed: Cell::new(false),
         })
+    }
+
+    /// The client went away (or broke its framing) mid-body.
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.get()
     }
 
     /// Some bytes went to an upstream: the body cannot be sent again.
@@ -169,23 +201,29 @@ impl Stream for BodyReader {
         let state = &*self.0;
         let mut payload = state.payload.borrow_mut();
         let next = Pin::new(&mut *payload).poll_next(cx);
-        if let Poll::Ready(Some(Ok(chunk))) = &next {
-            state.started.set(true);
-            state.last_chunk.set(Instant::now());
-            let seen = state.seen.get() + chunk.len() as u64;
-            state.seen.set(seen);
-            if state.max > 0 && seen > state.max {
-                state.over.set(true);
-                return Poll::Ready(Some(Err(BodyError::TooLarge)));
+        match &next {
+            Poll::Ready(Some(Ok(chunk))) => {
+                state.started.set(true);
+                state.last_chunk.set(Instant::now());
+                let seen = state.seen.get() + chunk.len() as u64;
+                state.seen.set(seen);
+                if state.max > 0 && seen > state.max {
+                    state.over.set(true);
+                    return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                }
             }
+            Poll::Ready(Some(Err(_))) => state.client_failed.set(true),
+            Poll::Ready(None) => state.finished.set(true),
+            Poll::Pending => {}
         }
         next.map(|item| item.map(|r| r.map_err(BodyError::from)))
     }
 }
 
-/// The upstream's body on its way to the client: ends the in-flight count when dropped, and
-/// fails when the upstream pauses longer than `proxy.timeout` between two chunks (a flowing
-/// download is never cut).
+/// The upstream's body on its way to the client: ends the in-flight count and finishes the
+/// record when dropped, and fails when the upstream pauses longer than `proxy.timeout`
+/// between two chunks (a flowing download is never cut). A failure ends the client's
+/// connection without a clean end (actix closes it), so a cut body never looks complete.
 struct UpstreamBody {
     inner: awc::ClientResponse,
     _lease: Lease,
@@ -194,6 +232,19 @@ struct UpstreamBody {
     deadline: Option<Pin<Box<actix_rt::time::Sleep>>>,
     /// The deadline counts from the current pause (set at its start, cleared by a chunk).
     armed: bool,
+    record: Option<Record>,
+    /// Body bytes handed to the client so far.
+    bytes: u64,
+    /// How it ends if dropped now: before the end, the client has gone away.
+    ending: Ending,
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes, self.ending);
+        }
+    }
 }
 
 impl Stream for UpstreamBody {
@@ -204,6 +255,11 @@ impl Stream for UpstreamBody {
         match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(item) => {
                 this.armed = false;
+                match &item {
+                    Some(Ok(chunk)) => this.bytes += chunk.len() as u64,
+                    Some(Err(e)) => this.ending = Ending::UpstreamFailed(why(e)),
+                    None => this.ending = Ending::Complete,
+                }
                 Poll::Ready(item)
             }
             Poll::Pending => {
@@ -217,6 +273,7 @@ impl Stream for UpstreamBody {
                 }
                 match deadline.as_mut().poll(cx) {
                     Poll::Ready(()) => {
+                        this.ending = Ending::UpstreamFailed(PAUSED);
                         Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             "upstream body paused longer than proxy.timeout",
@@ -226,5 +283,18 @@ impl Stream for UpstreamBody {
                 }
             }
         }
+    }
+}
+
+/// The access log's words for a body the server paused past `proxy.timeout`.
+const PAUSED: &str = "paused longer than proxy.timeout";
+
+/// The access log's words for a body that failed.
+fn why(e: &PayloadError) -> &'static str {
+    match e {
+        PayloadError::Incomplete(_) => "closed before the end of the body",
+        PayloadError::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => PAUSED,
+        PayloadError::Io(_) => "connection error mid-body",
+        _ => "malformed body",
     }
 }

@@ -8,7 +8,7 @@ use actix_web::{
 };
 
 use super::checks::MAX_HEAD_BYTES;
-use crate::rate_limit::Decision;
+use crate::{access_log::CLIENT_CLOSED, rate_limit::Decision};
 
 /// Why the proxy answered for itself.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,11 @@ pub enum ProxyError {
     BadGateway(String),
     #[error("the upstream server did not answer in time")]
     GatewayTimeout,
+    #[error("the request body stopped arriving")]
+    RequestTimeout,
+    /// The client went away mid-upload; nobody reads this answer, it is only counted.
+    #[error("the client closed the connection")]
+    ClientGone,
     #[error("request body larger than {0} bytes")]
     TooLarge(u64),
     #[error("bad request: {0}")]
@@ -45,6 +50,10 @@ impl ResponseError for ProxyError {
             | ProxyError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ProxyError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientGone => {
+                StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status code")
+            }
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -66,6 +75,8 @@ impl ResponseError for ProxyError {
             }
             // The body was not read: the connection cannot carry another request.
             ProxyError::TooLarge(_)
+            | ProxyError::RequestTimeout
+            | ProxyError::ClientGone
             | ProxyError::BadRequest(_)
             | ProxyError::HeadTooLarge
             | ProxyError::ExpectationFailed

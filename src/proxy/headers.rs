@@ -54,6 +54,23 @@ pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
 }
 
+/// The protocol a request asks to upgrade to, when it is an upgrade roundabout tunnels:
+/// `Connection: upgrade` with an `Upgrade` token and no body. actix-http reads the rest of
+/// such a connection as the request's payload (vendor/actix-http/VENDORED.md): the tunnel's
+/// client side. An upgrade request with a body is forwarded as an ordinary request.
+pub fn upgrade_of(req: &HttpRequest) -> Option<&HeaderValue> {
+    let headers = req.headers();
+    if !req.head().upgrade()
+        || headers.contains_key(header::CONTENT_LENGTH)
+        || headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)
+        .filter(|v| !v.as_bytes().trim_ascii().is_empty())
+}
+
 /// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
 /// `Connection` names.
 pub struct HopByHop<'a> {

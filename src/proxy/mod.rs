@@ -13,29 +13,33 @@ pub mod body;
 pub mod checks;
 pub mod error;
 pub mod headers;
+pub mod tunnel;
 
 use std::{cell::RefCell, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 
 use actix::Addr;
+use actix_codec::Framed;
+use actix_http::h1::ClientCodec;
 use actix_web::{
-    body::{None as NoBody, SizedStream},
+    body::{BodySize, MessageBody as _, None as NoBody, SizedStream},
     dev::Payload,
     http::{header, header::HeaderValue, Method},
     web, HttpRequest, HttpResponse, ResponseError,
 };
-use awc::error::SendRequestError;
+use awc::{error::SendRequestError, BoxedSocket, UpgradeResponse};
 use ipnet::IpNet;
 use tokio::sync::watch;
 
 use self::{
-    body::{head_within, respond, BodyReader, BodyState},
+    body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
     headers::{rate_limit_headers, upstream_headers, upstream_uri},
+    tunnel::tunnel,
 };
 pub use self::{error::ProxyError, headers::client_ip};
 use crate::{
-    access_log::{self, AccessEntry},
-    balancer::{BalancerActor, NextServer},
+    access_log::{AccessEntry, Ending, Record},
+    balancer::{BalancerActor, Lease, NextServer},
     config::{Config, ProxySection},
     health::{ConnectFailed, HealthActor},
     metrics::Metrics,
@@ -142,52 +146,79 @@ pub async fn forward(
         .then_some(&worker.limiter);
     let outcome = match check_request(&req, &settings.proxy) {
         Err(e) => Err(e),
-        Ok(body) => match limit(limiter, client_ip).await {
+        Ok(framing) => match limit(limiter, client_ip).await {
             Err(e) => Err(e),
             Ok(d) => {
                 decision = d;
-                let payload = payload.into_inner();
-                send(&req, payload, body, peer, &worker, &settings, &client).await
+                // The body goes to the server; an upgrade's payload (the rest of the
+                // connection) waits for the tunnel.
+                let mut payload = Some(payload.into_inner());
+                let body = (framing != Framing::None).then(|| {
+                    let payload = payload.take().unwrap_or(Payload::None);
+                    BodyState::new(payload, settings.proxy.max_body_bytes)
+                });
+                let upgrade = headers::upgrade_of(&req).filter(|_| body.is_none());
+                let to = Target { peer, upgrade };
+                send(&req, body, framing, to, &worker, &settings, &client)
+                    .await
+                    .map(|reply| (reply, payload))
             }
         },
     };
+    worker.metrics.head_time(started.elapsed().as_secs_f64());
 
-    let (mut res, server) = match outcome {
-        Ok((res, upstream)) => (res, Some(upstream)),
+    let mut record = Record {
+        metrics: worker.metrics.clone(),
+        upstream: None,
+        status: 0,
+        started,
+        entry: settings.access_log.then(|| AccessEntry {
+            client: client_ip,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+        }),
+    };
+    let idle = settings.proxy.timeout;
+    let mut res = match outcome {
+        Ok((reply, payload)) => {
+            record.upstream = Some(reply.lease.upstream().clone());
+            record.status = reply.response.status().as_u16();
+            match (reply.switched, payload, headers::upgrade_of(&req)) {
+                (Some(socket), Some(payload), Some(asked)) => {
+                    let asked = asked.clone();
+                    let tunnel_idle = settings.proxy.tunnel_idle_timeout;
+                    tunnel(
+                        reply.response,
+                        socket,
+                        payload,
+                        asked,
+                        reply.lease,
+                        tunnel_idle,
+                        record,
+                    )
+                }
+                _ => respond(&req, reply.response, reply.lease, idle, record),
+            }
+        }
         Err(e) => {
             if let ProxyError::RateLimited(d) = &e {
                 decision = Some(d.clone());
                 worker.metrics.rate_limited();
             }
-            (e.error_response(), None)
+            let res = e.error_response();
+            record.status = res.status().as_u16();
+            let bytes = match res.body().size() {
+                BodySize::Sized(n) => n,
+                _ => 0,
+            };
+            record.finish(bytes, Ending::Complete);
+            res
         }
     };
     if let Some(d) = &decision {
         rate_limit_headers(res.headers_mut(), d, settings.ratelimit_policy.as_ref());
     }
-
-    let status = res.status().as_u16();
-    let elapsed = started.elapsed();
-    worker.metrics.request(
-        server.as_ref().map(|u| &u.counters),
-        status,
-        Some(elapsed.as_secs_f64()),
-    );
-    if !settings.access_log {
-        return res;
-    }
-    // The line is written when the body has been sent (or the client went away), with the
-    // bytes sent and the whole time taken, as nginx's `$body_bytes_sent` and `$request_time`.
-    let entry = AccessEntry {
-        client: client_ip,
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        status,
-        upstream: server,
-        started,
-        bytes: 0,
-    };
-    access_log::logged(res, entry)
+    res
 }
 
 /// Asks the worker's limiter, when limiting is on and we know the client.
@@ -206,21 +237,31 @@ async fn limit(
     }
 }
 
+/// Where a request goes beyond the server: whose it is, and the protocol it upgrades to.
+struct Target<'a> {
+    peer: Option<IpAddr>,
+    upgrade: Option<&'a HeaderValue>,
+}
+
+/// A server's answer head, the connection when it switched protocols, and the lease.
+struct Reply {
+    response: awc::ClientResponse,
+    switched: Option<Framed<BoxedSocket, ClientCodec>>,
+    lease: Lease,
+}
+
 /// Chooses a server and forwards; retries on another server while that is safe.
 async fn send(
     req: &HttpRequest,
-    payload: Payload,
+    body: Option<Rc<BodyState>>,
     framing: Framing,
-    peer: Option<IpAddr>,
+    to: Target<'_>,
     worker: &Worker,
     settings: &Settings,
     client: &awc::Client,
-) -> Result<(HttpResponse, Arc<Upstream>), ProxyError> {
+) -> Result<Reply, ProxyError> {
     let proxy = &settings.proxy;
-    let body = match framing {
-        Framing::None => None,
-        _ => Some(BodyState::new(payload, proxy.max_body_bytes)),
-    };
+    let peer = to.peer;
     // Moved into the first try; a retry (rare) builds them again.
     let mut headers = Some(upstream_headers(req, peer, &settings.trusted_proxies));
     let idempotent = matches!(
@@ -263,25 +304,50 @@ async fn send(
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
         }
-        let sending = match (&body, framing) {
-            (Some(b), Framing::Length(n)) => {
-                creq.send_body(SizedStream::new(n, BodyReader(b.clone())))
-            }
-            (Some(b), _) => creq.send_stream(BodyReader(b.clone())),
-            // No body at all (not an empty one): no Content-Length: 0 on a GET.
-            (None, _) => creq.send_body(NoBody::new()),
+        let result = if let Some(protocol) = to.upgrade {
+            creq.headers_mut().insert(header::UPGRADE, protocol.clone());
+            head_within(creq.send_upgrade(), proxy.timeout, None)
+                .await
+                .map(|r| {
+                    r.map(|answer| match answer {
+                        UpgradeResponse::Switched(res, socket) => (res, Some(socket)),
+                        UpgradeResponse::NotSwitched(res) => (res, None),
+                    })
+                })
+        } else {
+            let sending = match (&body, framing) {
+                (Some(b), Framing::Length(n)) => {
+                    creq.send_body(SizedStream::new(n, BodyReader(b.clone())))
+                }
+                (Some(b), _) => creq.send_stream(BodyReader(b.clone())),
+                // No body at all (not an empty one): no Content-Length: 0 on a GET.
+                (None, _) => creq.send_body(NoBody::new()),
+            };
+            head_within(sending, proxy.timeout, body.as_deref())
+                .await
+                .map(|r| r.map(|res| (res, None)))
         };
 
-        let result = head_within(sending, proxy.timeout, body.as_deref()).await;
         let body_started = body.as_ref().is_some_and(|b| b.started());
         let error = match result {
-            Err(_elapsed) => return Err(ProxyError::GatewayTimeout),
-            Ok(Ok(res)) => return Ok((respond(req, res, lease, proxy.timeout), upstream)),
+            Err(Stalled::Upload) => return Err(ProxyError::RequestTimeout),
+            Err(Stalled::Upstream) => return Err(ProxyError::GatewayTimeout),
+            Ok(Ok((response, switched))) => {
+                return Ok(Reply {
+                    response,
+                    switched,
+                    lease,
+                })
+            }
             Ok(Err(e)) => e,
         };
         drop(lease);
         if body.as_ref().is_some_and(|b| b.over()) {
             return Err(ProxyError::TooLarge(proxy.max_body_bytes));
+        }
+        // The client went away mid-upload: nothing to answer, nobody to blame.
+        if body.as_ref().is_some_and(|b| b.client_failed()) {
+            return Err(ProxyError::ClientGone);
         }
         let reason = describe(&error, proxy.connect_timeout);
         last_error = format!("{}: {reason}", upstream.label);
