@@ -244,6 +244,7 @@ async fn chunk_lines_other_parsers_read_differently_are_refused() {
         );
         assert!(!answer.contains(" 200 "), "{body:?} got {answer:?}");
     }
+    assert_eq!(a.hits(), 0, "the backend saw none of them");
     // Well-formed extensions still pass.
     let answer = raw(
         lb.proxy_addr,

@@ -264,7 +264,8 @@ async fn ten_thousand_servers_added_and_removed_leave_metrics_and_memory_as_they
     let api = format!("http://127.0.0.1:{admin}");
     let metrics = async || {
         let mut res = client().get(format!("{api}/metrics")).send().await.unwrap();
-        res.body().limit(64 << 20).await.unwrap().len()
+        let body = res.body().limit(64 << 20).await.unwrap();
+        String::from_utf8(body.to_vec()).unwrap()
     };
     let churn = async |n: u32| {
         let c = client();
@@ -289,12 +290,20 @@ async fn ten_thousand_servers_added_and_removed_leave_metrics_and_memory_as_they
     let base_metrics = metrics().await;
     let base_rss = lb.rss_kib();
     churn(10_000).await;
+    let gone = eventually(Duration::from_secs(5), async || {
+        metrics().await.len() == base_metrics.len()
+    })
+    .await;
+    let now = metrics().await;
+    let new: Vec<&str> = now
+        .lines()
+        .filter(|l| !base_metrics.lines().any(|b| b == *l))
+        .collect();
     assert!(
-        eventually(Duration::from_secs(5), async || metrics().await
-            == base_metrics)
-        .await,
-        "/metrics is {} bytes, was {base_metrics}",
-        metrics().await
+        gone,
+        "/metrics is {} bytes, was {}; new lines: {new:?}",
+        now.len(),
+        base_metrics.len()
     );
     let rss = lb.rss_kib();
     assert!(

@@ -391,16 +391,45 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 
 #[actix_rt::test]
 async fn an_idempotent_request_on_a_connection_the_server_closed_is_retried() {
-    // Answers, then closes without saying so: the pooled connection goes stale.
-    let raw_backend = RawBackend::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-    let lb = balancer(
-        &[raw_backend.url()],
-        "[health_check]\npath = \"/\"\ninterval = \"1h\"\n",
-    );
+    // The first connection answers once, then takes the next request and closes without a
+    // word, as a server whose keep-alive timer fired just as it came: the pool really
+    // reused the connection, and only a retry on a new one can answer.
+    let start = |retries: u32| {
+        let b = Scripted::start(|connection, request, head| {
+            if head.starts_with("GET /health ") {
+                return vec![Step::send("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")];
+            }
+            match (connection, request) {
+                (_, 0) => vec![Step::send("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")],
+                _ => vec![Step::Close],
+            }
+        });
+        let lb = balancer(
+            &[b.url()],
+            &format!(
+                "[health_check]\npath = \"/health\"\ninterval = \"1h\"\n[proxy]\nretries = {retries}\n"
+            ),
+        );
+        (b, lb)
+    };
+    let (b, lb) = start(2);
+    let url = format!("http://{}/", lb.proxy_addr);
     for _ in 0..5 {
-        let (status, body) = get(&format!("http://{}/", lb.proxy_addr)).await;
-        assert_eq!((status, body.as_str()), (200, "ok"));
+        assert_eq!(get(&url).await, (200, "ok".into()));
     }
+    assert!(
+        b.connections() > 1,
+        "connections were reused and found closed"
+    );
+
+    let (_b, lb) = start(0);
+    let url = format!("http://{}/", lb.proxy_addr);
+    assert_eq!(get(&url).await, (200, "ok".into()));
+    assert_eq!(
+        get(&url).await.0,
+        502,
+        "without a retry the stale connection shows"
+    );
 }
 
 /// Sends a chunked POST to /sha256 on a raw connection, one chunk per item of `gaps`
@@ -413,7 +442,7 @@ async fn trickle(addr: std::net::SocketAddr, gaps: &[u64]) -> String {
         .unwrap();
     for &gap in gaps {
         actix_rt::time::sleep(std::time::Duration::from_millis(gap)).await;
-        // The proxy may have answered (504) and closed meanwhile.
+        // The proxy may have answered (408) and closed meanwhile.
         if s.write_all(b"5\r\nchunk\r\n").await.is_err() {
             break;
         }
@@ -436,6 +465,7 @@ async fn a_flowing_upload_is_not_cut_by_the_timeout_but_a_paused_one_is() {
         "{answer}"
     );
 
+    // A pause past the timeout is the client's stall (SPEC: 408), not the server's.
     let answer = trickle(lb.proxy_addr, &[0, 1500]).await;
-    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
