@@ -82,7 +82,7 @@ fn an_environment_variable_overrides_the_file() {
         &[("ROUNDABOUT__RATE_LIMIT__WINDOW", "0s")],
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("rate_limit.window"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ROUNDABOUT__RATE_LIMIT__WINDOW: "));
 }
 
 #[test]
@@ -300,4 +300,75 @@ async fn a_dead_server_and_a_dead_redis_are_each_logged_once() {
         count("INFO") + 2,
         "nothing else was warned: {text}"
     );
+}
+
+#[test]
+fn config_errors_speak_the_config_s_words_on_one_line() {
+    let cases = [
+        (
+            "[balancer]\nstrategy = \"roundrobin\"\n",
+            "balancer.strategy: \"roundrobin\" is not one of round_robin, weighted_round_robin, \
+             least_requests, power_of_two",
+        ),
+        (
+            "[health_check]\ninterval = 2\n",
+            "health_check.interval: expected a duration such as \"2s\", found the number 2",
+        ),
+        (
+            "[rate_limit]\non_store_error = \"Allow\"\n",
+            "rate_limit.on_store_error: \"Allow\" is not one of ",
+        ),
+    ];
+    for (text, want) in cases {
+        let file = config_file(text);
+        let path = file.path().to_str().unwrap();
+        let out = run(&["--config", path, "--check"], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with(&format!(
+                "roundabout: invalid configuration: {path}: {want}"
+            )),
+            "{text:?} gave {err:?}"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+        for rust in ["for key", "enum ", "variant", "Strategy", "OnStoreError"] {
+            assert!(!err.contains(rust), "{rust:?} in {err:?}");
+        }
+    }
+}
+
+#[test]
+fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
+    let cases = [
+        (
+            "ROUNDABOUT__RATE_LIMIT__WINDOW",
+            "0s",
+            "ROUNDABOUT__RATE_LIMIT__WINDOW: must be greater than zero",
+        ),
+        (
+            "ROUNDABOUT__HEALTH_CHECK__INTERVAL",
+            "2",
+            "ROUNDABOUT__HEALTH_CHECK__INTERVAL: expected a duration such as \"2s\"",
+        ),
+        (
+            "ROUNDABOUT__BALANCER__STRATEGY",
+            "fastest",
+            "ROUNDABOUT__BALANCER__STRATEGY: \"fastest\" is not one of round_robin,",
+        ),
+    ];
+    for (var, value, want) in cases {
+        let out = run(
+            &["--config", "config/default.toml", "--check"],
+            &[(var, value)],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with(&format!("roundabout: invalid configuration: {want}")),
+            "{var}={value} gave {err:?}"
+        );
+        assert!(!err.contains("default.toml"), "blames the file: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
+    }
 }

@@ -7,8 +7,12 @@
 //! 2. [`FileConfig::validate`] turns the raw strings into real types (`Url`, `IpNet`,
 //!    `SocketAddr`) and checks the ranges, again naming the key.
 //!
+//! An error names where the bad value came from: the file and the dotted key, or the
+//! `ROUNDABOUT__*` variable that overrode it. Its reason is in the config's words (no
+//! Rust type names, no trailing ``for key `x` `` of the `config` crate).
+//!
 //! Defaults are the SPEC's; `config/default.toml` documents each key. The sections as
-//! written live in [`file`], the checks and the validated types in [`validate`]; this module
+//! written live in `file`, the checks and the validated types in `validate`; this module
 //! is the pipeline between them and the error it reports.
 
 mod file;
@@ -36,6 +40,11 @@ pub enum ConfigError {
         key: String,
         reason: String,
     },
+    /// As `Key`, for a value that came from an environment variable (`var`), which wins
+    /// over the file; `reason` starts with the dotted key when it is deeper than the
+    /// variable's own (`balancer.servers[1].url: ...`).
+    #[error("{var}: {reason}")]
+    Env { var: String, reason: String },
 }
 
 impl Config {
@@ -88,6 +97,21 @@ impl Config {
                 .filter(|(k, _)| k.starts_with("ROUNDABOUT__"))
                 .collect()
         });
+        let names: Vec<String> = env.keys().cloned().collect();
+        let key_error = |key: String, reason: String| match env_var(&names, &key) {
+            Some((var, var_key)) if var_key == key.to_ascii_lowercase() => {
+                ConfigError::Env { var, reason }
+            }
+            Some((var, _)) => ConfigError::Env {
+                var,
+                reason: format!("{key}: {reason}"),
+            },
+            None => ConfigError::Key {
+                file: file.into(),
+                key,
+                reason,
+            },
+        };
         let (lists, scalars): (config::Map<_, _>, config::Map<_, _>) =
             env.into_iter().partition(|(k, _)| {
                 LIST_KEYS.iter().any(|l| {
@@ -115,25 +139,18 @@ impl Config {
             })?;
         let raw: FileConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
             let key = e.path().to_string();
-            let reason = one_line(&e.into_inner().to_string());
+            let reason = one_line(&in_words(e.inner()));
             if key == "." || key.is_empty() {
                 ConfigError::Source {
                     file: file.into(),
                     reason,
                 }
             } else {
-                ConfigError::Key {
-                    file: file.into(),
-                    key,
-                    reason,
-                }
+                key_error(key, reason)
             }
         })?;
-        raw.validate().map_err(|(key, reason)| ConfigError::Key {
-            file: file.into(),
-            key,
-            reason,
-        })
+        raw.validate()
+            .map_err(|(key, reason)| key_error(key, reason))
     }
 
     /// The resolved configuration as TOML, for `--check`.
@@ -144,6 +161,61 @@ impl Config {
 
 /// The keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 2] = ["balancer.servers", "rate_limit.trusted_proxies"];
+
+/// The environment variable among `names` that set `key` (a dotted path such as
+/// `balancer.servers[1].url`) or the section or list holding it, with the key it sets
+/// (lower case, as the `config` crate reads it): the value came from there, not the file.
+fn env_var(names: &[String], key: &str) -> Option<(String, String)> {
+    let segments: Vec<String> = key
+        .split('.')
+        .map(|s| s.split('[').next().unwrap_or(s).to_ascii_lowercase())
+        .collect();
+    (1..=segments.len()).rev().find_map(|n| {
+        let wanted = format!("ROUNDABOUT__{}", segments[..n].join("__"));
+        names
+            .iter()
+            .find(|v| v.eq_ignore_ascii_case(&wanted))
+            .map(|v| (v.clone(), segments[..n].join(".")))
+    })
+}
+
+/// A deserialization error in the config's words: the reason alone, without the `config`
+/// crate's trailing ``for key `x` `` and ``in the environment`` (the caller names where
+/// the value came from) or serde's "field" (the file says "key").
+fn in_words(e: &config::ConfigError) -> String {
+    match e {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            ..
+        } => format!("expected {expected}, found {unexpected}"),
+        config::ConfigError::At { error, .. } => in_words(error),
+        config::ConfigError::Message(m) => match m.strip_prefix("unknown field `") {
+            // serde: "unknown field `adress`, expected `address` or `workers`"; the path
+            // already ends with the unknown name.
+            Some(rest) => match rest.split_once("`, ") {
+                Some((_, expected)) => format!("unknown key, {expected}"),
+                None => "unknown key".into(),
+            },
+            // serde: "invalid type: integer `3`, expected struct ListenSection".
+            None => match m.split_once(", expected ") {
+                Some((found, expected))
+                    if found.starts_with("invalid type: ")
+                        || found.starts_with("invalid value: ") =>
+                {
+                    let found = found.split_once(": ").map_or(found, |(_, f)| f);
+                    let expected = match expected.strip_prefix("struct ") {
+                        Some(_) => "a table",
+                        None => expected,
+                    };
+                    format!("expected {expected}, found {found}")
+                }
+                _ => m.clone(),
+            },
+        },
+        other => other.to_string(),
+    }
+}
 
 /// Folds a multi-line parser message (TOML errors quote the source with a caret) into the
 /// one line that start-up prints.
@@ -227,6 +299,103 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             assert!(err.contains(key), "{text:?} gave {err:?}, wanted key {key}");
             assert!(!err.contains('\n'), "one line: {err:?}");
         }
+    }
+
+    #[test]
+    fn errors_speak_the_config_s_words() {
+        let cases = [
+            (
+                "[balancer]\nstrategy = \"roundrobin\"",
+                "test.toml: balancer.strategy: \"roundrobin\" is not one of round_robin, \
+                 weighted_round_robin, least_requests, power_of_two",
+            ),
+            (
+                "[health_check]\ninterval = 2",
+                "test.toml: health_check.interval: expected a duration such as \"2s\", found \
+                 the number 2 (a duration needs a unit: ms, s, m, h)",
+            ),
+            (
+                "[rate_limit]\nwindow = \"soon\"",
+                "test.toml: rate_limit.window: expected a duration such as \"2s\", found \
+                 \"soon\" (a number and a unit: ms, s, m, h)",
+            ),
+            (
+                "[listen]\nadress = \"x\"",
+                "test.toml: listen.adress: unknown key, expected `address` or `workers`",
+            ),
+            (
+                "[listen]\nworkers = \"many\"",
+                "test.toml: listen.workers: expected an integer, found string \"many\"",
+            ),
+            (
+                "listen = 3",
+                "test.toml: listen: expected a table, found integer `3`",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse(text).unwrap_err().to_string(), want, "{text:?}");
+        }
+        // Whatever the variants are (another may be added): each is listed, in config spelling.
+        let err = parse("[rate_limit]\non_store_error = \"Allow\"")
+            .unwrap_err()
+            .to_string();
+        let list = err
+            .strip_prefix("test.toml: rate_limit.on_store_error: \"Allow\" is not one of ")
+            .unwrap_or_else(|| panic!("{err}"));
+        for variant in list.split(", ") {
+            assert!(parse(&format!("[rate_limit]\non_store_error = \"{variant}\"")).is_ok());
+        }
+        assert!(list.contains("allow") && list.contains("deny"), "{err}");
+    }
+
+    #[test]
+    fn an_error_from_the_environment_names_the_variable() {
+        let parse_env = |vars: &[(&str, &str)]| {
+            let env = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_toml_with_env("t.toml", "[rate_limit]\nwindow = \"1s\"", Some(env))
+                .unwrap_err()
+                .to_string()
+        };
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (
+                &[("ROUNDABOUT__RATE_LIMIT__WINDOW", "0s")],
+                "ROUNDABOUT__RATE_LIMIT__WINDOW: must be greater than zero",
+            ),
+            (
+                &[("ROUNDABOUT__RATE_LIMIT__WINDOW", "2")],
+                "ROUNDABOUT__RATE_LIMIT__WINDOW: expected a duration such as \"2s\", found \"2\" \
+                 (a duration needs a unit: ms, s, m, h)",
+            ),
+            (
+                &[("ROUNDABOUT__BALANCER__STRATEGY", "fast")],
+                "ROUNDABOUT__BALANCER__STRATEGY: \"fast\" is not one of round_robin, \
+                 weighted_round_robin, least_requests, power_of_two",
+            ),
+            (
+                &[("ROUNDABOUT__BALANCER__SERVERS", "http://a:1,ftp://b:2")],
+                "ROUNDABOUT__BALANCER__SERVERS: balancer.servers[1].url: \"ftp://b:2\": scheme \
+                 \"ftp\" is not http",
+            ),
+            (
+                &[("ROUNDABOUT__LISTEN__ADRESS", "x")],
+                "ROUNDABOUT__LISTEN__ADRESS: unknown key, expected `address` or `workers`",
+            ),
+        ];
+        for (vars, want) in cases {
+            assert_eq!(parse_env(vars), want, "{vars:?}");
+        }
+        // The file's own errors still name the file, whatever else the environment sets.
+        let err = Config::from_toml_with_env(
+            "t.toml",
+            "[rate_limit]\nwindow = \"0s\"",
+            Some([("ROUNDABOUT__PROXY__RETRIES".into(), "1".into())].into()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(err, "t.toml: rate_limit.window: must be greater than zero");
     }
 
     #[test]
