@@ -43,11 +43,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    env_logger::Builder::new()
-        .filter_level(config.log_level)
-        .parse_env("RUST_LOG")
-        .format_timestamp_millis()
-        .init();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(config.log_level);
+    match std::env::var_os("RUST_LOG") {
+        Some(_) => {
+            logger.parse_env("RUST_LOG");
+        }
+        // actix-server's start lines ("starting 1 workers", "Actix runtime found", ...),
+        // once per listener, say nothing our own start line does not.
+        None => {
+            logger.filter_module("actix_server", config.log_level.min(log::LevelFilter::Warn));
+        }
+    }
+    logger.format_timestamp_millis().init();
 
     let system = actix_rt::System::new();
     match system.block_on(roundabout::run(config)) {

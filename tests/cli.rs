@@ -372,3 +372,30 @@ fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     }
 }
+
+#[test]
+fn rust_log_still_shows_actix_s_start_lines() {
+    let port = free_port();
+    let file = config_file(&format!(
+        "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+         [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n"
+    ));
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--config", file.path().to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::from(log.reopen().unwrap()))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        if text.contains("listening on") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("starting 1 workers"), "{text}");
+}
