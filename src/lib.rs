@@ -150,6 +150,19 @@ pub fn start(config: Config) -> io::Result<Running> {
         .as_ref()
         .map(|l| l.local_addr())
         .transpose()?;
+    if config.servers.is_empty() {
+        // Not an error (servers can come at runtime), but a new user's first 503s need a why.
+        match admin_addr {
+            Some(a) => log::warn!(
+                "no servers (balancer.servers is empty): every request gets 503 until servers \
+                 are added through the admin API (POST http://{a}/servers)"
+            ),
+            None => log::warn!(
+                "no servers (balancer.servers is empty) and no admin API (admin.address = \"\"): \
+                 every request gets 503 until servers are added to the file and it is reloaded (SIGHUP)"
+            ),
+        }
+    }
 
     if config.rate_limit.enabled {
         actix_rt::spawn(rate_limit::warm_up(

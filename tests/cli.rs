@@ -373,6 +373,39 @@ fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
     }
 }
 
+#[actix_rt::test]
+async fn no_servers_starts_with_one_warning_and_actix_start_lines_stay_below_info() {
+    let (port, admin) = (free_port(), free_port());
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+             [balancer]\nservers = []\n[rate_limit]\nenabled = false\n\
+             [admin]\naddress = \"127.0.0.1:{admin}\"\n"
+        ),
+    )
+    .await;
+    p.wait_log("listening on", 1).await;
+    assert_eq!(get(&p.url("/")).await.0, 503);
+    let text = p.log();
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains(&format!(
+            "every request gets 503 until servers are added through the admin API \
+             (POST http://127.0.0.1:{admin}/servers)"
+        )),
+        "{text}"
+    );
+    for actix in [
+        "starting 1 workers",
+        "Actix runtime found",
+        "starting service",
+    ] {
+        assert!(!text.contains(actix), "{actix:?} at info: {text}");
+    }
+}
+
 #[test]
 fn rust_log_still_shows_actix_s_start_lines() {
     let port = free_port();
