@@ -207,15 +207,21 @@ impl HealthActor {
         if !ok {
             self.metrics.health_check_failed(&label);
         }
+        let first = checks.state.probation;
         let Some(healthy) = checks.state.observe(member.healthy, ok, rise, fall) else {
             return;
         };
+        // Counts in words: a bare "(1/2)" reads as a threshold not yet met.
         match outcome {
+            Ok(reason) if first => log::info!("{label} up: {reason} (first check passed)"),
             Ok(reason) => log::info!(
-                "{label} up: {reason} ({}/{rise})",
+                "{label} up: {reason} ({}/{rise} checks passed)",
                 checks.state.passes.min(rise)
             ),
-            Err(reason) => log::warn!("{label} down: {reason} ({}/{fall})", checks.state.failures),
+            Err(reason) => log::warn!(
+                "{label} down: {reason} ({}/{fall} checks failed)",
+                checks.state.failures.min(fall)
+            ),
         }
         self.metrics.set_healthy(&label, healthy);
         self.registry.set_healthy(&label, healthy);

@@ -432,3 +432,45 @@ fn rust_log_still_shows_actix_s_start_lines() {
     let _ = child.wait();
     assert!(text.contains("starting 1 workers"), "{text}");
 }
+
+#[actix_rt::test]
+async fn health_changes_are_logged_in_words_that_say_the_count_was_met() {
+    let a = Backend::start("a");
+    let d = Backend::start("d");
+    let (port, admin) = (free_port(), free_port());
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+             [balancer]\nservers = [\"{}\"]\n\
+             [health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+             [rate_limit]\nenabled = false\n[admin]\naddress = \"127.0.0.1:{admin}\"\n\
+             [log]\naccess_log = false\n",
+            a.url()
+        ),
+    )
+    .await;
+    let added = client()
+        .post(format!("http://127.0.0.1:{admin}/servers"))
+        .send_json(&serde_json::json!({ "url": d.url() }))
+        .await
+        .unwrap();
+    assert_eq!(added.status(), 201);
+    p.wait_log(
+        &format!("{} up: status 200 (first check passed)", d.addr),
+        1,
+    )
+    .await;
+
+    a.health_status
+        .store(500, std::sync::atomic::Ordering::SeqCst);
+    p.wait_log(
+        &format!("{} down: status 500 (2/2 checks failed)", a.addr),
+        1,
+    )
+    .await;
+    a.health_status
+        .store(200, std::sync::atomic::Ordering::SeqCst);
+    p.wait_log(&format!("{} up: status 200 (2/2 checks passed)", a.addr), 1)
+        .await;
+}
