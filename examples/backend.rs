@@ -39,11 +39,10 @@ async fn echo(req: HttpRequest, body: web::Payload) -> HttpResponse {
 }
 
 #[actix_web::main]
-async fn main() -> std::io::Result<()> {
+async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let port = args.port;
-    println!("backend listening on http://127.0.0.1:{port}");
-    HttpServer::new(move || {
+    let server = HttpServer::new(move || {
         let hello = move || async move {
             HttpResponse::Ok()
                 .content_type(ContentType::plaintext())
@@ -83,7 +82,23 @@ async fn main() -> std::io::Result<()> {
             }))
     })
     .workers(args.workers)
-    .bind(("127.0.0.1", port))?
-    .run()
-    .await
+    .bind(("127.0.0.1", port));
+    // "listening" only once it is true: scripts wait for this line.
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!(
+                "backend: cannot listen on 127.0.0.1:{port}: {e} (another program has it? pick another with --port)"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("backend listening on http://127.0.0.1:{port}");
+    match server.run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("backend: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
