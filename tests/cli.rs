@@ -373,6 +373,73 @@ fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
     }
 }
 
+/// Runs `scripts/demo` on the binaries already built (no cargo build) with `env`, and
+/// returns its exit code and everything it wrote; it must be done within 20 s.
+fn demo(env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
+    let output = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"));
+    cmd.env("ROUNDABOUT_BIN_DIR", bin_dir)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::from(output.reopen().unwrap()))
+        .stderr(Stdio::from(output.reopen().unwrap()));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "scripts/demo still running after 20 s:\n{}",
+                std::fs::read_to_string(output.path()).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code(),
+        std::fs::read_to_string(output.path()).unwrap(),
+    )
+}
+
+#[test]
+fn the_demo_on_a_busy_port_says_which_and_what_to_try_and_exits_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap();
+    let (code, text) = demo(&[
+        ("ROUNDABOUT__LISTEN__ADDRESS", &busy.to_string()),
+        ("ROUNDABOUT__ADMIN__ADDRESS", ""),
+    ]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "scripts/demo: {busy} (roundabout's listen.address) is already in use"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:"),
+        "says what to try: {text}"
+    );
+    assert!(!text.contains("is up"), "{text}");
+}
+
+#[test]
+fn the_demo_with_a_bad_override_exits_1_with_roundabout_s_one_line() {
+    let (code, text) = demo(&[("ROUNDABOUT__RATE_LIMIT__WINDOW", "0s")]);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(
+        text.trim_end(),
+        "scripts/demo: roundabout: invalid configuration: ROUNDABOUT__RATE_LIMIT__WINDOW: \
+         must be greater than zero"
+    );
+}
+
 #[actix_rt::test]
 async fn no_servers_starts_with_one_warning_and_actix_start_lines_stay_below_info() {
     let (port, admin) = (free_port(), free_port());
