@@ -570,7 +570,13 @@ impl Redis {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is installed (.ci/run installs it)");
+            .unwrap_or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed: run the tests with scripts/test, which \
+                     installs it (or: apt-get install redis-server)"
+                ),
+                _ => panic!("redis-server did not start: {e}"),
+            });
         *self.child.lock().unwrap() = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
