@@ -144,6 +144,8 @@ pub struct RateLimitSection {
     pub redis_url: String,
     pub key_prefix: String,
     pub on_store_error: OnStoreError,
+    /// IPv6 clients are counted per network of this many leading bits (one budget each).
+    pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<String>,
 }
 
@@ -156,6 +158,7 @@ impl Default for RateLimitSection {
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "roundabout:rl".into(),
             on_store_error: OnStoreError::Allow,
+            ipv6_prefix: 64,
             trusted_proxies: Vec::new(),
         }
     }

@@ -165,6 +165,21 @@ mod tests {
             Some("redis://127.0.0.1:6379")
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(c.rate_limit.ipv6_prefix, 64);
+    }
+
+    #[test]
+    fn ipv6_prefix_is_a_prefix_length_named_in_errors() {
+        for bad in ["0", "129", "300", "-1"] {
+            let err = parse(&format!("[rate_limit]\nipv6_prefix = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("rate_limit.ipv6_prefix"), "{bad}: {err}");
+        }
+        for good in [1, 48, 128] {
+            let c = parse(&format!("[rate_limit]\nipv6_prefix = {good}")).unwrap();
+            assert_eq!(c.rate_limit.ipv6_prefix, good);
+        }
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct RateLimit {
     pub redis_url: Option<String>,
     pub key_prefix: String,
     pub on_store_error: OnStoreError,
+    /// 1..=128: IPv6 clients share one budget per network of this many leading bits.
+    pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<IpNet>,
 }
 
@@ -144,6 +146,12 @@ impl FileConfig {
         if rl.key_prefix.is_empty() {
             return Err(key_err("rate_limit.key_prefix", "must not be empty"));
         }
+        if !(1..=128).contains(&rl.ipv6_prefix) {
+            return Err(key_err(
+                "rate_limit.ipv6_prefix",
+                format!("{} is not a prefix length from 1 to 128", rl.ipv6_prefix),
+            ));
+        }
         let mut trusted_proxies = Vec::with_capacity(rl.trusted_proxies.len());
         for (i, t) in rl.trusted_proxies.iter().enumerate() {
             let net = parse_net(t.trim())
@@ -188,6 +196,7 @@ impl FileConfig {
                 redis_url,
                 key_prefix: rl.key_prefix.clone(),
                 on_store_error: rl.on_store_error,
+                ipv6_prefix: rl.ipv6_prefix,
                 trusted_proxies,
             },
             admin,

@@ -1,11 +1,13 @@
-//! `RateLimitActor`: one per worker, a fixed window per client IP.
+//! `RateLimitActor`: one per worker, a fixed window per client.
 //!
-//! The count lives in a [`Store`]: Redis ([`redis::RedisStore`]: every instance on the same
-//! `redis_url` and `key_prefix` shares one budget) or, with `redis_url = ""`, one in-process
-//! map for the whole process ([`memory::MemoryStore`]). A store error (Redis down, a check
-//! slower than [`STORE_TIMEOUT`]) is handled as `on_store_error` says. An IP found over its
-//! budget is remembered by the worker until its window ends, and refused without asking the
-//! store. The actor never blocks: the in-process store answers at once, Redis's answer is
+//! A client is its IP address, or for IPv6 its network of `ipv6_prefix` bits
+//! ([`ClientKey`]): one IPv6 host is given a whole /64, and must not get a budget per
+//! address in it. The count lives in a [`Store`]: Redis ([`redis::RedisStore`]: every
+//! instance on the same `redis_url` and `key_prefix` shares one budget) or, with
+//! `redis_url = ""`, one in-process map for the whole process ([`memory::MemoryStore`]). A
+//! store error (Redis down, a check slower than [`STORE_TIMEOUT`]) is handled as
+//! `on_store_error` says. A client found over its budget is remembered by the worker until
+//! its window ends, and refused without asking the store. The actor never blocks: the in-process store answers at once, Redis's answer is
 //! awaited inside the actor's own future.
 
 pub mod memory;
@@ -13,7 +15,8 @@ pub mod redis;
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    fmt,
+    net::{IpAddr, Ipv6Addr},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -33,6 +36,54 @@ pub use self::{
     memory::{MemoryStore, MEMORY_STORE_CAP},
     redis::{RedisStore, STORE_TIMEOUT},
 };
+
+/// Who a budget belongs to: an IPv4 address, or the IPv6 network of `ipv6_prefix` leading
+/// bits that an IPv6 address is in. The same key in the Redis key, the in-process stores
+/// and the worker's blocked list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The address with the host bits cleared; IPv4 as IPv4-mapped IPv6.
+    net: Ipv6Addr,
+    /// 0 for IPv4, else the IPv6 prefix length.
+    prefix: u8,
+}
+
+impl ClientKey {
+    /// `ip`'s key: an IPv4-mapped IPv6 address counts as the IPv4 address it carries.
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => ClientKey {
+                net: v4.to_ipv6_mapped(),
+                prefix: 0,
+            },
+            IpAddr::V6(v6) => {
+                let prefix = ipv6_prefix.clamp(1, 128);
+                let mask = u128::MAX << (128 - u32::from(prefix));
+                ClientKey {
+                    net: Ipv6Addr::from(u128::from(v6) & mask),
+                    prefix,
+                }
+            }
+        }
+    }
+
+    /// The key in 16 bytes, for the in-process store. IPv4 keys are IPv4-mapped and no
+    /// IPv6 key is (those addresses are taken as IPv4), so the two never meet.
+    pub(crate) fn packed(self) -> (u64, u64) {
+        let bits = u128::from(self.net);
+        ((bits >> 64) as u64, bits as u64)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    /// `192.0.2.7`, or an IPv6 network in CIDR form: `2001:db8::/64`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.net.to_ipv4_mapped() {
+            Some(v4) if self.prefix == 0 => write!(f, "{v4}"),
+            _ => write!(f, "{}/{}", self.net, self.prefix),
+        }
+    }
+}
 
 /// A counted answer: what the client is told in the rate-limit headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,9 +133,6 @@ pub enum StoreError {
     Redis(#[from] ::redis::RedisError),
     #[error("no answer within {}ms", STORE_TIMEOUT.as_millis())]
     Timeout,
-    /// The in-process store holds [`MEMORY_STORE_CAP`] windows that have not ended.
-    #[error("in-process store full ({MEMORY_STORE_CAP} client IPs in their window)")]
-    Full,
 }
 
 /// A store's answer to one hit: at once, or later.
@@ -95,8 +143,8 @@ pub enum Hit {
 
 /// Where the counts are kept: one per process, shared by every worker's actor.
 pub trait Store: Send + Sync {
-    /// Counts one request of `ip` at `now` in its current window.
-    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, now: Instant) -> Hit;
+    /// Counts one request of `key` at `now` in its current window.
+    fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit;
 
     /// Makes the store ready before the first request (opens connections); `None` when
     /// there is nothing to do.
@@ -152,10 +200,11 @@ pub struct RateLimitActor {
     limit: u64,
     window: Duration,
     on_store_error: OnStoreError,
+    ipv6_prefix: u8,
     outage: Arc<Outage>,
     metrics: Arc<Metrics>,
-    /// IPs known to be over budget, and when their window ends: refused locally.
-    blocked: HashMap<IpAddr, Instant>,
+    /// Clients known to be over budget, and when their window ends: refused locally.
+    blocked: HashMap<ClientKey, Instant>,
 }
 
 impl RateLimitActor {
@@ -170,20 +219,21 @@ impl RateLimitActor {
             limit: config.requests,
             window: config.window,
             on_store_error: config.on_store_error,
+            ipv6_prefix: config.ipv6_prefix,
             outage,
             metrics,
             blocked: HashMap::new(),
         }
     }
 
-    /// Turns the store's answer into a verdict, remembering an IP found over budget.
-    fn settle(&mut self, ip: IpAddr, result: Result<Decision, StoreError>) -> Verdict {
+    /// Turns the store's answer into a verdict, remembering a client found over budget.
+    fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
         match result {
             Ok(d) => {
                 self.outage.succeeded();
                 if !d.allowed {
                     // Until the window ends, not the rounded-up second after it.
-                    self.blocked.insert(ip, Instant::now() + d.resets_in);
+                    self.blocked.insert(key, Instant::now() + d.resets_in);
                 }
                 Verdict::Counted(d)
             }
@@ -222,20 +272,21 @@ impl Handler<Check> for RateLimitActor {
     type Result = ActorResponse<Self, Verdict>;
 
     fn handle(&mut self, Check { ip }: Check, _: &mut Self::Context) -> Self::Result {
+        let key = ClientKey::new(ip, self.ipv6_prefix);
         let now = Instant::now();
-        if let Some(&until) = self.blocked.get(&ip) {
+        if let Some(&until) = self.blocked.get(&key) {
             if until > now {
                 let d = Decision::from_count(self.limit + 1, self.limit, until - now);
                 return ActorResponse::reply(Verdict::Counted(d));
             }
-            self.blocked.remove(&ip);
+            self.blocked.remove(&key);
         }
-        match self.store.hit(ip, self.limit, self.window, now) {
+        match self.store.hit(key, self.limit, self.window, now) {
             // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(ip, result)),
+            Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
             Hit::Pending(hit) => ActorResponse::r#async(
                 hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(ip, result)),
+                    .map(move |result, act, _| act.settle(key, result)),
             ),
         }
     }
@@ -250,12 +301,14 @@ impl Handler<Reconfigure> for RateLimitActor {
     type Result = ();
 
     fn handle(&mut self, Reconfigure(config): Reconfigure, _: &mut Self::Context) {
-        // Blocks were decided under the old limit and window.
-        if (config.requests, config.window) != (self.limit, self.window) {
+        // Blocks were decided under the old limit, window and keys.
+        let new = (config.requests, config.window, config.ipv6_prefix);
+        if new != (self.limit, self.window, self.ipv6_prefix) {
             self.blocked.clear();
         }
         self.limit = config.requests;
         self.window = config.window;
+        self.ipv6_prefix = config.ipv6_prefix;
         self.on_store_error = config.on_store_error;
     }
 }
@@ -271,5 +324,30 @@ mod tests {
         let d = Decision::from_count(6, 5, Duration::from_millis(59_001));
         assert_eq!((d.allowed, d.remaining, d.reset_secs), (false, 0, 60));
         assert_eq!(d.resets_in, Duration::from_millis(59_001), "kept exact");
+    }
+
+    fn key(ip: &str, prefix: u8) -> String {
+        ClientKey::new(ip.parse().unwrap(), prefix).to_string()
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_prefix_and_ipv4_by_address() {
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(
+            key("::ffff:192.0.2.7", 64),
+            "192.0.2.7",
+            "IPv4-mapped is IPv4"
+        );
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::/48");
+        assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
+        assert_eq!(key("::1", 64), "::/64");
+        let a = ClientKey::new("2001:db8::1".parse().unwrap(), 64);
+        let b = ClientKey::new("2001:db8::2".parse().unwrap(), 64);
+        assert_eq!((a, a.packed()), (b, b.packed()));
+        let v4 = ClientKey::new("0.0.0.1".parse().unwrap(), 96);
+        let v6 = ClientKey::new("::1".parse().unwrap(), 128);
+        assert_ne!(v4.packed(), v6.packed());
     }
 }

@@ -8,14 +8,13 @@
 //! (that is `on_store_error`'s, in the actor).
 
 use std::{
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use futures_util::FutureExt as _;
 
-use super::{Decision, Hit, Store, StoreError};
+use super::{ClientKey, Decision, Hit, Store, StoreError};
 
 /// The longest a limiter check may wait on the store before it counts as a store error.
 pub const STORE_TIMEOUT: Duration = Duration::from_millis(50);
@@ -36,7 +35,7 @@ end
 return {n, ttl}
 ";
 
-/// Counts in Redis, keyed `key_prefix:IP`.
+/// Counts in Redis, keyed `key_prefix:IP` (`key_prefix:2001:db8::/64` for IPv6).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
@@ -76,10 +75,10 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, _now: Instant) -> Hit {
+    fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
         let mut conn = self.conn.clone();
         let script = self.script.clone();
-        let key = format!("{}:{}", self.prefix, ip);
+        let key = format!("{}:{}", self.prefix, client);
         Hit::Pending(
             async move {
                 let mut invocation = script.key(key);
