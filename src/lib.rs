@@ -16,7 +16,8 @@
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
 //! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
-//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or an in-process store.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis (behind a breaker, with an
+//!   in-process fallback) or an in-process store.
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
@@ -49,7 +50,7 @@ use crate::{
     health::{HealthActor, Register},
     metrics::Metrics,
     proxy::{Shared, Worker},
-    rate_limit::{Outage, RateLimitActor},
+    rate_limit::{RateLimitActor, Stores},
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
@@ -91,17 +92,18 @@ impl Running {
 /// thread and one BalancerActor and RateLimitActor per worker.
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    let store = if config.rate_limit.enabled {
-        Some(rate_limit::open(&config.rate_limit).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("rate_limit.redis_url: {e}"),
-            )
-        })?)
+    let stores = if config.rate_limit.enabled {
+        Some(
+            Stores::open(&config.rate_limit, metrics.clone()).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("rate_limit.redis_url: {e}"),
+                )
+            })?,
+        )
     } else {
         None
     };
-    let outage = Arc::new(Outage::default());
     let shared = Arc::new(Shared::new(&config, metrics.clone()));
 
     // Bind first: a port in use is reported before any actor starts.
@@ -120,12 +122,8 @@ pub fn start(config: Config) -> io::Result<Running> {
         .map(|l| l.local_addr())
         .transpose()?;
 
-    if let Some(store) = &store {
-        actix_rt::spawn(rate_limit::warm_up(
-            store.clone(),
-            outage.clone(),
-            config.rate_limit.on_store_error,
-        ));
+    if let Some(stores) = &stores {
+        actix_rt::spawn(stores.clone().warm_up(config.rate_limit.on_store_error));
     }
     let health = HealthActor::new(
         &config.servers,
@@ -140,8 +138,8 @@ pub fn start(config: Config) -> io::Result<Running> {
     let factory_metrics = metrics.clone();
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
-        let limiter = store.clone().map(|store| {
-            RateLimitActor::new(&rate_limit, store, outage.clone(), factory_metrics.clone()).start()
+        let limiter = stores.clone().map(|stores| {
+            RateLimitActor::new(&rate_limit, stores, factory_metrics.clone()).start()
         });
         let limiter_handle = limiter.clone().map(|l| l.recipient());
         let health = factory_health.clone();

@@ -63,6 +63,7 @@ pub struct Metrics {
     health_check_failures: Family<ServerLabels, Counter>,
     rate_limited: Counter,
     store_errors: Counter,
+    fallback: Counter,
     /// Answers of our own (429, 502, …), `server=""`.
     own: ServerCounters,
 }
@@ -119,8 +120,14 @@ impl Metrics {
         let store_errors = Counter::default();
         registry.register(
             "rate_limit_store_errors",
-            "Rate-limit checks that failed because the store (Redis) could not answer",
+            "Calls to the rate-limit store (Redis) that failed: checks, and the probes that ask it while it is away",
             store_errors.clone(),
+        );
+        let fallback = Counter::default();
+        registry.register(
+            "rate_limit_fallback",
+            "Rate-limit checks answered by the in-process fallback store while Redis was unreachable (on_store_error = \"local\")",
+            fallback.clone(),
         );
         let own = Self::counters_in(&requests, &Arc::from(""));
         Self {
@@ -133,6 +140,7 @@ impl Metrics {
             health_check_failures,
             rate_limited,
             store_errors,
+            fallback,
         }
     }
 
@@ -202,6 +210,11 @@ impl Metrics {
 
     pub fn store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// A check answered by the in-process fallback store.
+    pub fn fallback(&self) {
+        self.fallback.inc();
     }
 
     /// The current in-flight gauge, for tests and the admin API.

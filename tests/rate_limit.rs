@@ -1,9 +1,11 @@
 //! The rate limiter over real sockets, with a real `redis-server`: the budget and its
 //! headers, who the client is (IPv6 by prefix), one budget shared by two instances, keys
-//! that expire, what a Redis outage answers and the recovery after it, and the in-process
-//! store.
+//! that expire, what a Redis outage answers and the recovery after it (more in `outage`),
+//! and the in-process store.
 
 mod common;
+#[path = "rate_limit/outage.rs"]
+mod outage;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -194,7 +196,7 @@ async fn clients_behind_a_trusted_proxy_have_separate_budgets() {
 }
 
 #[actix_rt::test]
-async fn ipv6_clients_share_one_budget_per_prefix() {
+async fn ipv6_clients_share_one_budget_per_prefix_in_redis_and_in_the_fallback() {
     let redis = Redis::start();
     let a = Backend::start("a");
     let extra = limiter(&redis.url(), "10s", "trusted_proxies = [\"127.0.0.1\"]");
@@ -226,6 +228,15 @@ async fn ipv6_clients_share_one_budget_per_prefix() {
             format!("{PREFIX}:2001:db8:1:3::/64")
         ]
     );
+
+    // The local fallback keys them the same way.
+    redis.stop();
+    let answers = [
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:4::1")).await,
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:4::2")).await,
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:5::2")).await,
+    ];
+    assert_eq!(remainings(&answers), [4, 3, 4]);
 }
 
 #[actix_rt::test]

@@ -21,7 +21,7 @@ pub use file::{
     ListenSection, LogSection, OnStoreError, ProxySection, RateLimitSection, Strategy,
     WeightedServer,
 };
-pub use validate::{parse_net, parse_server_url, Config, RateLimit, ServerConfig};
+pub use validate::{parse_net, parse_server_url, redact_url, Config, RateLimit, ServerConfig};
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +165,7 @@ mod tests {
             Some("redis://127.0.0.1:6379")
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(c.rate_limit.on_store_error, OnStoreError::Local);
         assert_eq!(c.rate_limit.ipv6_prefix, 64);
     }
 
@@ -180,6 +181,15 @@ mod tests {
             let c = parse(&format!("[rate_limit]\nipv6_prefix = {good}")).unwrap();
             assert_eq!(c.rate_limit.ipv6_prefix, good);
         }
+    }
+
+    #[test]
+    fn the_shipped_file_limits_in_process_while_redis_is_away() {
+        let c = Config::load_with_env(Path::new("config/default.toml"), Some(Default::default()))
+            .unwrap();
+        assert!(c.rate_limit.enabled);
+        assert_eq!(c.rate_limit.on_store_error, OnStoreError::Local);
+        assert_eq!(c.rate_limit.ipv6_prefix, 64);
     }
 
     #[test]

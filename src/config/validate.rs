@@ -56,6 +56,47 @@ pub struct RateLimit {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+impl RateLimit {
+    /// Where the counts live, for log lines: `redis://host:port (shared)` with any password
+    /// hidden, or `in-process`.
+    pub fn store_label(&self) -> String {
+        match &self.redis_url {
+            None => "in-process".into(),
+            Some(url) => format!("{} (shared)", redact_url(url)),
+        }
+    }
+}
+
+/// `url` as it may be logged: a password (in the authority, or as a `pass`/`password`
+/// query parameter of a unix-socket URL) becomes `***`, and a `redis://` URL without a
+/// port shows the default one.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = Url::parse(url) else {
+        return "(unparseable URL)".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.port().is_none() && matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() {
+        let _ = u.set_port(Some(6379));
+    }
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if matches!(&*k, "pass" | "password") {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
+}
+
 type KeyError = (String, String);
 
 fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {

@@ -1,6 +1,7 @@
 //! The in-process store: fixed windows per client in memory, one store for the whole
-//! process (a client must not get `workers × requests`), bounded in size. It never blocks
-//! for longer than one shard's hash lookup and knows nothing of Redis or of actors.
+//! process (a client must not get `workers × requests`), bounded in size. It serves
+//! `redis_url = ""` and the `local` fallback while Redis is away. It never blocks for
+//! longer than one shard's hash lookup and knows nothing of Redis or of actors.
 //!
 //! Bounded, and never refusing: each shard keeps its windows in the order they started
 //! (all windows have one length, so that is the order they end). Ended windows are dropped

@@ -4,12 +4,18 @@
 //! ([`ClientKey`]): one IPv6 host is given a whole /64, and must not get a budget per
 //! address in it. The count lives in a [`Store`]: Redis ([`redis::RedisStore`]: every
 //! instance on the same `redis_url` and `key_prefix` shares one budget) or, with
-//! `redis_url = ""`, one in-process map for the whole process ([`memory::MemoryStore`]). A
-//! store error (Redis down, a check slower than [`STORE_TIMEOUT`]) is handled as
-//! `on_store_error` says. A client found over its budget is remembered by the worker until
-//! its window ends, and refused without asking the store. The actor never blocks: the in-process store answers at once, Redis's answer is
-//! awaited inside the actor's own future.
+//! `redis_url = ""`, one in-process map for the whole process ([`memory::MemoryStore`]).
+//!
+//! A Redis error (down, or a check slower than [`STORE_TIMEOUT`]) opens the process's
+//! [`breaker::Breaker`]: from then until its background probe sees Redis answer again, no
+//! check asks Redis and `on_store_error` answers at once: `local` counts in the process's
+//! fallback `MemoryStore` (separate from Redis's counts, one for all workers), `allow`
+//! forwards uncounted, `deny` answers 503. A client found over its budget is remembered by
+//! the worker until its window ends, and refused without asking any store. The actor never
+//! blocks: the in-process store answers at once, Redis's answer is awaited inside the
+//! actor's own future.
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
@@ -17,15 +23,12 @@ use std::{
     collections::HashMap,
     fmt,
     net::{IpAddr, Ipv6Addr},
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
-use futures_util::future::LocalBoxFuture;
+use futures_util::future::{BoxFuture, LocalBoxFuture};
 
 use crate::{
     config::{OnStoreError, RateLimit},
@@ -33,6 +36,7 @@ use crate::{
 };
 
 pub use self::{
+    breaker::{Breaker, PROBE_INTERVAL},
     memory::{MemoryStore, MEMORY_STORE_CAP},
     redis::{RedisStore, STORE_TIMEOUT},
 };
@@ -131,8 +135,8 @@ pub enum Verdict {
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("no answer within {}ms", STORE_TIMEOUT.as_millis())]
-    Timeout,
+    #[error("no answer within {}ms", .0.as_millis())]
+    Timeout(Duration),
 }
 
 /// A store's answer to one hit: at once, or later.
@@ -146,105 +150,117 @@ pub trait Store: Send + Sync {
     /// Counts one request of `key` at `now` in its current window.
     fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit;
 
-    /// Makes the store ready before the first request (opens connections); `None` when
-    /// there is nothing to do.
-    fn warm_up(&self) -> Option<LocalBoxFuture<'static, Result<(), StoreError>>> {
+    /// Asks whether the store answers (opening its connection if need be): at start, and
+    /// from the breaker's probe, which runs on the system arbiter (hence `Send`). `None`:
+    /// it cannot fail.
+    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         None
     }
 }
 
-/// The store `config` asks for: Redis when `redis_url` is set, else in-process.
-pub fn open(config: &RateLimit) -> Result<Arc<dyn Store>, ::redis::RedisError> {
-    Ok(match &config.redis_url {
-        None => Arc::new(MemoryStore::default()),
-        Some(url) => Arc::new(RedisStore::new(url, &config.key_prefix)?),
-    })
+/// How long the first ping at start may take (it opens the connection).
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The limiter's state shared by every worker of the process: the store, its breaker and
+/// the fallback store. Cloning it clones three `Arc`s.
+#[derive(Clone)]
+pub struct Stores {
+    pub store: Arc<dyn Store>,
+    pub breaker: Arc<Breaker>,
+    /// Counts while the store is unreachable and `on_store_error = "local"`: one for the
+    /// whole process (a client must not get `workers × requests`), apart from Redis's.
+    pub fallback: Arc<MemoryStore>,
 }
 
-/// Readies `store` on the calling thread; a failure is logged as the start of an outage.
-pub async fn warm_up(store: Arc<dyn Store>, outage: Arc<Outage>, policy: OnStoreError) {
-    let Some(ready) = store.warm_up() else { return };
-    match ready.await {
-        Ok(()) => log::debug!("rate limit store reachable"),
-        Err(e) => outage.failed(&e, policy),
-    }
-}
-
-/// Store outages are logged once per process, when they start and when they end.
-#[derive(Default)]
-pub struct Outage(AtomicBool);
-
-impl Outage {
-    fn failed(&self, error: &StoreError, policy: OnStoreError) {
-        if !self.0.swap(true, Ordering::Relaxed) {
-            log::error!(
-                "rate limit store unreachable ({error}); on_store_error = {policy:?}: {} until it is back",
-                match policy {
-                    OnStoreError::Allow => "requests are forwarded uncounted",
-                    OnStoreError::Deny => "requests are answered 503",
-                }
-            );
-        }
+impl Stores {
+    /// The stores `config` asks for: Redis when `redis_url` is set, else in-process.
+    pub fn open(config: &RateLimit, metrics: Arc<Metrics>) -> Result<Self, ::redis::RedisError> {
+        let store: Arc<dyn Store> = match &config.redis_url {
+            None => Arc::new(MemoryStore::default()),
+            Some(url) => Arc::new(RedisStore::new(url, &config.key_prefix)?),
+        };
+        Ok(Self {
+            breaker: Arc::new(Breaker::new(store.clone(), config.store_label(), metrics)),
+            store,
+            fallback: Arc::new(MemoryStore::default()),
+        })
     }
 
-    fn succeeded(&self) {
-        if self.0.swap(false, Ordering::Relaxed) {
-            log::info!("rate limit store reachable again; limiting resumed");
+    /// Readies the store on the calling thread: an unreachable one is the start of an
+    /// outage (logged, the breaker opened) before the first request.
+    pub async fn warm_up(self, policy: OnStoreError) {
+        let Some(ready) = self.store.ping() else {
+            return;
+        };
+        match actix_rt::time::timeout(WARM_UP_TIMEOUT, ready).await {
+            Ok(Ok(())) => log::debug!("rate limit store reachable"),
+            Ok(Err(e)) => self.breaker.trip(&e, policy),
+            Err(_) => self
+                .breaker
+                .trip(&StoreError::Timeout(WARM_UP_TIMEOUT), policy),
         }
     }
 }
 
 /// The worker-local limiter.
 pub struct RateLimitActor {
-    store: Arc<dyn Store>,
+    stores: Stores,
     limit: u64,
     window: Duration,
     on_store_error: OnStoreError,
     ipv6_prefix: u8,
-    outage: Arc<Outage>,
     metrics: Arc<Metrics>,
     /// Clients known to be over budget, and when their window ends: refused locally.
     blocked: HashMap<ClientKey, Instant>,
 }
 
 impl RateLimitActor {
-    pub fn new(
-        config: &RateLimit,
-        store: Arc<dyn Store>,
-        outage: Arc<Outage>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(config: &RateLimit, stores: Stores, metrics: Arc<Metrics>) -> Self {
         Self {
-            store,
+            stores,
             limit: config.requests,
             window: config.window,
             on_store_error: config.on_store_error,
             ipv6_prefix: config.ipv6_prefix,
-            outage,
             metrics,
             blocked: HashMap::new(),
         }
     }
 
-    /// Turns the store's answer into a verdict, remembering a client found over budget.
+    /// Turns the store's answer into a verdict; a failure opens the breaker.
     fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
         match result {
-            Ok(d) => {
-                self.outage.succeeded();
-                if !d.allowed {
-                    // Until the window ends, not the rounded-up second after it.
-                    self.blocked.insert(key, Instant::now() + d.resets_in);
-                }
-                Verdict::Counted(d)
-            }
+            Ok(d) => self.counted(key, d),
             Err(e) => {
                 self.metrics.store_error();
-                self.outage.failed(&e, self.on_store_error);
-                match self.on_store_error {
-                    OnStoreError::Allow => Verdict::Uncounted,
-                    OnStoreError::Deny => Verdict::Unavailable,
-                }
+                self.stores.breaker.trip(&e, self.on_store_error);
+                self.without_store(key, Instant::now())
             }
+        }
+    }
+
+    /// A counted answer; a client found over budget is remembered.
+    fn counted(&mut self, key: ClientKey, d: Decision) -> Verdict {
+        if !d.allowed {
+            // Until the window ends, not the rounded-up second after it.
+            self.blocked.insert(key, Instant::now() + d.resets_in);
+        }
+        Verdict::Counted(d)
+    }
+
+    /// What `on_store_error` answers while the store is not asked.
+    fn without_store(&mut self, key: ClientKey, now: Instant) -> Verdict {
+        match self.on_store_error {
+            OnStoreError::Local => {
+                self.metrics.fallback();
+                let d = self
+                    .stores
+                    .fallback
+                    .count(key, self.limit, self.window, now);
+                self.counted(key, d)
+            }
+            OnStoreError::Allow => Verdict::Uncounted,
+            OnStoreError::Deny => Verdict::Unavailable,
         }
     }
 }
@@ -281,7 +297,11 @@ impl Handler<Check> for RateLimitActor {
             }
             self.blocked.remove(&key);
         }
-        match self.store.hit(key, self.limit, self.window, now) {
+        if self.stores.breaker.is_open() {
+            // The store failed and its probe has not seen it back: not asked, no wait.
+            return ActorResponse::reply(self.without_store(key, now));
+        }
+        match self.stores.store.hit(key, self.limit, self.window, now) {
             // Answered at once: no future to box.
             Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
             Hit::Pending(hit) => ActorResponse::r#async(

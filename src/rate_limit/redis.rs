@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::FutureExt as _;
+use futures_util::{future::BoxFuture, FutureExt as _};
 
 use super::{ClientKey, Decision, Hit, Store, StoreError};
 
@@ -60,18 +60,6 @@ impl RedisStore {
             prefix: prefix.into(),
         })
     }
-
-    /// Opens the connection now, so that the first request does not pay for the connect
-    /// and an unreachable Redis is reported at start.
-    pub async fn ping(mut self) -> Result<(), StoreError> {
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut self.conn);
-        match actix_rt::time::timeout(Duration::from_secs(2), ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout),
-        }
-    }
 }
 
 impl Store for RedisStore {
@@ -86,11 +74,27 @@ impl Store for RedisStore {
                 let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
                 let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
                     .await
-                    .map_err(|_| StoreError::Timeout)??;
+                    .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
                 let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
                 Ok(Decision::from_count(count, limit, ttl))
             }
             .boxed_local(),
+        )
+    }
+
+    /// PING over the checks' own connection: an answer means the connection the checks
+    /// use is up again (the probe's PING is what makes it reconnect while none are sent).
+    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+        let mut conn = self.conn.clone();
+        Some(
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(StoreError::Redis)
+            }
+            .boxed(),
         )
     }
 }
