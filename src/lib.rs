@@ -199,10 +199,11 @@ pub fn start(config: Config) -> io::Result<Running> {
     };
 
     log::info!(
-        "roundabout {} listening on {proxy_addr} ({} servers, {:?}){}",
+        "roundabout {} listening on {proxy_addr} ({} servers, {:?}); {}{}",
         env!("CARGO_PKG_VERSION"),
         config.servers.len(),
         config.strategy,
+        config.rate_limit.summary(),
         admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
     );
     Ok(Running {

@@ -193,6 +193,37 @@ mod tests {
     }
 
     #[test]
+    fn the_limiter_summary_names_the_store_and_hides_passwords() {
+        let summary = |extra: &str| {
+            parse(&format!("[rate_limit]\n{extra}"))
+                .unwrap()
+                .rate_limit
+                .summary()
+        };
+        assert_eq!(
+            summary(""),
+            "rate limit 100/60s, store redis://127.0.0.1:6379 (shared), on_store_error = \"local\""
+        );
+        assert_eq!(
+            summary("redis_url = \"redis://:s3cret@10.0.0.5:6380/2\"\non_store_error = \"deny\""),
+            "rate limit 100/60s, store redis://:***@10.0.0.5:6380/2 (shared), on_store_error = \"deny\""
+        );
+        assert_eq!(
+            summary("redis_url = \"rediss://app:s3cret@cache.internal\""),
+            "rate limit 100/60s, store rediss://app:***@cache.internal:6379 (shared), on_store_error = \"local\""
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            summary("redis_url = \"\"\nrequests = 7\nwindow = \"10s\""),
+            "rate limit 7/10s, store in-process"
+        );
+        assert_eq!(summary("enabled = false"), "rate limit off");
+    }
+
+    #[test]
     fn servers_take_plain_and_weighted_forms() {
         let c = parse(
             r#"[balancer]

@@ -65,6 +65,25 @@ impl RateLimit {
             Some(url) => format!("{} (shared)", redact_url(url)),
         }
     }
+
+    /// The limiter's part of the start-up line, in config spelling:
+    /// `rate limit 100/60s, store redis://127.0.0.1:6379 (shared), on_store_error = "local"`.
+    pub fn summary(&self) -> String {
+        if !self.enabled {
+            return "rate limit off".into();
+        }
+        let head = format!(
+            "rate limit {}/{}s, store {}",
+            self.requests,
+            self.window.as_secs(),
+            self.store_label()
+        );
+        match self.redis_url {
+            // The in-process store cannot become unreachable: no policy applies.
+            None => head,
+            Some(_) => format!("{head}, on_store_error = \"{}\"", self.on_store_error),
+        }
+    }
 }
 
 /// `url` as it may be logged: a password (in the authority, or as a `pass`/`password`

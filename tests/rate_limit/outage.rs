@@ -169,6 +169,15 @@ async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
     let lines =
         |needle: &str| -> Vec<&str> { text.lines().filter(|l| l.contains(needle)).collect() };
     let store = format!("redis://127.0.0.1:{} (shared)", redis.port);
+    let started = lines(&format!("listening on {addr}"));
+    assert_eq!(started.len(), 1, "{text}");
+    assert!(
+        started[0].contains(&format!(
+            "rate limit 5/10s, store {store}, on_store_error = \"local\""
+        )),
+        "{}",
+        started[0]
+    );
     let down = lines("rate limit store unreachable");
     assert_eq!(down.len(), 1, "{text}");
     assert!(down[0].contains(&store), "{}", down[0]);
