@@ -16,7 +16,8 @@
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
 //! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
-//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or an in-process store.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis (behind a breaker, with an
+//!   in-process fallback) or an in-process store.
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
@@ -57,7 +58,7 @@ use crate::{
     health::{HealthActor, Register},
     metrics::Metrics,
     proxy::{Settings, Worker},
-    rate_limit::{Outage, RateLimitActor},
+    rate_limit::{RateLimitActor, Stores},
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
@@ -126,13 +127,12 @@ impl Running {
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     // Made even with limiting off, so that a reload can turn it on; Redis connects lazily.
-    let store = rate_limit::open(&config.rate_limit).map_err(|e| {
+    let stores = Stores::open(&config.rate_limit, metrics.clone()).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("rate_limit.redis_url: {e}"),
         )
     })?;
-    let outage = Arc::new(Outage::default());
     let (settings, updates) = watch::channel(Arc::new(Settings::new(&config)));
 
     // Bind first: a port in use is reported before any actor starts.
@@ -152,11 +152,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         .transpose()?;
 
     if config.rate_limit.enabled {
-        actix_rt::spawn(rate_limit::warm_up(
-            store.clone(),
-            outage.clone(),
-            config.rate_limit.on_store_error,
-        ));
+        actix_rt::spawn(stores.clone().warm_up(config.rate_limit.on_store_error));
     }
     let health = HealthActor::new(
         &config.servers,
@@ -171,13 +167,8 @@ pub fn start(config: Config) -> io::Result<Running> {
     let factory_metrics = metrics.clone();
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
-        let limiter = RateLimitActor::new(
-            &rate_limit,
-            store.clone(),
-            outage.clone(),
-            factory_metrics.clone(),
-        )
-        .start();
+        let limiter =
+            RateLimitActor::new(&rate_limit, stores.clone(), factory_metrics.clone()).start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
         let balancer = BalancerActor::start(
@@ -235,10 +226,11 @@ pub fn start(config: Config) -> io::Result<Running> {
     };
 
     log::info!(
-        "roundabout {} listening on {proxy_addr} ({} servers, {:?}){}",
+        "roundabout {} listening on {proxy_addr} ({} servers, {:?}); {}{}",
         env!("CARGO_PKG_VERSION"),
         config.servers.len(),
         config.strategy,
+        config.rate_limit.summary(),
         admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
     );
     Ok(Running {

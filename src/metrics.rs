@@ -114,6 +114,7 @@ pub struct Metrics {
     in_flight: Gauge<i64, AtomicI64>,
     rate_limited: Counter,
     store_errors: Counter,
+    fallback: Counter,
     /// Answers of our own (429, 502, …), `server=""`.
     own: ServerCounters,
 }
@@ -176,8 +177,14 @@ impl Metrics {
         let store_errors = Counter::default();
         registry.register(
             "rate_limit_store_errors",
-            "Rate-limit checks that failed because the store (Redis) could not answer",
+            "Calls to the rate-limit store (Redis) that failed: checks, and the probes that ask it while it is away",
             store_errors.clone(),
+        );
+        let fallback = Counter::default();
+        registry.register(
+            "rate_limit_fallback",
+            "Rate-limit checks answered by the in-process fallback store while Redis was unreachable (on_store_error = \"local\")",
+            fallback.clone(),
         );
         let servers = ServerFamilies {
             requests,
@@ -199,6 +206,7 @@ impl Metrics {
             in_flight,
             rate_limited,
             store_errors,
+            fallback,
         }
     }
 
@@ -314,6 +322,11 @@ impl Metrics {
 
     pub fn store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// A check answered by the in-process fallback store.
+    pub fn fallback(&self) {
+        self.fallback.inc();
     }
 
     /// The current in-flight gauge, for tests and the admin API.
