@@ -48,10 +48,12 @@ use std::{
 };
 
 use actix::{Actor, Addr};
+use actix_http::h1::OnRefused;
 use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::{
+    access_log::{AccessLog, Sink},
     admin::AdminState,
     balancer::BalancerActor,
     config::{Config, ConfigError},
@@ -77,6 +79,7 @@ pub struct Running {
     tasks: Vec<actix_rt::task::JoinHandle<io::Result<()>>>,
     /// Where the workers' settings are published.
     settings: watch::Sender<Arc<Settings>>,
+    access_log: AccessLog,
     /// The configuration running now; a reload replaces it.
     config: Mutex<Config>,
 }
@@ -98,6 +101,11 @@ impl Running {
         }
     }
 
+    /// Reopens the access log file, as SIGUSR1 does (for logrotate).
+    pub fn reopen_logs(&self) {
+        self.access_log.reopen();
+    }
+
     /// Reads the config file again and applies it, as SIGHUP does; `by` names who asked, for
     /// the log. A bad file is refused (and logged) and the running configuration stays.
     pub async fn reload(&self, by: &str) -> Result<(), ConfigError> {
@@ -115,6 +123,9 @@ impl Running {
                 return Err(e);
             }
         };
+        if next.access_log != current.access_log {
+            self.access_log.configure(next.access_log.clone());
+        }
         reload::apply(&current, &next, &self.health, &self.settings, by).await;
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
@@ -134,6 +145,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         )
     })?;
     let (settings, updates) = watch::channel(Arc::new(Settings::new(&config)));
+    let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
     let proxy_listener = std::net::TcpListener::bind(config.listen)
@@ -165,6 +177,15 @@ pub fn start(config: Config) -> io::Result<Running> {
     let rate_limit = config.rate_limit.clone();
     let factory_health = health.clone();
     let factory_metrics = metrics.clone();
+    let factory_log = access_log.clone();
+    // Requests actix-http refuses before any handler runs still get their access line.
+    let on_refused = {
+        let log = access_log.clone();
+        OnRefused::new(move |r| {
+            log::debug!("refused with {}: {}", r.status, r.reason);
+            log.refused(r.peer_addr.map(|a| a.ip()), r.status.as_u16());
+        })
+    };
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
         let limiter =
@@ -185,12 +206,18 @@ pub fn start(config: Config) -> io::Result<Running> {
             balancer,
             limiter,
             factory_health.clone(),
-            factory_metrics.clone(),
+            Sink {
+                metrics: factory_metrics.clone(),
+                log: factory_log.clone(),
+            },
             updates.clone(),
         );
         App::new()
             .app_data(web::Data::new(worker))
             .default_service(web::to(proxy::forward))
+    })
+    .on_connect(move |_, data| {
+        data.insert(on_refused.clone());
     })
     .keep_alive(KeepAlive::Timeout(Duration::from_secs(75)))
     .backlog(4096)
@@ -242,6 +269,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         admin,
         tasks,
         settings,
+        access_log,
         config: Mutex::new(config),
     })
 }
@@ -259,7 +287,7 @@ pub async fn run(config: Config) -> io::Result<()> {
             reload::Signal::Reload => {
                 let _ = running.reload("SIGHUP").await;
             }
-            reload::Signal::ReopenLogs => access_log::reopen(),
+            reload::Signal::ReopenLogs => running.reopen_logs(),
         }
     }
     log::info!(

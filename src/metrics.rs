@@ -113,6 +113,7 @@ pub struct Metrics {
     duration: Histogram,
     in_flight: Gauge<i64, AtomicI64>,
     rate_limited: Counter,
+    access_log_dropped: Counter,
     store_errors: Counter,
     fallback: Counter,
     /// Answers of our own (429, 502, …), `server=""`.
@@ -180,6 +181,12 @@ impl Metrics {
             "Calls to the rate-limit store (Redis) that failed: checks, and the probes that ask it while it is away",
             store_errors.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer could not keep up (its queue was full)",
+            access_log_dropped.clone(),
+        );
         let fallback = Counter::default();
         registry.register(
             "rate_limit_fallback",
@@ -205,6 +212,7 @@ impl Metrics {
             duration,
             in_flight,
             rate_limited,
+            access_log_dropped,
             store_errors,
             fallback,
         }
@@ -314,6 +322,10 @@ impl Metrics {
         self.servers.healthy.remove(&ServerLabels {
             server: ServerName(server.clone()),
         });
+    }
+
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
     }
 
     pub fn rate_limited(&self) {

@@ -213,14 +213,35 @@ impl Default for AdminSection {
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     pub level: String,
-    pub access_log: bool,
+    pub access_log: AccessLogTarget,
+    pub access_log_format: AccessLogFormat,
+}
+
+/// Where the access log goes: `true` = stderr, `false` = off, or a file's path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum AccessLogTarget {
+    Switch(bool),
+    Path(String),
+}
+
+/// How an access-log line reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// nginx's `combined` fields, then upstream, upstream time, total time, request id.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            access_log: true,
+            access_log: AccessLogTarget::Switch(true),
+            access_log_format: AccessLogFormat::Combined,
         }
     }
 }

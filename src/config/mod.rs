@@ -17,11 +17,13 @@ mod validate;
 use std::path::Path;
 
 pub use file::{
-    default_weight, AdminSection, BalancerSection, FileConfig, FileServer, HealthCheckSection,
-    ListenSection, LogSection, OnStoreError, ProxySection, RateLimitSection, Strategy,
-    WeightedServer,
+    default_weight, AccessLogFormat, AccessLogTarget, AdminSection, BalancerSection, FileConfig,
+    FileServer, HealthCheckSection, ListenSection, LogSection, OnStoreError, ProxySection,
+    RateLimitSection, Strategy, WeightedServer,
 };
-pub use validate::{parse_net, parse_server_url, redact_url, Config, RateLimit, ServerConfig, Source};
+pub use validate::{
+    parse_net, parse_server_url, redact_url, AccessLog, Config, RateLimit, ServerConfig, Source,
+};
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,8 @@ use serde::Serialize;
 use url::Url;
 
 use super::file::{
-    FileConfig, FileServer, HealthCheckSection, OnStoreError, ProxySection, Strategy,
+    AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, OnStoreError,
+    ProxySection, Strategy,
 };
 
 /// A checked server entry.
@@ -36,7 +37,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub admin_token: String,
     pub log_level: log::LevelFilter,
-    pub access_log: bool,
+    /// `None`: no access log.
+    pub access_log: Option<AccessLog>,
     /// The file as resolved (after environment overrides), for `--check`.
     pub resolved: FileConfig,
     /// Where it was read from; `None` when it was parsed from text.
@@ -49,6 +51,14 @@ pub struct Source {
     pub path: std::path::PathBuf,
     /// The environment given explicitly (`None`: the process's, read again on reload).
     pub env: Option<config::Map<String, String>>,
+}
+
+/// Where the access log goes and how it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// `None`: stderr.
+    pub file: Option<std::path::PathBuf>,
+    pub format: AccessLogFormat,
 }
 
 /// The checked `[rate_limit]` section.
@@ -243,6 +253,23 @@ impl FileConfig {
             Some(addr)
         };
 
+        let access_log = match &self.log.access_log {
+            AccessLogTarget::Switch(false) => None,
+            AccessLogTarget::Switch(true) => Some(AccessLog {
+                file: None,
+                format: self.log.access_log_format,
+            }),
+            AccessLogTarget::Path(p) if p.trim().is_empty() => {
+                return Err(key_err(
+                    "log.access_log",
+                    "must be true, false or a file's path",
+                ))
+            }
+            AccessLogTarget::Path(p) => Some(AccessLog {
+                file: Some(p.into()),
+                format: self.log.access_log_format,
+            }),
+        };
         let log_level = self.log.level.parse::<log::LevelFilter>().map_err(|_| {
             key_err(
                 "log.level",
@@ -273,7 +300,7 @@ impl FileConfig {
             admin,
             admin_token: self.admin.token.clone(),
             log_level,
-            access_log: self.log.access_log,
+            access_log,
             resolved: self,
             source: None,
         })
