@@ -127,6 +127,12 @@ pub async fn warm_up(store: Arc<dyn Store>, outage: Arc<Outage>, policy: OnStore
 pub struct Outage(AtomicBool);
 
 impl Outage {
+    /// True while the store is unreachable (from the first failed check to the next one
+    /// that succeeds); read by the status page.
+    pub fn is_down(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
     fn failed(&self, error: &StoreError, policy: OnStoreError) {
         if !self.0.swap(true, Ordering::Relaxed) {
             log::error!(
