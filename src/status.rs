@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::{
     admin::{authorize, server_views, AdminError, AdminState},
+    balancer::ServerView,
     config::Config,
     health::{ServerHealth, Status},
     metrics::{Answers, Counts, Metrics},
@@ -241,7 +242,7 @@ fn per_second(n: u64, over: Duration) -> f64 {
 
 fn report(
     state: &StatusState,
-    views: Vec<crate::balancer::ServerView>,
+    views: Vec<ServerView>,
     health: &[ServerHealth],
     now: Instant,
 ) -> Report {
