@@ -21,6 +21,7 @@
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
+//! - [`status`]: the status page beside it (`GET /`, `GET /status.json`): reads only.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
 //!
@@ -37,6 +38,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod reload;
+pub mod status;
 pub mod strategy;
 pub mod upstream;
 
@@ -61,6 +63,7 @@ use crate::{
     metrics::Metrics,
     proxy::{Settings, Worker},
     rate_limit::{RateLimitActor, Stores},
+    status::StatusState,
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
@@ -80,8 +83,8 @@ pub struct Running {
     /// Where the workers' settings are published.
     settings: watch::Sender<Arc<Settings>>,
     access_log: AccessLog,
-    /// The configuration running now; a reload replaces it.
-    config: Mutex<Config>,
+    /// The configuration running now; a reload replaces it. Shared with the status page.
+    config: Arc<Mutex<Config>>,
 }
 
 impl Running {
@@ -175,6 +178,8 @@ pub fn start(config: Config) -> io::Result<Running> {
 
     let strategy = config.strategy;
     let rate_limit = config.rate_limit.clone();
+    let running_config = Arc::new(Mutex::new(config.clone()));
+    let status_breaker = stores.breaker.clone();
     let factory_health = health.clone();
     let factory_metrics = metrics.clone();
     let factory_log = access_log.clone();
@@ -238,8 +243,19 @@ pub fn start(config: Config) -> io::Result<Running> {
                 metrics: metrics.clone(),
                 token: config.admin_token.clone(),
             });
+            let status = Arc::new(StatusState::new(
+                running_config.clone(),
+                status_breaker,
+                metrics.clone(),
+            ));
+            status::start_sampling(&status);
+            let status = web::Data::from(status);
             let admin_server = HttpServer::new(move || {
-                App::new().app_data(state.clone()).configure(admin::routes)
+                App::new()
+                    .app_data(state.clone())
+                    .app_data(status.clone())
+                    .configure(status::routes)
+                    .configure(admin::routes)
             })
             .workers(1)
             .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
@@ -270,7 +286,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         tasks,
         settings,
         access_log,
-        config: Mutex::new(config),
+        config: running_config,
     })
 }
 

@@ -2,7 +2,7 @@
 //! in the metrics and, with the access log on, handed to the log's writer thread as one
 //! [`Line`]: who asked for what, the status, the body bytes sent and the whole time taken
 //! (nginx's `$body_bytes_sent` and `$request_time`), the upstream and its time, the request
-//! id. The writer formats and writes it ([`format`], [`writer`]); a worker never waits for
+//! id. The writer formats and writes it (`format`, `writer`); a worker never waits for
 //! it: a full queue drops the line and counts it. Nothing here changes an answer.
 
 pub mod format;
