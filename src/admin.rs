@@ -4,7 +4,8 @@
 //! [`HealthActor`], which broadcasts them to every worker's
 //! balancer; `GET /servers` asks each balancer for its view and sums in-flight counts.
 //! With `admin.token` set, every call but `/healthz` needs `Authorization: Bearer TOKEN`,
-//! compared in constant time.
+//! compared in constant time. The status page (`status.rs`) is served beside these calls
+//! and uses [`authorize`] and [`server_views`]; this module knows nothing of it.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -17,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    balancer::ListServers,
+    balancer::{ListServers, ServerView},
     config::{default_weight, parse_server_url, ServerConfig},
     health::{AddServer, Balancers, HealthActor, RemoveServer},
     metrics::Metrics,
@@ -107,7 +108,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         }));
 }
 
-fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), AdminError> {
+/// Checks the bearer token of a call that needs one (every call but `/healthz` and the
+/// status page's HTML).
+pub fn authorize(req: &HttpRequest, state: &AdminState) -> Result<(), AdminError> {
     if state.token.is_empty() {
         return Ok(());
     }
@@ -164,13 +167,14 @@ async fn metrics(
         .body(state.metrics.encode()))
 }
 
-/// Every server with its health, summed in-flight count, and draining state.
-pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, AdminError> {
+/// Every server as the workers see it, once: in-flight counts summed, healthy when every
+/// worker has it in rotation, draining when any worker drains it.
+pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>, AdminError> {
     let balancers = health
         .send(Balancers)
         .await
         .map_err(|_| AdminError::Unavailable)?;
-    let mut out: Vec<ServerInfo> = Vec::new();
+    let mut out: Vec<ServerView> = Vec::new();
     // Label → index in `out`: every worker lists every server.
     let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
     for b in balancers {
@@ -188,18 +192,27 @@ pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, Admi
                 }
                 None => {
                     seen.insert(v.upstream.label.clone(), out.len());
-                    out.push(ServerInfo {
-                        url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
-                        weight: v.upstream.weight,
-                        healthy: v.healthy,
-                        in_flight: v.in_flight,
-                        draining: v.draining,
-                    });
+                    out.push(v);
                 }
             }
         }
     }
     Ok(out)
+}
+
+/// Every server with its health, summed in-flight count, and draining state.
+pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, AdminError> {
+    Ok(server_views(health)
+        .await?
+        .into_iter()
+        .map(|v| ServerInfo {
+            url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+            weight: v.upstream.weight,
+            healthy: v.healthy,
+            in_flight: v.in_flight,
+            draining: v.draining,
+        })
+        .collect())
 }
 
 async fn list_servers(

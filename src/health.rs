@@ -7,9 +7,15 @@
 //! connect, go through [`HealthState`] (HAProxy's rise/fall): a server changes state only
 //! after `unhealthy_threshold` failures or `healthy_threshold` passes in a row. Every change
 //! is logged once and put in the registry, which broadcasts it to the workers. Runtime
-//! membership changes (the admin API) come here too. It never forwards a request.
+//! membership changes (the admin API) come here too. For the status page it keeps, beside
+//! the counts, when each server last changed state and its last probe's outcome, read
+//! through [`Status`]. It never forwards a request.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix::prelude::*;
 use actix_web::http::StatusCode;
@@ -69,11 +75,39 @@ impl HealthState {
 }
 
 /// One server's checks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Checks {
     state: HealthState,
     /// A probe is out; the next round skips this server rather than stacking probes.
     probing: bool,
+    /// When the server last went in or out of rotation (or joined): the status page says
+    /// how long it has been in its state.
+    since: Instant,
+    /// The last probe's outcome, for the status page.
+    last: Option<LastCheck>,
+}
+
+impl Checks {
+    fn new(state: HealthState) -> Self {
+        Self {
+            state,
+            probing: false,
+            since: Instant::now(),
+            last: None,
+        }
+    }
+}
+
+/// A probe's outcome, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    /// When its answer (or failure) came.
+    pub at: Instant,
+    pub ok: bool,
+    /// What the log says of it: `status 200`, `connection refused`, `timed out after 1s`.
+    pub result: String,
+    /// From sending the probe to its answer or failure.
+    pub latency: Duration,
 }
 
 /// The process-wide health checker; owner of the server registry.
@@ -104,7 +138,7 @@ impl HealthActor {
             .iter()
             .map(|u| {
                 metrics.set_healthy(&u.label, true);
-                (u.label.clone(), Checks::default())
+                (u.label.clone(), Checks::new(HealthState::default()))
             })
             .collect();
         Self {
@@ -127,13 +161,8 @@ impl HealthActor {
     }
 
     fn track(&mut self, upstream: &Upstream, state: HealthState, healthy: bool) {
-        self.checks.insert(
-            upstream.label.clone(),
-            Checks {
-                state,
-                probing: false,
-            },
-        );
+        self.checks
+            .insert(upstream.label.clone(), Checks::new(state));
         self.metrics.set_healthy(&upstream.label, healthy);
     }
 
@@ -170,6 +199,7 @@ impl HealthActor {
         let timeout = self.settings.timeout;
         ctx.spawn(
             async move {
+                let sent = Instant::now();
                 let outcome = match request.await {
                     Ok(res) if is_pass(res.status()) => {
                         Ok(format!("status {}", res.status().as_u16()))
@@ -177,12 +207,19 @@ impl HealthActor {
                     Ok(res) => Err(format!("status {}", res.status().as_u16())),
                     Err(e) => Err(describe(&e, timeout)),
                 };
-                (upstream, outcome)
+                (upstream, outcome, sent.elapsed())
             }
             .into_actor(self)
-            .map(|(upstream, outcome), act, _| {
+            .map(|(upstream, outcome, latency), act, _| {
                 if let Some(checks) = act.checks.get_mut(&upstream.label) {
                     checks.probing = false;
+                    let (Ok(result) | Err(result)) = &outcome;
+                    checks.last = Some(LastCheck {
+                        at: Instant::now(),
+                        ok: outcome.is_ok(),
+                        result: result.clone(),
+                        latency,
+                    });
                 }
                 act.observe(&upstream, outcome);
             }),
@@ -211,6 +248,7 @@ impl HealthActor {
         let Some(healthy) = checks.state.observe(member.healthy, ok, rise, fall) else {
             return;
         };
+        checks.since = Instant::now();
         // Counts in words: a bare "(1/2)" reads as a threshold not yet met.
         match outcome {
             Ok(reason) if first => log::info!("{label} up: {reason} (first check passed)"),
@@ -317,6 +355,46 @@ impl Handler<Balancers> for HealthActor {
 
     fn handle(&mut self, _: Balancers, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.registry.listers())
+    }
+}
+
+/// One member's health as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct ServerHealth {
+    /// `host:port`.
+    pub label: Arc<str>,
+    /// In rotation.
+    pub healthy: bool,
+    /// Since when it has been in or out of rotation (or a member).
+    pub since: Instant,
+    /// The last probe's outcome; `None` until the first has come back.
+    pub last: Option<LastCheck>,
+}
+
+/// Asks for every member's health, for the status page. Read only: it changes nothing.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<ServerHealth>")]
+pub struct Status;
+
+impl Handler<Status> for HealthActor {
+    type Result = MessageResult<Status>;
+
+    fn handle(&mut self, _: Status, _: &mut Self::Context) -> Self::Result {
+        MessageResult(
+            self.registry
+                .members()
+                .iter()
+                .filter_map(|m| {
+                    let checks = self.checks.get(&m.upstream.label)?;
+                    Some(ServerHealth {
+                        label: m.upstream.label.clone(),
+                        healthy: m.healthy,
+                        since: checks.since,
+                        last: checks.last.clone(),
+                    })
+                })
+                .collect(),
+        )
     }
 }
 

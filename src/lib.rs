@@ -16,10 +16,12 @@
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
 //! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
-//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or an in-process store.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis (behind a breaker, with an
+//!   in-process fallback) or an in-process store.
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
+//! - [`status`]: the status page beside it (`GET /`, `GET /status.json`): reads only.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
 //!
@@ -36,6 +38,7 @@ pub mod proxy;
 pub mod rate_limit;
 pub mod registry;
 pub mod reload;
+pub mod status;
 pub mod strategy;
 pub mod upstream;
 
@@ -47,17 +50,20 @@ use std::{
 };
 
 use actix::{Actor, Addr};
+use actix_http::h1::OnRefused;
 use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
 use tokio::sync::watch;
 
 use crate::{
+    access_log::{AccessLog, Sink},
     admin::AdminState,
     balancer::BalancerActor,
     config::{Config, ConfigError},
     health::{HealthActor, Register},
     metrics::Metrics,
     proxy::{Settings, Worker},
-    rate_limit::{Outage, RateLimitActor},
+    rate_limit::{RateLimitActor, Stores},
+    status::StatusState,
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
@@ -76,8 +82,9 @@ pub struct Running {
     tasks: Vec<actix_rt::task::JoinHandle<io::Result<()>>>,
     /// Where the workers' settings are published.
     settings: watch::Sender<Arc<Settings>>,
-    /// The configuration running now; a reload replaces it.
-    config: Mutex<Config>,
+    access_log: AccessLog,
+    /// The configuration running now; a reload replaces it. Shared with the status page.
+    config: Arc<Mutex<Config>>,
 }
 
 impl Running {
@@ -97,6 +104,11 @@ impl Running {
         }
     }
 
+    /// Reopens the access log file, as SIGUSR1 does (for logrotate).
+    pub fn reopen_logs(&self) {
+        self.access_log.reopen();
+    }
+
     /// Reads the config file again and applies it, as SIGHUP does; `by` names who asked, for
     /// the log. A bad file is refused (and logged) and the running configuration stays.
     pub async fn reload(&self, by: &str) -> Result<(), ConfigError> {
@@ -114,6 +126,9 @@ impl Running {
                 return Err(e);
             }
         };
+        if next.access_log != current.access_log {
+            self.access_log.configure(next.access_log.clone());
+        }
         reload::apply(&current, &next, &self.health, &self.settings, by).await;
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
@@ -126,14 +141,14 @@ impl Running {
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     // Made even with limiting off, so that a reload can turn it on; Redis connects lazily.
-    let store = rate_limit::open(&config.rate_limit).map_err(|e| {
+    let stores = Stores::open(&config.rate_limit, metrics.clone()).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("rate_limit.redis_url: {e}"),
         )
     })?;
-    let outage = Arc::new(Outage::default());
     let (settings, updates) = watch::channel(Arc::new(Settings::new(&config)));
+    let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
     let proxy_listener = std::net::TcpListener::bind(config.listen)
@@ -165,11 +180,7 @@ pub fn start(config: Config) -> io::Result<Running> {
     }
 
     if config.rate_limit.enabled {
-        actix_rt::spawn(rate_limit::warm_up(
-            store.clone(),
-            outage.clone(),
-            config.rate_limit.on_store_error,
-        ));
+        actix_rt::spawn(stores.clone().warm_up(config.rate_limit.on_store_error));
     }
     let health = HealthActor::new(
         &config.servers,
@@ -180,17 +191,23 @@ pub fn start(config: Config) -> io::Result<Running> {
 
     let strategy = config.strategy;
     let rate_limit = config.rate_limit.clone();
+    let running_config = Arc::new(Mutex::new(config.clone()));
+    let status_breaker = stores.breaker.clone();
     let factory_health = health.clone();
     let factory_metrics = metrics.clone();
+    let factory_log = access_log.clone();
+    // Requests actix-http refuses before any handler runs still get their access line.
+    let on_refused = {
+        let log = access_log.clone();
+        OnRefused::new(move |r| {
+            log::debug!("refused with {}: {}", r.status, r.reason);
+            log.refused(r.peer_addr.map(|a| a.ip()), r.status.as_u16());
+        })
+    };
     let mut server = HttpServer::new(move || {
         // Runs once per worker, on that worker's thread: its actors live there.
-        let limiter = RateLimitActor::new(
-            &rate_limit,
-            store.clone(),
-            outage.clone(),
-            factory_metrics.clone(),
-        )
-        .start();
+        let limiter =
+            RateLimitActor::new(&rate_limit, stores.clone(), factory_metrics.clone()).start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
         let balancer = BalancerActor::start(
@@ -207,12 +224,18 @@ pub fn start(config: Config) -> io::Result<Running> {
             balancer,
             limiter,
             factory_health.clone(),
-            factory_metrics.clone(),
+            Sink {
+                metrics: factory_metrics.clone(),
+                log: factory_log.clone(),
+            },
             updates.clone(),
         );
         App::new()
             .app_data(web::Data::new(worker))
             .default_service(web::to(proxy::forward))
+    })
+    .on_connect(move |_, data| {
+        data.insert(on_refused.clone());
     })
     .keep_alive(KeepAlive::Timeout(Duration::from_secs(75)))
     .backlog(4096)
@@ -233,8 +256,19 @@ pub fn start(config: Config) -> io::Result<Running> {
                 metrics: metrics.clone(),
                 token: config.admin_token.clone(),
             });
+            let status = Arc::new(StatusState::new(
+                running_config.clone(),
+                status_breaker,
+                metrics.clone(),
+            ));
+            status::start_sampling(&status);
+            let status = web::Data::from(status);
             let admin_server = HttpServer::new(move || {
-                App::new().app_data(state.clone()).configure(admin::routes)
+                App::new()
+                    .app_data(state.clone())
+                    .app_data(status.clone())
+                    .configure(status::routes)
+                    .configure(admin::routes)
             })
             .workers(1)
             .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
@@ -248,10 +282,11 @@ pub fn start(config: Config) -> io::Result<Running> {
     };
 
     log::info!(
-        "roundabout {} listening on {proxy_addr} ({} servers, {:?}){}",
+        "roundabout {} listening on {proxy_addr} ({} servers, {:?}); {}{}",
         env!("CARGO_PKG_VERSION"),
         config.servers.len(),
         config.strategy,
+        config.rate_limit.summary(),
         admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
     );
     Ok(Running {
@@ -263,7 +298,8 @@ pub fn start(config: Config) -> io::Result<Running> {
         admin,
         tasks,
         settings,
-        config: Mutex::new(config),
+        access_log,
+        config: running_config,
     })
 }
 
@@ -280,7 +316,7 @@ pub async fn run(config: Config) -> io::Result<()> {
             reload::Signal::Reload => {
                 let _ = running.reload("SIGHUP").await;
             }
-            reload::Signal::ReopenLogs => access_log::reopen(),
+            reload::Signal::ReopenLogs => running.reopen_logs(),
         }
     }
     log::info!(

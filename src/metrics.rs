@@ -1,4 +1,5 @@
-//! Prometheus metrics, shared by every worker (`Arc<Metrics>`; the counters are atomics).
+//! Prometheus metrics, shared by every worker (`Arc<Metrics>`; the counters are atomics),
+//! and read as plain numbers ([`Counts`]) by the status page.
 //!
 //! Label values that name a server are the upstream's `Arc<str>` label, so recording a
 //! request clones a pointer, not a string. A server's series live as long as the server:
@@ -50,6 +51,14 @@ pub struct ServerCounters {
 }
 
 impl ServerCounters {
+    /// Its answers so far, all and 5xx: read by the status page, never on the request path.
+    pub fn answers(&self) -> Answers {
+        Answers {
+            all: self.counters.iter().map(Counter::get).sum(),
+            errors: self.counters[4].get(),
+        }
+    }
+
     fn inc(&self, status: u16) {
         let class = match status {
             100..=199 => 0,
@@ -62,6 +71,27 @@ impl ServerCounters {
     }
 }
 
+/// Answers counted so far: the status page's rates are differences of two of these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answers {
+    pub all: u64,
+    /// 5xx.
+    pub errors: u64,
+}
+
+/// The counters at one instant, as the status page samples them.
+#[derive(Debug, Clone, Default)]
+pub struct Counts {
+    /// Every answer given since start, ours and those of servers since removed included.
+    pub requests: u64,
+    /// Answers of our own (429, 502, 503, …), `server=""`.
+    pub own: Answers,
+    /// Requests refused with 429.
+    pub rate_limited: u64,
+    /// Each server's answers, by label, for every server that has series now.
+    pub servers: HashMap<Arc<str>, Answers>,
+}
+
 /// The families that hold per-server series, and which servers are alive in them.
 #[derive(Debug, Clone)]
 struct ServerFamilies {
@@ -71,6 +101,9 @@ struct ServerFamilies {
     health_check_failures: Family<ServerLabels, Counter>,
     /// Per label, the series handle every `Upstream` of that server shares.
     live: Arc<Mutex<HashMap<Arc<str>, Weak<ServerSeries>>>>,
+    /// Answers of servers whose series are gone, so that the status page's total since
+    /// start never goes down.
+    retired: Counter,
 }
 
 /// A server's place in the families: its series are removed when the last handle goes.
@@ -90,10 +123,14 @@ impl Drop for ServerSeries {
         live.remove(&self.label);
         let f = &self.families;
         for class in CLASSES {
-            f.requests.remove(&RequestLabels {
+            let labels = RequestLabels {
                 server: ServerName(self.label.clone()),
                 class,
-            });
+            };
+            if let Some(answered) = f.requests.get(&labels) {
+                f.retired.inc_by(answered.get());
+            }
+            f.requests.remove(&labels);
         }
         let server = ServerLabels {
             server: ServerName(self.label.clone()),
@@ -113,7 +150,9 @@ pub struct Metrics {
     duration: Histogram,
     in_flight: Gauge<i64, AtomicI64>,
     rate_limited: Counter,
+    access_log_dropped: Counter,
     store_errors: Counter,
+    fallback: Counter,
     /// Answers of our own (429, 502, …), `server=""`.
     own: ServerCounters,
 }
@@ -176,8 +215,20 @@ impl Metrics {
         let store_errors = Counter::default();
         registry.register(
             "rate_limit_store_errors",
-            "Rate-limit checks that failed because the store (Redis) could not answer",
+            "Calls to the rate-limit store (Redis) that failed: checks, and the probes that ask it while it is away",
             store_errors.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer could not keep up (its queue was full)",
+            access_log_dropped.clone(),
+        );
+        let fallback = Counter::default();
+        registry.register(
+            "rate_limit_fallback",
+            "Rate-limit checks answered by the in-process fallback store while Redis was unreachable (on_store_error = \"local\")",
+            fallback.clone(),
         );
         let servers = ServerFamilies {
             requests,
@@ -185,6 +236,7 @@ impl Metrics {
             healthy,
             health_check_failures,
             live: Arc::default(),
+            retired: Counter::default(),
         };
         let own = ServerCounters {
             counters: Self::counters_in(&servers.requests, &Arc::from("")),
@@ -198,7 +250,9 @@ impl Metrics {
             duration,
             in_flight,
             rate_limited,
+            access_log_dropped,
             store_errors,
+            fallback,
         }
     }
 
@@ -308,12 +362,61 @@ impl Metrics {
         });
     }
 
+    pub fn access_log_dropped(&self) {
+        self.access_log_dropped.inc();
+    }
+
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
     }
 
     pub fn store_error(&self) {
         self.store_errors.inc();
+    }
+
+    /// A check answered by the in-process fallback store.
+    pub fn fallback(&self) {
+        self.fallback.inc();
+    }
+
+    /// Every counter the status page shows a rate of, read now. Takes the lock of the
+    /// server list (not touched per request) and reads atomics; changes nothing.
+    pub fn counts(&self) -> Counts {
+        let labels: Vec<Arc<str>> = {
+            let live = self.servers.live.lock().unwrap_or_else(|e| e.into_inner());
+            live.keys().cloned().collect()
+        };
+        let servers = labels
+            .into_iter()
+            .map(|label| {
+                let server = ServerName(label.clone());
+                let mut answers = Answers::default();
+                for class in CLASSES {
+                    let labels = RequestLabels {
+                        server: server.clone(),
+                        class,
+                    };
+                    // `get`, not `get_or_create`: a server gone meanwhile is not brought back.
+                    if let Some(c) = self.servers.requests.get(&labels) {
+                        let n = c.get();
+                        answers.all += n;
+                        if class == "5xx" {
+                            answers.errors += n;
+                        }
+                    }
+                }
+                (label, answers)
+            })
+            .collect::<HashMap<Arc<str>, Answers>>();
+        let own = self.own.answers();
+        Counts {
+            requests: self.servers.retired.get()
+                + own.all
+                + servers.values().map(|a| a.all).sum::<u64>(),
+            own,
+            rate_limited: self.rate_limited.get(),
+            servers,
+        }
     }
 
     /// The current in-flight gauge, for tests and the admin API.
@@ -370,5 +473,23 @@ mod tests {
         drop(second);
         assert!(!m.encode().contains("127.0.0.1:5000"), "{}", m.encode());
         assert_eq!(m.servers_tracked(), 0);
+    }
+
+    #[test]
+    fn counts_keep_the_answers_of_a_server_whose_series_are_gone() {
+        let m = Metrics::new();
+        let s: Arc<str> = Arc::from("127.0.0.1:5000");
+        let counters = m.server_counters(&s);
+        m.answered(Some(&counters), 200);
+        m.answered(Some(&counters), 502);
+        m.answered(None, 429);
+        let before = m.counts();
+        assert_eq!(before.requests, 3);
+        assert_eq!(before.servers[&s], Answers { all: 2, errors: 1 });
+        assert_eq!(before.own, Answers { all: 1, errors: 0 });
+        drop(counters);
+        let after = m.counts();
+        assert!(after.servers.is_empty());
+        assert_eq!(after.requests, 3, "the total since start never goes down");
     }
 }

@@ -218,42 +218,6 @@ async fn a_1gb_body_passes_both_ways_in_constant_memory() {
 }
 
 #[actix_rt::test]
-async fn the_access_log_has_one_line_per_request_with_the_bytes_sent() {
-    let a = Backend::start("a");
-    let p = in_front_of(&a, "").await;
-    assert_eq!(get(&p.url("/bytes/1000?x=1")).await.0, 200);
-    assert_eq!(get(&p.url("/status/404")).await.0, 404);
-    p.wait_log("roundabout::access", 2).await;
-    let text = p.log();
-    drop(p);
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("roundabout::access"))
-        .collect();
-    assert_eq!(lines.len(), 2, "{text}");
-    let upstream = a.addr.to_string();
-    assert!(
-        lines[0].contains(&format!(
-            "127.0.0.1 \"GET /bytes/1000?x=1\" 200 1000 {upstream} "
-        )),
-        "{}",
-        lines[0]
-    );
-    assert!(lines[0].ends_with("ms"), "{}", lines[0]);
-    assert!(
-        lines[1].contains("\"GET /status/404\" 404 10 "),
-        "{}",
-        lines[1]
-    );
-
-    let p = in_front_of(&a, "[log]\naccess_log = false\n").await;
-    assert_eq!(get(&p.url("/")).await.0, 200);
-    let text = p.log();
-    drop(p);
-    assert!(!text.contains("roundabout::access"), "{text}");
-}
-
-#[actix_rt::test]
 async fn a_dead_server_and_a_dead_redis_are_each_logged_once() {
     let a = Backend::start("a");
     let log = tempfile::NamedTempFile::new().unwrap();

@@ -1,8 +1,11 @@
 //! The rate limiter over real sockets, with a real `redis-server`: the budget and its
-//! headers, who the client is, one budget shared by two instances, keys that expire, what a
-//! Redis outage answers and the recovery after it, and the in-process store.
+//! headers, who the client is (IPv6 by prefix), one budget shared by two instances, keys
+//! that expire, what a Redis outage answers and the recovery after it (more in `outage`),
+//! and the in-process store.
 
 mod common;
+#[path = "rate_limit/outage.rs"]
+mod outage;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -193,6 +196,50 @@ async fn clients_behind_a_trusted_proxy_have_separate_budgets() {
 }
 
 #[actix_rt::test]
+async fn ipv6_clients_share_one_budget_per_prefix_in_redis_and_in_the_fallback() {
+    let redis = Redis::start();
+    let a = Backend::start("a");
+    let extra = limiter(&redis.url(), "10s", "trusted_proxies = [\"127.0.0.1\"]");
+    let lb = balancer(&[a.url()], &extra);
+    let client = client();
+
+    // Six addresses of one /64 (the default prefix), one request each: one budget.
+    let one_net = [
+        "2001:db8:1:2::1",
+        "2001:db8:1:2::2",
+        "2001:db8:1:2:ffff:ffff:ffff:ffff",
+        "2001:db8:1:2:abcd::7",
+        "2001:db8:1:2::1",
+        "2001:db8:1:2:1:2:3:4",
+    ];
+    let mut answers = Vec::new();
+    for ip in one_net {
+        answers.push(hit(&client, lb.proxy_addr, Some(ip)).await);
+    }
+    assert_eq!(statuses(&answers), [200, 200, 200, 200, 200, 429]);
+    assert_eq!(remainings(&answers), [4, 3, 2, 1, 0, 0]);
+    // The next /64 is another client.
+    let other = hit(&client, lb.proxy_addr, Some("2001:db8:1:3::1")).await;
+    assert_eq!((other.status, other.remaining()), (200, 4));
+    assert_eq!(
+        keys(&redis),
+        [
+            format!("{PREFIX}:2001:db8:1:2::/64"),
+            format!("{PREFIX}:2001:db8:1:3::/64")
+        ]
+    );
+
+    // The local fallback keys them the same way.
+    redis.stop();
+    let answers = [
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:4::1")).await,
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:4::2")).await,
+        hit(&client, lb.proxy_addr, Some("2001:db8:1:5::2")).await,
+    ];
+    assert_eq!(remainings(&answers), [4, 3, 4]);
+}
+
+#[actix_rt::test]
 async fn an_untrusted_peer_shares_one_budget_whatever_it_forwards_for() {
     let redis = Redis::start();
     let a = Backend::start("a");
@@ -258,7 +305,10 @@ async fn every_key_the_limiter_writes_expires() {
         // Past the budget too: a refused request must not leave a key behind either.
         hits(&client, lb.proxy_addr, Some(ip), 7).await;
     }
-    let mut expected: Vec<String> = clients.iter().map(|ip| format!("{PREFIX}:{ip}")).collect();
+    let mut expected: Vec<String> = ["198.51.100.7", "2001:db8::/64", "203.0.113.9"]
+        .iter()
+        .map(|ip| format!("{PREFIX}:{ip}"))
+        .collect();
     expected.sort();
     let written = keys(&redis);
     assert_eq!(written, expected);

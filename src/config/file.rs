@@ -33,15 +33,28 @@ impl Strategy {
     }
 }
 
-/// What the rate limiter does when its store (Redis) cannot be reached.
+/// What the rate limiter does while its shared store (Redis) cannot be reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnStoreError {
-    /// Fail open: forward the request.
+    /// Count in the in-process store meanwhile: each instance limits on its own.
     #[default]
+    Local,
+    /// Fail open: forward the request, uncounted.
     Allow,
     /// Fail closed: answer 503.
     Deny,
+}
+
+impl std::fmt::Display for OnStoreError {
+    /// The config spelling (`local`), for log lines that quote the setting.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OnStoreError::Local => "local",
+            OnStoreError::Allow => "allow",
+            OnStoreError::Deny => "deny",
+        })
+    }
 }
 
 /// A server as written in the file: a plain URL or `{ url, weight }`.
@@ -169,6 +182,8 @@ pub struct RateLimitSection {
     pub key_prefix: String,
     #[serde(deserialize_with = "one_of")]
     pub on_store_error: OnStoreError,
+    /// IPv6 clients are counted per network of this many leading bits (one budget each).
+    pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<String>,
 }
 
@@ -180,7 +195,8 @@ impl Default for RateLimitSection {
             window: Duration::from_secs(60),
             redis_url: "redis://127.0.0.1:6379".into(),
             key_prefix: "roundabout:rl".into(),
-            on_store_error: OnStoreError::Allow,
+            on_store_error: OnStoreError::Local,
+            ipv6_prefix: 64,
             trusted_proxies: Vec::new(),
         }
     }
@@ -206,14 +222,36 @@ impl Default for AdminSection {
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
     pub level: String,
-    pub access_log: bool,
+    pub access_log: AccessLogTarget,
+    #[serde(deserialize_with = "one_of")]
+    pub access_log_format: AccessLogFormat,
+}
+
+/// Where the access log goes: `true` = stderr, `false` = off, or a file's path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged, expecting = "expected true, false or a file's path")]
+pub enum AccessLogTarget {
+    Switch(bool),
+    Path(String),
+}
+
+/// How an access-log line reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// nginx's `combined` fields, then upstream, upstream time, total time, request id.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         Self {
             level: "info".into(),
-            access_log: true,
+            access_log: AccessLogTarget::Switch(true),
+            access_log_format: AccessLogFormat::Combined,
         }
     }
 }

@@ -21,11 +21,13 @@ mod validate;
 use std::path::Path;
 
 pub use file::{
-    default_weight, AdminSection, BalancerSection, FileConfig, FileServer, HealthCheckSection,
-    ListenSection, LogSection, OnStoreError, ProxySection, RateLimitSection, Strategy,
-    WeightedServer,
+    default_weight, AccessLogFormat, AccessLogTarget, AdminSection, BalancerSection, FileConfig,
+    FileServer, HealthCheckSection, ListenSection, LogSection, OnStoreError, ProxySection,
+    RateLimitSection, Strategy, WeightedServer,
 };
-pub use validate::{parse_net, parse_server_url, Config, RateLimit, ServerConfig, Source};
+pub use validate::{
+    parse_net, parse_server_url, redact_url, AccessLog, Config, RateLimit, ServerConfig, Source,
+};
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
 #[derive(Debug, thiserror::Error)]
@@ -254,6 +256,62 @@ mod tests {
             Some("redis://127.0.0.1:6379")
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(c.rate_limit.on_store_error, OnStoreError::Local);
+        assert_eq!(c.rate_limit.ipv6_prefix, 64);
+    }
+
+    #[test]
+    fn ipv6_prefix_is_a_prefix_length_named_in_errors() {
+        for bad in ["0", "129", "300", "-1"] {
+            let err = parse(&format!("[rate_limit]\nipv6_prefix = {bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("rate_limit.ipv6_prefix"), "{bad}: {err}");
+        }
+        for good in [1, 48, 128] {
+            let c = parse(&format!("[rate_limit]\nipv6_prefix = {good}")).unwrap();
+            assert_eq!(c.rate_limit.ipv6_prefix, good);
+        }
+    }
+
+    #[test]
+    fn the_shipped_file_limits_in_process_while_redis_is_away() {
+        let c = Config::load_with_env(Path::new("config/default.toml"), Some(Default::default()))
+            .unwrap();
+        assert!(c.rate_limit.enabled);
+        assert_eq!(c.rate_limit.on_store_error, OnStoreError::Local);
+        assert_eq!(c.rate_limit.ipv6_prefix, 64);
+    }
+
+    #[test]
+    fn the_limiter_summary_names_the_store_and_hides_passwords() {
+        let summary = |extra: &str| {
+            parse(&format!("[rate_limit]\n{extra}"))
+                .unwrap()
+                .rate_limit
+                .summary()
+        };
+        assert_eq!(
+            summary(""),
+            "rate limit 100/60s, store redis://127.0.0.1:6379 (shared), on_store_error = \"local\""
+        );
+        assert_eq!(
+            summary("redis_url = \"redis://:s3cret@10.0.0.5:6380/2\"\non_store_error = \"deny\""),
+            "rate limit 100/60s, store redis://:***@10.0.0.5:6380/2 (shared), on_store_error = \"deny\""
+        );
+        assert_eq!(
+            summary("redis_url = \"rediss://app:s3cret@cache.internal\""),
+            "rate limit 100/60s, store rediss://app:***@cache.internal:6379 (shared), on_store_error = \"local\""
+        );
+        assert_eq!(
+            redact_url("redis+unix:///run/redis.sock?db=1&pass=s3cret"),
+            "redis+unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            summary("redis_url = \"\"\nrequests = 7\nwindow = \"10s\""),
+            "rate limit 7/10s, store in-process"
+        );
+        assert_eq!(summary("enabled = false"), "rate limit off");
     }
 
     #[test]

@@ -9,7 +9,8 @@ use serde::Serialize;
 use url::Url;
 
 use super::file::{
-    FileConfig, FileServer, HealthCheckSection, OnStoreError, ProxySection, Strategy,
+    AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, OnStoreError,
+    ProxySection, Strategy,
 };
 
 /// A checked server entry.
@@ -36,7 +37,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub admin_token: String,
     pub log_level: log::LevelFilter,
-    pub access_log: bool,
+    /// `None`: no access log.
+    pub access_log: Option<AccessLog>,
     /// The file as resolved (after environment overrides), for `--check`.
     pub resolved: FileConfig,
     /// Where it was read from; `None` when it was parsed from text.
@@ -51,6 +53,14 @@ pub struct Source {
     pub env: Option<config::Map<String, String>>,
 }
 
+/// Where the access log goes and how it reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// `None`: stderr.
+    pub file: Option<std::path::PathBuf>,
+    pub format: AccessLogFormat,
+}
+
 /// The checked `[rate_limit]` section.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
@@ -61,7 +71,69 @@ pub struct RateLimit {
     pub redis_url: Option<String>,
     pub key_prefix: String,
     pub on_store_error: OnStoreError,
+    /// 1..=128: IPv6 clients share one budget per network of this many leading bits.
+    pub ipv6_prefix: u8,
     pub trusted_proxies: Vec<IpNet>,
+}
+
+impl RateLimit {
+    /// Where the counts live, for log lines: `redis://host:port (shared)` with any password
+    /// hidden, or `in-process`.
+    pub fn store_label(&self) -> String {
+        match &self.redis_url {
+            None => "in-process".into(),
+            Some(url) => format!("{} (shared)", redact_url(url)),
+        }
+    }
+
+    /// The limiter's part of the start-up line, in config spelling:
+    /// `rate limit 100/60s, store redis://127.0.0.1:6379 (shared), on_store_error = "local"`.
+    pub fn summary(&self) -> String {
+        if !self.enabled {
+            return "rate limit off".into();
+        }
+        let head = format!(
+            "rate limit {}/{}s, store {}",
+            self.requests,
+            self.window.as_secs(),
+            self.store_label()
+        );
+        match self.redis_url {
+            // The in-process store cannot become unreachable: no policy applies.
+            None => head,
+            Some(_) => format!("{head}, on_store_error = \"{}\"", self.on_store_error),
+        }
+    }
+}
+
+/// `url` as it may be logged: a password (in the authority, or as a `pass`/`password`
+/// query parameter of a unix-socket URL) becomes `***`, and a `redis://` URL without a
+/// port shows the default one.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut u) = Url::parse(url) else {
+        return "(unparseable URL)".into();
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("***"));
+    }
+    if u.port().is_none() && matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() {
+        let _ = u.set_port(Some(6379));
+    }
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if matches!(&*k, "pass" | "password") {
+                    "***".into()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 type KeyError = (String, String);
@@ -155,6 +227,12 @@ impl FileConfig {
         if rl.key_prefix.is_empty() {
             return Err(key_err("rate_limit.key_prefix", "must not be empty"));
         }
+        if !(1..=128).contains(&rl.ipv6_prefix) {
+            return Err(key_err(
+                "rate_limit.ipv6_prefix",
+                format!("{} is not a prefix length from 1 to 128", rl.ipv6_prefix),
+            ));
+        }
         let mut trusted_proxies = Vec::with_capacity(rl.trusted_proxies.len());
         for (i, t) in rl.trusted_proxies.iter().enumerate() {
             let net = parse_net(t.trim())
@@ -175,6 +253,23 @@ impl FileConfig {
             Some(addr)
         };
 
+        let access_log = match &self.log.access_log {
+            AccessLogTarget::Switch(false) => None,
+            AccessLogTarget::Switch(true) => Some(AccessLog {
+                file: None,
+                format: self.log.access_log_format,
+            }),
+            AccessLogTarget::Path(p) if p.trim().is_empty() => {
+                return Err(key_err(
+                    "log.access_log",
+                    "must be true, false or a file's path",
+                ))
+            }
+            AccessLogTarget::Path(p) => Some(AccessLog {
+                file: Some(p.into()),
+                format: self.log.access_log_format,
+            }),
+        };
         let log_level = self.log.level.parse::<log::LevelFilter>().map_err(|_| {
             key_err(
                 "log.level",
@@ -199,12 +294,13 @@ impl FileConfig {
                 redis_url,
                 key_prefix: rl.key_prefix.clone(),
                 on_store_error: rl.on_store_error,
+                ipv6_prefix: rl.ipv6_prefix,
                 trusted_proxies,
             },
             admin,
             admin_token: self.admin.token.clone(),
             log_level,
-            access_log: self.log.access_log,
+            access_log,
             resolved: self,
             source: None,
         })

@@ -54,6 +54,29 @@ pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
 }
 
+/// The request id header: passed on, or set (SPEC, "X-Request-Id").
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest client request id passed on.
+const MAX_REQUEST_ID: usize = 200;
+
+/// The request's id: the client's `X-Request-Id` when it is 1 to 200 visible ASCII
+/// characters, else a new random one (128 bits, hex).
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(X_REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if (1..=MAX_REQUEST_ID).contains(&bytes.len()) && bytes.iter().all(u8::is_ascii_graphic) {
+            return id.clone();
+        }
+    }
+    let mut hex = [0u8; 32];
+    let random: u128 = rand::random();
+    for (i, nibble) in hex.iter_mut().enumerate() {
+        *nibble = b"0123456789abcdef"[((random >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&hex).expect("hex digits are a header value")
+}
+
 /// The protocol a request asks to upgrade to, when it is an upgrade roundabout tunnels:
 /// `Connection: upgrade` with an `Upgrade` token and no body. actix-http reads the rest of
 /// such a connection as the request's payload (vendor/actix-http/VENDORED.md): the tunnel's
@@ -267,6 +290,20 @@ mod tests {
         let trusted = nets(&["10.0.0.0/8"]);
         assert_eq!(client_ip(peer, &headers(&["not-an-ip"]), &trusted), peer);
         assert_eq!(client_ip(peer, &headers(&[]), &trusted), peer);
+    }
+
+    #[test]
+    fn a_client_request_id_is_kept_only_when_it_is_short_visible_ascii() {
+        let mut h = HeaderMap::new();
+        let fresh = request_id(&h);
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(&h), "random");
+        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h), "abc-123");
+        for bad in ["has space", &"x".repeat(201)] {
+            h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            assert_eq!(request_id(&h).len(), 32, "{bad:?} replaced");
+        }
     }
 
     #[test]

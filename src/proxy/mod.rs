@@ -33,16 +33,15 @@ use tokio::sync::watch;
 use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
-    headers::{rate_limit_headers, upstream_headers, upstream_uri},
+    headers::{rate_limit_headers, upstream_headers, upstream_uri, X_REQUEST_ID},
     tunnel::tunnel,
 };
 pub use self::{error::ProxyError, headers::client_ip};
 use crate::{
-    access_log::{AccessEntry, Ending, Record},
+    access_log::{AccessEntry, Ending, Record, Sink},
     balancer::{BalancerActor, Lease, NextServer},
     config::{Config, ProxySection},
     health::{ConnectFailed, HealthActor},
-    metrics::Metrics,
     rate_limit::{ceil_secs, Check, Decision, RateLimitActor, Verdict},
     upstream::{self, describe, Upstream},
 };
@@ -71,7 +70,7 @@ impl Settings {
                 let value = format!("\"default\";q={};w={}", rl.requests, rl.window.as_secs());
                 HeaderValue::from_str(&value).expect("digits and quotes are a header value")
             }),
-            access_log: config.access_log,
+            access_log: config.access_log.is_some(),
         }
     }
 }
@@ -81,7 +80,8 @@ pub struct Worker {
     balancer: Addr<BalancerActor>,
     limiter: Addr<RateLimitActor>,
     health: Addr<HealthActor>,
-    metrics: Arc<Metrics>,
+    /// Where this worker's exchanges are counted and logged.
+    sink: Rc<Sink>,
     /// Where reloads are published; looked at (one atomic load) per request.
     updates: RefCell<watch::Receiver<Arc<Settings>>>,
     /// This worker's copy of the settings (an `Rc`: no count shared with other workers)
@@ -96,7 +96,7 @@ impl Worker {
         balancer: Addr<BalancerActor>,
         limiter: Addr<RateLimitActor>,
         health: Addr<HealthActor>,
-        metrics: Arc<Metrics>,
+        sink: Sink,
         updates: watch::Receiver<Arc<Settings>>,
     ) -> Self {
         let settings = updates.borrow().clone();
@@ -105,7 +105,7 @@ impl Worker {
             balancer,
             limiter,
             health,
-            metrics,
+            sink: Rc::new(sink),
             updates: RefCell::new(updates),
             current: RefCell::new((Rc::new((*settings).clone()), client)),
         }
@@ -136,6 +136,7 @@ pub async fn forward(
 ) -> HttpResponse {
     let started = Instant::now();
     let (settings, client) = worker.current();
+    let request_id = headers::request_id(req.headers());
     let peer = req.peer_addr().map(|a| a.ip());
     let client_ip = peer.map(|p| client_ip(p, req.headers(), &settings.trusted_proxies));
 
@@ -158,24 +159,35 @@ pub async fn forward(
                     BodyState::new(payload, settings.proxy.max_body_bytes)
                 });
                 let upgrade = headers::upgrade_of(&req).filter(|_| body.is_none());
-                let to = Target { peer, upgrade };
+                let to = Target {
+                    peer,
+                    upgrade,
+                    request_id: &request_id,
+                };
                 send(&req, body, framing, to, &worker, &settings, &client)
                     .await
                     .map(|reply| (reply, payload))
             }
         },
     };
-    worker.metrics.head_time(started.elapsed().as_secs_f64());
+    let head_at = started.elapsed();
+    worker.sink.metrics.head_time(head_at.as_secs_f64());
 
+    let headers = req.headers();
     let mut record = Record {
-        metrics: worker.metrics.clone(),
+        sink: worker.sink.clone(),
         upstream: None,
         status: 0,
         started,
+        upstream_time: None,
         entry: settings.access_log.then(|| AccessEntry {
             client: client_ip,
             method: req.method().clone(),
             uri: req.uri().clone(),
+            version: req.version(),
+            referer: headers.get(header::REFERER).cloned(),
+            user_agent: headers.get(header::USER_AGENT).cloned(),
+            request_id: Some(request_id.clone()),
         }),
     };
     let idle = settings.proxy.timeout;
@@ -183,6 +195,7 @@ pub async fn forward(
         Ok((reply, payload)) => {
             record.upstream = Some(reply.lease.upstream().clone());
             record.status = reply.response.status().as_u16();
+            record.upstream_time = Some(head_at);
             match (reply.switched, payload, headers::upgrade_of(&req)) {
                 (Some(socket), Some(payload), Some(asked)) => {
                     let asked = asked.clone();
@@ -203,7 +216,7 @@ pub async fn forward(
         Err(e) => {
             if let ProxyError::RateLimited(d) = &e {
                 decision = Some(d.clone());
-                worker.metrics.rate_limited();
+                worker.sink.metrics.rate_limited();
             }
             let res = e.error_response();
             record.status = res.status().as_u16();
@@ -218,6 +231,7 @@ pub async fn forward(
     if let Some(d) = &decision {
         rate_limit_headers(res.headers_mut(), d, settings.ratelimit_policy.as_ref());
     }
+    res.headers_mut().insert(X_REQUEST_ID, request_id);
     res
 }
 
@@ -241,6 +255,7 @@ async fn limit(
 struct Target<'a> {
     peer: Option<IpAddr>,
     upgrade: Option<&'a HeaderValue>,
+    request_id: &'a HeaderValue,
 }
 
 /// A server's answer head, the connection when it switched protocols, and the lease.
@@ -300,6 +315,8 @@ async fn send(
             Some(h) => h,
             None => upstream_headers(req, peer, &settings.trusted_proxies),
         };
+        creq.headers_mut()
+            .insert(X_REQUEST_ID, to.request_id.clone());
         if !proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());

@@ -1,32 +1,53 @@
-//! The in-process store: fixed windows per client IP in memory, one store for the whole
-//! process (a client must not get `workers × requests`), bounded in size. It never blocks
-//! for longer than one shard's hash lookup and knows nothing of Redis or of actors.
+//! The in-process store: fixed windows per client in memory, one store for the whole
+//! process (a client must not get `workers × requests`), bounded in size. It serves
+//! `redis_url = ""` and the `local` fallback while Redis is away. It never blocks for
+//! longer than one shard's hash lookup and knows nothing of Redis or of actors.
+//!
+//! Bounded, and never refusing: each shard keeps its windows in the order they started
+//! (all windows have one length, so that is the order they end). Ended windows are dropped
+//! from the front as hits arrive, and when a shard is full the window at the front, the
+//! one closest to its end, is evicted to make room. Both cost O(1) amortized per hit: a
+//! window is queued once when it starts and leaves the queue once. A new client is always
+//! counted.
 
 use std::{
-    collections::HashMap,
-    net::IpAddr,
-    sync::Mutex,
+    collections::{hash_map::RandomState, HashMap, VecDeque},
+    hash::BuildHasher as _,
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use super::{Decision, Hit, Store, StoreError};
+use super::{ClientKey, Decision, Hit, Store};
 
-/// The most client IPs the in-process store keeps a window for (about 100 MB), as nginx's
-/// `limit_req_zone` has a fixed size: past it, a new IP is a store error and
-/// `on_store_error` decides, rather than memory growing with every address an attacker has.
+/// The most clients the in-process store keeps a window for, as nginx's `limit_req_zone`
+/// has a fixed size. Past it, the windows closest to their end are evicted (an evicted
+/// client starts a new window on its next request). At about 100 bytes a client, a full
+/// store holds about 100 MB (README, "Rate limiting").
 pub const MEMORY_STORE_CAP: usize = 1 << 20;
 
-/// Shards of the in-process store: a sweep or a hit locks one sixteenth of it.
+/// Shards of the in-process store: a hit locks one sixteenth of it.
 const SHARDS: usize = 16;
+
+/// A shard's map shrinks once it is this large and at most a quarter full, so that the
+/// memory a flood of clients took is given back when their windows end.
+const SHRINK_FROM: usize = 1024;
+
+/// A client as the store keys it: its address (IPv4 as IPv4-mapped IPv6) in two words,
+/// 16 bytes with no padding, where an `IpAddr` takes 17 and pads the entry to 24.
+type Packed = (u64, u64);
 
 /// The in-process store: one per process, shared by every worker.
 ///
 /// std `Mutex`es, not async ones: each critical section is a hash lookup and never spans an
-/// `.await` (mini-redis's `Db` makes the same choice). The map is split in `SHARDS` (16) by IP,
-/// so two workers rarely wait on each other and dropping ended windows pauses one shard.
+/// `.await` (mini-redis's `Db` makes the same choice). The map is split in `SHARDS` (16) by
+/// a hash with a per-process random key, so two workers rarely wait on each other and no
+/// client can choose which shard its addresses fill.
 pub struct MemoryStore {
-    shards: [Mutex<MemoryWindows>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
     cap_per_shard: usize,
+    shard_of: RandomState,
+    /// Times are kept as nanoseconds since this instant: 8 bytes, where an `Instant` is 16.
+    epoch: Instant,
 }
 
 impl Default for MemoryStore {
@@ -35,74 +56,127 @@ impl Default for MemoryStore {
     }
 }
 
-#[derive(Default)]
-struct MemoryWindows {
-    /// Per IP: the count and when its window ends.
-    counts: HashMap<IpAddr, (u64, Instant)>,
-    /// When expired windows were last dropped.
-    swept: Option<Instant>,
+/// One client's window: 16 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    count: u64,
+    /// When it ends, in nanoseconds since the store's epoch.
+    end: u64,
 }
 
-impl MemoryWindows {
-    fn sweep(&mut self, now: Instant) {
-        self.counts.retain(|_, (_, end)| *end > now);
-        self.swept = Some(now);
+#[derive(Default)]
+struct Shard {
+    windows: HashMap<Packed, Window>,
+    /// Every window started, oldest first, with the end it started with: the front is the
+    /// next to end, so the first to drop and, when the shard is full, the first evicted. A
+    /// record whose client has since started another window (its end differs) is stale and
+    /// skipped.
+    order: VecDeque<(Packed, u64)>,
+}
+
+impl Shard {
+    /// Drops the windows that have ended, front first; stops at the first that has not.
+    fn expire(&mut self, now: u64) {
+        while let Some(&(key, end)) = self.order.front() {
+            if end > now {
+                break;
+            }
+            self.order.pop_front();
+            self.remove_if_current(key, end);
+        }
+        if self.windows.capacity() >= SHRINK_FROM
+            && self.windows.len() * 4 < self.windows.capacity()
+        {
+            self.windows.shrink_to(self.windows.len() * 2);
+            self.order.shrink_to(self.order.len() * 2);
+        }
+    }
+
+    /// Evicts the live window closest to its end.
+    fn evict_one(&mut self) {
+        while let Some((key, end)) = self.order.pop_front() {
+            if self.remove_if_current(key, end) {
+                return;
+            }
+        }
+    }
+
+    /// Removes `key`'s window if the record `(key, end)` is still its current one.
+    fn remove_if_current(&mut self, key: Packed, end: u64) -> bool {
+        if self.windows.get(&key).is_some_and(|w| w.end == end) {
+            self.windows.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Counts one hit of `key` at `now` in a window of `window` nanoseconds.
+    fn hit(&mut self, key: Packed, window: u64, now: u64, cap: usize) -> Window {
+        self.expire(now);
+        let fresh = Window {
+            count: 1,
+            end: now.saturating_add(window),
+        };
+        match self.windows.get_mut(&key) {
+            Some(w) if w.end > now => {
+                w.count += 1;
+                return *w;
+            }
+            // Ended but not yet dropped: its record waits behind one that ends later (a
+            // longer window before a reload, or microseconds of disorder between workers).
+            // It starts again; the old record becomes stale.
+            Some(w) => *w = fresh,
+            None => {
+                if self.windows.len() >= cap {
+                    self.evict_one();
+                }
+                self.windows.insert(key, fresh);
+            }
+        }
+        self.order.push_back((key, fresh.end));
+        // Stale records only come from the case above; keep them from piling up (rare,
+        // O(n) once per n stale records).
+        if self.order.len() > 2 * self.windows.len() + 64 {
+            let windows = &self.windows;
+            self.order
+                .retain(|(k, end)| windows.get(k).is_some_and(|w| w.end == *end));
+        }
+        fresh
     }
 }
 
 impl MemoryStore {
-    /// A store for at most about `cap` client IPs at once.
+    /// A store for at most about `cap` clients at once (rounded up to a multiple of 16).
     pub fn with_cap(cap: usize) -> Self {
         Self {
             shards: std::array::from_fn(|_| Mutex::default()),
             cap_per_shard: cap.div_ceil(SHARDS).max(1),
+            shard_of: RandomState::new(),
+            epoch: Instant::now(),
         }
     }
 
-    fn shard(&self, ip: &IpAddr) -> std::sync::MutexGuard<'_, MemoryWindows> {
-        use std::hash::{BuildHasher as _, Hasher as _};
-        // A fixed hasher is enough to spread the IPs; the shard maps hash them again.
-        let mut h =
-            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .build_hasher();
-        std::hash::Hash::hash(ip, &mut h);
-        self.shards[h.finish() as usize % SHARDS]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, key: &Packed) -> MutexGuard<'_, Shard> {
+        let i = self.shard_of.hash_one(key) as usize % SHARDS;
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one request of `ip` at `now`.
-    pub fn count(
-        &self,
-        ip: IpAddr,
-        limit: u64,
-        window: Duration,
-        now: Instant,
-    ) -> Result<Decision, StoreError> {
-        let mut w = self.shard(&ip);
-        // Bound memory: at most once per window, drop every window that has ended.
-        if w.swept.is_none_or(|t| now.duration_since(t) >= window) {
-            w.sweep(now);
-        }
-        if !w.counts.contains_key(&ip) && w.counts.len() >= self.cap_per_shard {
-            w.sweep(now);
-            if w.counts.len() >= self.cap_per_shard {
-                return Err(StoreError::Full);
-            }
-        }
-        let entry = w.counts.entry(ip).or_insert((0, now + window));
-        if entry.1 <= now {
-            *entry = (0, now + window);
-        }
-        entry.0 += 1;
-        Ok(Decision::from_count(entry.0, limit, entry.1 - now))
+    /// Counts one request of `key` at `now`.
+    pub fn count(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Decision {
+        let packed = key.packed();
+        let now = nanos(now.saturating_duration_since(self.epoch));
+        let w = self
+            .shard(&packed)
+            .hit(packed, nanos(window), now, self.cap_per_shard);
+        Decision::from_count(w.count, limit, Duration::from_nanos(w.end - now))
     }
 
     /// How many windows are kept now.
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).counts.len())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).windows.len())
             .sum()
     }
 
@@ -111,34 +185,59 @@ impl MemoryStore {
     }
 }
 
+/// Nanoseconds in `d`, saturating (u64 nanoseconds last 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl Store for MemoryStore {
-    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, now: Instant) -> Hit {
-        Hit::Ready(self.count(ip, limit, window, now))
+    fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit {
+        Hit::Ready(Ok(self.count(key, limit, window, now)))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::IpAddr;
+
     use super::*;
 
+    fn key(ip: &str) -> ClientKey {
+        ClientKey::new(ip.parse().unwrap(), 64)
+    }
+
+    fn v4(i: u32) -> ClientKey {
+        ClientKey::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 64)
+    }
+
     #[test]
-    fn memory_store_counts_a_fixed_window_per_ip() {
+    fn memory_store_counts_a_fixed_window_per_client() {
         let m = MemoryStore::default();
         let t0 = Instant::now();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "2001:db8::1".parse().unwrap();
+        let a = key("192.0.2.1");
+        let b = key("2001:db8::1");
         let w = Duration::from_secs(10);
-        let remaining: Vec<u64> = (0..3)
-            .map(|_| m.count(a, 2, w, t0).unwrap().remaining)
-            .collect();
+        let remaining: Vec<u64> = (0..3).map(|_| m.count(a, 2, w, t0).remaining).collect();
         assert_eq!(remaining, [1, 0, 0]);
-        assert!(!m.count(a, 2, w, t0).unwrap().allowed);
-        assert!(m.count(b, 2, w, t0).unwrap().allowed);
-        let later = m.count(a, 2, w, t0 + Duration::from_millis(2500)).unwrap();
+        assert!(!m.count(a, 2, w, t0).allowed);
+        assert!(m.count(b, 2, w, t0).allowed);
+        let later = m.count(a, 2, w, t0 + Duration::from_millis(2500));
         assert_eq!(later.reset_secs, 8);
-        let next_window = m.count(a, 2, w, t0 + w).unwrap();
+        assert_eq!(later.resets_in, Duration::from_millis(7500), "exact");
+        let next_window = m.count(a, 2, w, t0 + w);
         assert!(next_window.allowed);
         assert_eq!(next_window.remaining, 1);
+    }
+
+    #[test]
+    fn ipv6_clients_in_one_prefix_share_a_window() {
+        let m = MemoryStore::default();
+        let t0 = Instant::now();
+        let w = Duration::from_secs(10);
+        assert_eq!(m.count(key("2001:db8:1:2::1"), 5, w, t0).remaining, 4);
+        assert_eq!(m.count(key("2001:db8:1:2:ffff::9"), 5, w, t0).remaining, 3);
+        assert_eq!(m.count(key("2001:db8:1:3::1"), 5, w, t0).remaining, 4);
+        assert_eq!(m.len(), 2);
     }
 
     #[test]
@@ -146,36 +245,72 @@ mod tests {
         let m = MemoryStore::default();
         let t0 = Instant::now();
         let w = Duration::from_secs(1);
-        for i in 0..100u8 {
-            m.count(IpAddr::from([10, 0, 0, i]), 5, w, t0).unwrap();
+        for i in 0..100 {
+            m.count(v4(i), 5, w, t0);
         }
         assert_eq!(m.len(), 100);
-        // A window later new clients arrive; every shard they touch (with these 1000, all:
-        // the shard hash has fixed keys) drops its ended windows.
-        for i in 0..1000u16 {
-            let ip = IpAddr::from([10, 1, (i >> 8) as u8, i as u8]);
-            m.count(ip, 5, w, t0 + 2 * w).unwrap();
+        // A window later new clients arrive; every shard they touch (with these 1000, all
+        // sixteen but with odds of 1 in 10^27) drops its ended windows.
+        for i in 0..1000 {
+            m.count(v4(1000 + i), 5, w, t0 + 2 * w);
         }
         assert_eq!(m.len(), 1000, "only the new windows are kept");
     }
 
     #[test]
-    fn a_full_memory_store_is_a_store_error_until_windows_end() {
-        let m = MemoryStore::with_cap(SHARDS * 4);
+    fn a_full_memory_store_evicts_the_oldest_window_and_counts_the_new_client() {
+        let cap = SHARDS * 4;
+        let m = MemoryStore::with_cap(cap);
         let t0 = Instant::now();
         let w = Duration::from_secs(10);
-        let ips = (0..=u16::MAX).map(|i| IpAddr::from([10, 9, (i >> 8) as u8, i as u8]));
-        let admitted = ips
-            .clone()
-            .take_while(|&ip| m.count(ip, 5, w, t0).is_ok())
-            .count();
-        assert!(admitted <= SHARDS * 4, "{admitted}");
-        let refused = ips.clone().nth(admitted).unwrap();
-        assert!(matches!(m.count(refused, 5, w, t0), Err(StoreError::Full)));
-        // IPs already counted go on being counted.
-        let first = ips.clone().next().unwrap();
-        assert_eq!(m.count(first, 5, w, t0).unwrap().remaining, 3);
-        // Once windows end there is room again.
-        assert!(m.count(refused, 5, w, t0 + w).is_ok());
+        let first = v4(0);
+        assert_eq!(m.count(first, 5, w, t0).remaining, 4);
+        // Ten times the cap, all in the first window's time: every one is counted.
+        for i in 1..10 * cap as u32 {
+            let d = m.count(v4(i), 5, w, t0 + Duration::from_millis(i.into()));
+            assert_eq!((d.allowed, d.remaining), (true, 4), "client {i}");
+            assert!(m.len() <= cap, "{} windows kept", m.len());
+        }
+        // The first window, the oldest of all, was evicted: that client starts again.
+        let again = m.count(first, 5, w, t0 + Duration::from_secs(1));
+        assert_eq!(again.remaining, 4);
+        // A recent client keeps its count.
+        let recent = v4(10 * cap as u32 - 1);
+        assert_eq!(
+            m.count(recent, 5, w, t0 + Duration::from_secs(1)).remaining,
+            3
+        );
+    }
+
+    #[test]
+    fn a_window_restarted_before_it_was_dropped_is_counted_once() {
+        // Two clients of one shard: a 10 s window started first, then a 1 s one (a reload
+        // shortened the window). The short one ends behind the long one's record and
+        // starts again in place, many times over.
+        let m = MemoryStore::default();
+        let shard = |k: ClientKey| m.shard_of.hash_one(k.packed()) as usize % SHARDS;
+        let long = v4(1);
+        let short = (2..).map(v4).find(|&k| shard(k) == shard(long)).unwrap();
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        m.count(long, 5, 10 * second, t0);
+        m.count(short, 5, second, t0);
+        for s in 2..10 {
+            let d = m.count(short, 5, second, t0 + s * second);
+            assert_eq!(d.remaining, 4, "a new window at {s}s");
+        }
+        assert_eq!(m.len(), 2);
+        let records = m.shards[shard(long)].lock().unwrap().order.len();
+        assert!(
+            records <= 2 * 2 + 64,
+            "stale records are bounded: {records}"
+        );
+        // Once the long window ends, the front moves on and both are dropped in turn.
+        let third = (2..)
+            .map(v4)
+            .find(|&k| k != short && shard(k) == shard(long))
+            .unwrap();
+        assert!(m.count(third, 5, second, t0 + 30 * second).allowed);
+        assert_eq!(m.len(), 1);
     }
 }

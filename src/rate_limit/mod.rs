@@ -1,28 +1,34 @@
-//! `RateLimitActor`: one per worker, a fixed window per client IP.
+//! `RateLimitActor`: one per worker, a fixed window per client.
 //!
-//! The count lives in a [`Store`]: Redis ([`redis::RedisStore`]: every instance on the same
-//! `redis_url` and `key_prefix` shares one budget) or, with `redis_url = ""`, one in-process
-//! map for the whole process ([`memory::MemoryStore`]). A store error (Redis down, a check
-//! slower than [`STORE_TIMEOUT`]) is handled as `on_store_error` says. An IP found over its
-//! budget is remembered by the worker until its window ends, and refused without asking the
-//! store. The actor never blocks: the in-process store answers at once, Redis's answer is
-//! awaited inside the actor's own future.
+//! A client is its IP address, or for IPv6 its network of `ipv6_prefix` bits
+//! ([`ClientKey`]): one IPv6 host is given a whole /64, and must not get a budget per
+//! address in it. The count lives in a [`Store`]: Redis ([`redis::RedisStore`]: every
+//! instance on the same `redis_url` and `key_prefix` shares one budget) or, with
+//! `redis_url = ""`, one in-process map for the whole process ([`memory::MemoryStore`]).
+//!
+//! A Redis error (down, or a check slower than [`STORE_TIMEOUT`]) opens the process's
+//! [`breaker::Breaker`]: from then until its background probe sees Redis answer again, no
+//! check asks Redis and `on_store_error` answers at once: `local` counts in the process's
+//! fallback `MemoryStore` (separate from Redis's counts, one for all workers), `allow`
+//! forwards uncounted, `deny` answers 503. A client found over its budget is remembered by
+//! the worker until its window ends, and refused without asking any store. The actor never
+//! blocks: the in-process store answers at once, Redis's answer is awaited inside the
+//! actor's own future.
 
+pub mod breaker;
 pub mod memory;
 pub mod redis;
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
-use futures_util::future::LocalBoxFuture;
+use futures_util::future::{BoxFuture, LocalBoxFuture};
 
 use crate::{
     config::{OnStoreError, RateLimit},
@@ -30,9 +36,58 @@ use crate::{
 };
 
 pub use self::{
+    breaker::{Breaker, PROBE_INTERVAL},
     memory::{MemoryStore, MEMORY_STORE_CAP},
     redis::{RedisStore, STORE_TIMEOUT},
 };
+
+/// Who a budget belongs to: an IPv4 address, or the IPv6 network of `ipv6_prefix` leading
+/// bits that an IPv6 address is in. The same key in the Redis key, the in-process stores
+/// and the worker's blocked list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The address with the host bits cleared; IPv4 as IPv4-mapped IPv6.
+    net: Ipv6Addr,
+    /// 0 for IPv4, else the IPv6 prefix length.
+    prefix: u8,
+}
+
+impl ClientKey {
+    /// `ip`'s key: an IPv4-mapped IPv6 address counts as the IPv4 address it carries.
+    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => ClientKey {
+                net: v4.to_ipv6_mapped(),
+                prefix: 0,
+            },
+            IpAddr::V6(v6) => {
+                let prefix = ipv6_prefix.clamp(1, 128);
+                let mask = u128::MAX << (128 - u32::from(prefix));
+                ClientKey {
+                    net: Ipv6Addr::from(u128::from(v6) & mask),
+                    prefix,
+                }
+            }
+        }
+    }
+
+    /// The key in 16 bytes, for the in-process store. IPv4 keys are IPv4-mapped and no
+    /// IPv6 key is (those addresses are taken as IPv4), so the two never meet.
+    pub(crate) fn packed(self) -> (u64, u64) {
+        let bits = u128::from(self.net);
+        ((bits >> 64) as u64, bits as u64)
+    }
+}
+
+impl fmt::Display for ClientKey {
+    /// `192.0.2.7`, or an IPv6 network in CIDR form: `2001:db8::/64`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.net.to_ipv4_mapped() {
+            Some(v4) if self.prefix == 0 => write!(f, "{v4}"),
+            _ => write!(f, "{}/{}", self.net, self.prefix),
+        }
+    }
+}
 
 /// A counted answer: what the client is told in the rate-limit headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,11 +135,8 @@ pub enum Verdict {
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("no answer within {}ms", STORE_TIMEOUT.as_millis())]
-    Timeout,
-    /// The in-process store holds [`MEMORY_STORE_CAP`] windows that have not ended.
-    #[error("in-process store full ({MEMORY_STORE_CAP} client IPs in their window)")]
-    Full,
+    #[error("no answer within {}ms", .0.as_millis())]
+    Timeout(Duration),
 }
 
 /// A store's answer to one hit: at once, or later.
@@ -95,106 +147,120 @@ pub enum Hit {
 
 /// Where the counts are kept: one per process, shared by every worker's actor.
 pub trait Store: Send + Sync {
-    /// Counts one request of `ip` at `now` in its current window.
-    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, now: Instant) -> Hit;
+    /// Counts one request of `key` at `now` in its current window.
+    fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit;
 
-    /// Makes the store ready before the first request (opens connections); `None` when
-    /// there is nothing to do.
-    fn warm_up(&self) -> Option<LocalBoxFuture<'static, Result<(), StoreError>>> {
+    /// Asks whether the store answers (opening its connection if need be): at start, and
+    /// from the breaker's probe, which runs on the system arbiter (hence `Send`). `None`:
+    /// it cannot fail.
+    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         None
     }
 }
 
-/// The store `config` asks for: Redis when `redis_url` is set, else in-process.
-pub fn open(config: &RateLimit) -> Result<Arc<dyn Store>, ::redis::RedisError> {
-    Ok(match &config.redis_url {
-        None => Arc::new(MemoryStore::default()),
-        Some(url) => Arc::new(RedisStore::new(url, &config.key_prefix)?),
-    })
+/// How long the first ping at start may take (it opens the connection).
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The limiter's state shared by every worker of the process: the store, its breaker and
+/// the fallback store. Cloning it clones three `Arc`s.
+#[derive(Clone)]
+pub struct Stores {
+    pub store: Arc<dyn Store>,
+    pub breaker: Arc<Breaker>,
+    /// Counts while the store is unreachable and `on_store_error = "local"`: one for the
+    /// whole process (a client must not get `workers × requests`), apart from Redis's.
+    pub fallback: Arc<MemoryStore>,
 }
 
-/// Readies `store` on the calling thread; a failure is logged as the start of an outage.
-pub async fn warm_up(store: Arc<dyn Store>, outage: Arc<Outage>, policy: OnStoreError) {
-    let Some(ready) = store.warm_up() else { return };
-    match ready.await {
-        Ok(()) => log::debug!("rate limit store reachable"),
-        Err(e) => outage.failed(&e, policy),
-    }
-}
-
-/// Store outages are logged once per process, when they start and when they end.
-#[derive(Default)]
-pub struct Outage(AtomicBool);
-
-impl Outage {
-    fn failed(&self, error: &StoreError, policy: OnStoreError) {
-        if !self.0.swap(true, Ordering::Relaxed) {
-            log::error!(
-                "rate limit store unreachable ({error}); on_store_error = {policy:?}: {} until it is back",
-                match policy {
-                    OnStoreError::Allow => "requests are forwarded uncounted",
-                    OnStoreError::Deny => "requests are answered 503",
-                }
-            );
-        }
+impl Stores {
+    /// The stores `config` asks for: Redis when `redis_url` is set, else in-process.
+    pub fn open(config: &RateLimit, metrics: Arc<Metrics>) -> Result<Self, ::redis::RedisError> {
+        let store: Arc<dyn Store> = match &config.redis_url {
+            None => Arc::new(MemoryStore::default()),
+            Some(url) => Arc::new(RedisStore::new(url, &config.key_prefix)?),
+        };
+        Ok(Self {
+            breaker: Arc::new(Breaker::new(store.clone(), config.store_label(), metrics)),
+            store,
+            fallback: Arc::new(MemoryStore::default()),
+        })
     }
 
-    fn succeeded(&self) {
-        if self.0.swap(false, Ordering::Relaxed) {
-            log::info!("rate limit store reachable again; limiting resumed");
+    /// Readies the store on the calling thread: an unreachable one is the start of an
+    /// outage (logged, the breaker opened) before the first request.
+    pub async fn warm_up(self, policy: OnStoreError) {
+        let Some(ready) = self.store.ping() else {
+            return;
+        };
+        match actix_rt::time::timeout(WARM_UP_TIMEOUT, ready).await {
+            Ok(Ok(())) => log::debug!("rate limit store reachable"),
+            Ok(Err(e)) => self.breaker.trip(&e, policy),
+            Err(_) => self
+                .breaker
+                .trip(&StoreError::Timeout(WARM_UP_TIMEOUT), policy),
         }
     }
 }
 
 /// The worker-local limiter.
 pub struct RateLimitActor {
-    store: Arc<dyn Store>,
+    stores: Stores,
     limit: u64,
     window: Duration,
     on_store_error: OnStoreError,
-    outage: Arc<Outage>,
+    ipv6_prefix: u8,
     metrics: Arc<Metrics>,
-    /// IPs known to be over budget, and when their window ends: refused locally.
-    blocked: HashMap<IpAddr, Instant>,
+    /// Clients known to be over budget, and when their window ends: refused locally.
+    blocked: HashMap<ClientKey, Instant>,
 }
 
 impl RateLimitActor {
-    pub fn new(
-        config: &RateLimit,
-        store: Arc<dyn Store>,
-        outage: Arc<Outage>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(config: &RateLimit, stores: Stores, metrics: Arc<Metrics>) -> Self {
         Self {
-            store,
+            stores,
             limit: config.requests,
             window: config.window,
             on_store_error: config.on_store_error,
-            outage,
+            ipv6_prefix: config.ipv6_prefix,
             metrics,
             blocked: HashMap::new(),
         }
     }
 
-    /// Turns the store's answer into a verdict, remembering an IP found over budget.
-    fn settle(&mut self, ip: IpAddr, result: Result<Decision, StoreError>) -> Verdict {
+    /// Turns the store's answer into a verdict; a failure opens the breaker.
+    fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
         match result {
-            Ok(d) => {
-                self.outage.succeeded();
-                if !d.allowed {
-                    // Until the window ends, not the rounded-up second after it.
-                    self.blocked.insert(ip, Instant::now() + d.resets_in);
-                }
-                Verdict::Counted(d)
-            }
+            Ok(d) => self.counted(key, d),
             Err(e) => {
                 self.metrics.store_error();
-                self.outage.failed(&e, self.on_store_error);
-                match self.on_store_error {
-                    OnStoreError::Allow => Verdict::Uncounted,
-                    OnStoreError::Deny => Verdict::Unavailable,
-                }
+                self.stores.breaker.trip(&e, self.on_store_error);
+                self.without_store(key, Instant::now())
             }
+        }
+    }
+
+    /// A counted answer; a client found over budget is remembered.
+    fn counted(&mut self, key: ClientKey, d: Decision) -> Verdict {
+        if !d.allowed {
+            // Until the window ends, not the rounded-up second after it.
+            self.blocked.insert(key, Instant::now() + d.resets_in);
+        }
+        Verdict::Counted(d)
+    }
+
+    /// What `on_store_error` answers while the store is not asked.
+    fn without_store(&mut self, key: ClientKey, now: Instant) -> Verdict {
+        match self.on_store_error {
+            OnStoreError::Local => {
+                self.metrics.fallback();
+                let d = self
+                    .stores
+                    .fallback
+                    .count(key, self.limit, self.window, now);
+                self.counted(key, d)
+            }
+            OnStoreError::Allow => Verdict::Uncounted,
+            OnStoreError::Deny => Verdict::Unavailable,
         }
     }
 }
@@ -222,20 +288,25 @@ impl Handler<Check> for RateLimitActor {
     type Result = ActorResponse<Self, Verdict>;
 
     fn handle(&mut self, Check { ip }: Check, _: &mut Self::Context) -> Self::Result {
+        let key = ClientKey::new(ip, self.ipv6_prefix);
         let now = Instant::now();
-        if let Some(&until) = self.blocked.get(&ip) {
+        if let Some(&until) = self.blocked.get(&key) {
             if until > now {
                 let d = Decision::from_count(self.limit + 1, self.limit, until - now);
                 return ActorResponse::reply(Verdict::Counted(d));
             }
-            self.blocked.remove(&ip);
+            self.blocked.remove(&key);
         }
-        match self.store.hit(ip, self.limit, self.window, now) {
+        if self.stores.breaker.is_open() {
+            // The store failed and its probe has not seen it back: not asked, no wait.
+            return ActorResponse::reply(self.without_store(key, now));
+        }
+        match self.stores.store.hit(key, self.limit, self.window, now) {
             // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(ip, result)),
+            Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
             Hit::Pending(hit) => ActorResponse::r#async(
                 hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(ip, result)),
+                    .map(move |result, act, _| act.settle(key, result)),
             ),
         }
     }
@@ -250,12 +321,14 @@ impl Handler<Reconfigure> for RateLimitActor {
     type Result = ();
 
     fn handle(&mut self, Reconfigure(config): Reconfigure, _: &mut Self::Context) {
-        // Blocks were decided under the old limit and window.
-        if (config.requests, config.window) != (self.limit, self.window) {
+        // Blocks were decided under the old limit, window and keys.
+        let new = (config.requests, config.window, config.ipv6_prefix);
+        if new != (self.limit, self.window, self.ipv6_prefix) {
             self.blocked.clear();
         }
         self.limit = config.requests;
         self.window = config.window;
+        self.ipv6_prefix = config.ipv6_prefix;
         self.on_store_error = config.on_store_error;
     }
 }
@@ -271,5 +344,30 @@ mod tests {
         let d = Decision::from_count(6, 5, Duration::from_millis(59_001));
         assert_eq!((d.allowed, d.remaining, d.reset_secs), (false, 0, 60));
         assert_eq!(d.resets_in, Duration::from_millis(59_001), "kept exact");
+    }
+
+    fn key(ip: &str, prefix: u8) -> String {
+        ClientKey::new(ip.parse().unwrap(), prefix).to_string()
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_prefix_and_ipv4_by_address() {
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(
+            key("::ffff:192.0.2.7", 64),
+            "192.0.2.7",
+            "IPv4-mapped is IPv4"
+        );
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::", 64), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::/48");
+        assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
+        assert_eq!(key("::1", 64), "::/64");
+        let a = ClientKey::new("2001:db8::1".parse().unwrap(), 64);
+        let b = ClientKey::new("2001:db8::2".parse().unwrap(), 64);
+        assert_eq!((a, a.packed()), (b, b.packed()));
+        let v4 = ClientKey::new("0.0.0.1".parse().unwrap(), 96);
+        let v6 = ClientKey::new("::1".parse().unwrap(), 128);
+        assert_ne!(v4.packed(), v6.packed());
     }
 }

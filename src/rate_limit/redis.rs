@@ -8,14 +8,13 @@
 //! (that is `on_store_error`'s, in the actor).
 
 use std::{
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use futures_util::FutureExt as _;
+use futures_util::{future::BoxFuture, FutureExt as _};
 
-use super::{Decision, Hit, Store, StoreError};
+use super::{ClientKey, Decision, Hit, Store, StoreError};
 
 /// The longest a limiter check may wait on the store before it counts as a store error.
 pub const STORE_TIMEOUT: Duration = Duration::from_millis(50);
@@ -36,7 +35,7 @@ end
 return {n, ttl}
 ";
 
-/// Counts in Redis, keyed `key_prefix:IP`.
+/// Counts in Redis, keyed `key_prefix:IP` (`key_prefix:2001:db8::/64` for IPv6).
 #[derive(Clone)]
 pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
@@ -61,25 +60,13 @@ impl RedisStore {
             prefix: prefix.into(),
         })
     }
-
-    /// Opens the connection now, so that the first request does not pay for the connect
-    /// and an unreachable Redis is reported at start.
-    pub async fn ping(mut self) -> Result<(), StoreError> {
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut self.conn);
-        match actix_rt::time::timeout(Duration::from_secs(2), ping).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Redis(e)),
-            Err(_) => Err(StoreError::Timeout),
-        }
-    }
 }
 
 impl Store for RedisStore {
-    fn hit(&self, ip: IpAddr, limit: u64, window: Duration, _now: Instant) -> Hit {
+    fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
         let mut conn = self.conn.clone();
         let script = self.script.clone();
-        let key = format!("{}:{}", self.prefix, ip);
+        let key = format!("{}:{}", self.prefix, client);
         Hit::Pending(
             async move {
                 let mut invocation = script.key(key);
@@ -87,11 +74,27 @@ impl Store for RedisStore {
                 let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
                 let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
                     .await
-                    .map_err(|_| StoreError::Timeout)??;
+                    .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
                 let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
                 Ok(Decision::from_count(count, limit, ttl))
             }
             .boxed_local(),
+        )
+    }
+
+    /// PING over the checks' own connection: an answer means the connection the checks
+    /// use is up again (the probe's PING is what makes it reconnect while none are sent).
+    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+        let mut conn = self.conn.clone();
+        Some(
+            async move {
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(drop)
+                    .map_err(StoreError::Redis)
+            }
+            .boxed(),
         )
     }
 }

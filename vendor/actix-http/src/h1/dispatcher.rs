@@ -19,12 +19,13 @@ use tokio::{
     time::sleep_until,
 };
 use tokio_util::codec::{Decoder as _, Encoder as _};
-use tracing::{error, trace};
+use tracing::{debug, error, trace};
 
 use super::{
     codec::Codec,
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
+    refused::{OnRefused, Refused},
     timer::TimerState,
     Message, MessageType,
 };
@@ -487,6 +488,22 @@ where
             })?;
 
         Ok(size)
+    }
+
+    /// Tells the connection's [`OnRefused`], if it has one, of a request answered here.
+    fn refused(
+        conn_data: &Option<Rc<Extensions>>,
+        peer_addr: Option<net::SocketAddr>,
+        status: StatusCode,
+        reason: &dyn fmt::Display,
+    ) {
+        if let Some(hook) = conn_data.as_ref().and_then(|d| d.get::<OnRefused>()) {
+            hook.call(&Refused {
+                status,
+                reason,
+                peer_addr,
+            });
+        }
     }
 
     /// A response body failed mid-way: what was written of it goes out, then the connection
@@ -1032,6 +1049,12 @@ where
 
                 Err(ParseError::TooLarge) => {
                     trace!("request head was too big; returning 431 response");
+                    Self::refused(
+                        this.conn_data,
+                        *this.peer_addr,
+                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        &ParseError::TooLarge,
+                    );
 
                     if let Some(mut payload) = this.payload.take() {
                         payload.set_error(PayloadError::Overflow);
@@ -1052,6 +1075,12 @@ where
 
                 Err(err) => {
                     trace!("parse error {}", &err);
+                    Self::refused(
+                        this.conn_data,
+                        *this.peer_addr,
+                        StatusCode::BAD_REQUEST,
+                        &err,
+                    );
 
                     if let Some(mut payload) = this.payload.take() {
                         payload.set_error(PayloadError::EncodingCorrupted);
@@ -1474,7 +1503,13 @@ where
                     // keep-alive and stream errors
                     if state_is_none && inner_p.write_buf.is_empty() {
                         if let Some(err) = inner_p.error.take() {
-                            error!("stream error: {}", &err);
+                            // A client's malformed or broken stream is not the server's
+                            // error (anyone could fill the log with them); services see
+                            // refused requests through `OnRefused`.
+                            match err {
+                                DispatchError::InternalError => error!("stream error: {}", &err),
+                                _ => debug!("stream error: {}", &err),
+                            }
                             return Poll::Ready(Err(err));
                         }
 

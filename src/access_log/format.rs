@@ -1,0 +1,265 @@
+//! How an access-log line reads: nginx's `combined` fields followed by the upstream, its
+//! time, the whole time and the request id (the default), or one JSON object per line, as
+//! Traefik and Envoy users feed to their log stacks. Pure functions into a byte buffer;
+//! nothing here writes or waits.
+//!
+//! `combined`:
+//!
+//! ```text
+//! 10.0.0.7 - - [26/Nov/2026:06:28:41 +0000] "GET /a?b=1 HTTP/1.1" 200 512 "-" "curl/8.1" 127.0.0.1:5001 0.002 0.003 4f1c...e2
+//! ```
+//!
+//! A body the server ended early adds a last field, `upstream_failed="<why>"`.
+
+use std::{
+    io::Write as _,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use actix_web::http::header::HeaderValue;
+use serde::Serialize;
+
+use super::Line;
+use crate::config::AccessLogFormat;
+
+/// Appends `line` to `out` in `format`, with its newline.
+pub fn write(format: AccessLogFormat, line: &Line, out: &mut Vec<u8>) {
+    match format {
+        AccessLogFormat::Combined => combined(line, out),
+        AccessLogFormat::Json => json(line, out),
+    }
+    out.push(b'\n');
+}
+
+fn combined(l: &Line, out: &mut Vec<u8>) {
+    match l.client {
+        Some(ip) => {
+            let _ = write!(out, "{ip}");
+        }
+        None => out.push(b'-'),
+    }
+    out.extend_from_slice(b" - - [");
+    time_local(l.time, out);
+    out.extend_from_slice(b"] \"");
+    match &l.request {
+        Some((method, uri, version)) => {
+            escaped(method.as_str().as_bytes(), out);
+            out.push(b' ');
+            escaped(uri.to_string().as_bytes(), out);
+            let _ = write!(out, " {version:?}");
+        }
+        None => out.push(b'-'),
+    }
+    let _ = write!(out, "\" {} {} ", l.status, l.bytes);
+    quoted(l.referer.as_ref(), out);
+    out.push(b' ');
+    quoted(l.user_agent.as_ref(), out);
+    out.push(b' ');
+    out.extend_from_slice(l.upstream.as_deref().unwrap_or("-").as_bytes());
+    out.push(b' ');
+    match l.upstream_time {
+        Some(t) => seconds(t, out),
+        None => out.push(b'-'),
+    }
+    out.push(b' ');
+    seconds(l.request_time, out);
+    out.push(b' ');
+    match &l.request_id {
+        Some(id) => escaped(id.as_bytes(), out),
+        None => out.push(b'-'),
+    }
+    if let Some(why) = l.failure {
+        let _ = write!(out, " upstream_failed=\"{why}\"");
+    }
+}
+
+/// The JSON form: every field named, `null` where there is nothing.
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    time: String,
+    client: Option<String>,
+    method: Option<&'a str>,
+    uri: Option<String>,
+    protocol: Option<String>,
+    status: u16,
+    bytes: u64,
+    referer: Option<String>,
+    user_agent: Option<String>,
+    upstream: Option<&'a str>,
+    upstream_time: Option<f64>,
+    request_time: f64,
+    request_id: Option<String>,
+    upstream_failed: Option<&'a str>,
+}
+
+fn json(l: &Line, out: &mut Vec<u8>) {
+    let text = |v: &Option<HeaderValue>| {
+        v.as_ref()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let line = JsonLine {
+        time: humantime::format_rfc3339_millis(l.time).to_string(),
+        client: l.client.map(|ip| ip.to_string()),
+        method: l.request.as_ref().map(|(m, _, _)| m.as_str()),
+        uri: l.request.as_ref().map(|(_, u, _)| u.to_string()),
+        protocol: l.request.as_ref().map(|(_, _, v)| format!("{v:?}")),
+        status: l.status,
+        bytes: l.bytes,
+        referer: text(&l.referer),
+        user_agent: text(&l.user_agent),
+        upstream: l.upstream.as_deref(),
+        upstream_time: l.upstream_time.map(|t| t.as_secs_f64()),
+        request_time: l.request_time.as_secs_f64(),
+        request_id: text(&l.request_id),
+        upstream_failed: l.failure,
+    };
+    // Serializing plain fields into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &line);
+}
+
+/// `"value"`, or `"-"` when there is none.
+fn quoted(value: Option<&HeaderValue>, out: &mut Vec<u8>) {
+    out.push(b'"');
+    match value {
+        Some(v) => escaped(v.as_bytes(), out),
+        None => out.push(b'-'),
+    }
+    out.push(b'"');
+}
+
+/// Bytes as nginx writes a variable in a log line: `"`, `\` and anything but printable
+/// ASCII as `\xHH`, so a client cannot forge a field or a line.
+fn escaped(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
+            let _ = write!(out, "\\x{b:02X}");
+        } else {
+            out.push(b);
+        }
+    }
+}
+
+/// Seconds with millisecond resolution, as nginx's `$request_time`.
+fn seconds(d: Duration, out: &mut Vec<u8>) {
+    let ms = d.as_millis();
+    let _ = write!(out, "{}.{:03}", ms / 1000, ms % 1000);
+}
+
+/// nginx's `$time_local`, in UTC: `26/Nov/2026:06:28:41 +0000`.
+fn time_local(t: SystemTime, out: &mut Vec<u8>) {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    let _ = write!(
+        out,
+        "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(m - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+}
+
+/// Year, month (1..=12) and day of a count of days since 1970-01-01 (Howard Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix_web::http::{Method, Version};
+
+    use super::*;
+
+    fn line() -> Line {
+        Line {
+            // 2026-11-26T06:28:41.5Z
+            time: UNIX_EPOCH + Duration::from_millis(1_795_674_521_500),
+            client: Some("10.0.0.7".parse().unwrap()),
+            request: Some((Method::GET, "/a?b=1".parse().unwrap(), Version::HTTP_11)),
+            status: 200,
+            bytes: 512,
+            referer: None,
+            user_agent: Some(HeaderValue::from_static("curl/8.1 \"x\"")),
+            upstream: Some(Arc::from("127.0.0.1:5001")),
+            upstream_time: Some(Duration::from_micros(2_400)),
+            request_time: Duration::from_micros(3_100),
+            request_id: Some(HeaderValue::from_static("abc")),
+            failure: None,
+        }
+    }
+
+    fn text(format: AccessLogFormat, l: &Line) -> String {
+        let mut out = Vec::new();
+        write(format, l, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn combined_reads_as_nginx_writes_it_with_the_upstream_fields_after() {
+        assert_eq!(
+            text(AccessLogFormat::Combined, &line()),
+            "10.0.0.7 - - [26/Nov/2026:06:28:41 +0000] \"GET /a?b=1 HTTP/1.1\" 200 512 \"-\" \
+             \"curl/8.1 \\x22x\\x22\" 127.0.0.1:5001 0.002 0.003 abc\n"
+        );
+        let refused = Line {
+            request: None,
+            status: 400,
+            bytes: 0,
+            upstream: None,
+            upstream_time: None,
+            user_agent: None,
+            request_id: None,
+            failure: None,
+            ..line()
+        };
+        assert!(text(AccessLogFormat::Combined, &refused)
+            .ends_with("\"-\" 400 0 \"-\" \"-\" - - 0.003 -\n"));
+        let cut = Line {
+            failure: Some("closed before the end of the body"),
+            ..line()
+        };
+        assert!(text(AccessLogFormat::Combined, &cut)
+            .ends_with(" abc upstream_failed=\"closed before the end of the body\"\n"));
+    }
+
+    #[test]
+    fn json_is_one_object_per_line_with_every_field() {
+        let t = text(AccessLogFormat::Json, &line());
+        assert_eq!(t.lines().count(), 1);
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["time"], "2026-11-26T06:28:41.500Z");
+        assert_eq!(v["client"], "10.0.0.7");
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["uri"], "/a?b=1");
+        assert_eq!(v["protocol"], "HTTP/1.1");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["user_agent"], "curl/8.1 \"x\"");
+        assert_eq!(v["referer"], serde_json::Value::Null);
+        assert_eq!(v["upstream"], "127.0.0.1:5001");
+        assert_eq!(v["request_id"], "abc");
+        assert!((v["request_time"].as_f64().unwrap() - 0.0031).abs() < 1e-9);
+    }
+
+    #[test]
+    fn civil_dates_are_right_across_leap_years() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_783), (2026, 11, 26));
+    }
+}

@@ -1,0 +1,192 @@
+//! The end of an exchange: once its answer has been sent (or could not be), it is counted
+//! in the metrics and, with the access log on, handed to the log's writer thread as one
+//! [`Line`]: who asked for what, the status, the body bytes sent and the whole time taken
+//! (nginx's `$body_bytes_sent` and `$request_time`), the upstream and its time, the request
+//! id. The writer formats and writes it (`format`, `writer`); a worker never waits for
+//! it: a full queue drops the line and counts it. Nothing here changes an answer.
+
+pub mod format;
+pub mod writer;
+
+use std::{
+    net::IpAddr,
+    rc::Rc,
+    sync::{mpsc, Arc},
+    time::{Duration, Instant, SystemTime},
+};
+
+use actix_web::http::{header::HeaderValue, Method, Uri, Version};
+
+use crate::{config, metrics::Metrics, upstream::Upstream};
+
+/// How an exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The whole answer was sent.
+    Complete,
+    /// The client went away before the answer was complete: logged and counted as 499
+    /// (nginx's convention); the server is not blamed.
+    ClientGone,
+    /// The server's body ended early (closed, reset, or paused past `proxy.timeout`): the
+    /// client's connection was closed without a clean end.
+    UpstreamFailed(&'static str),
+}
+
+/// The nginx status for a client that closed its connection before the answer was sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// How many lines may wait for the writer; past that, lines are dropped and counted.
+const QUEUE: usize = 16 * 1024;
+
+/// One access-log line, as the writer thread gets it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// When the exchange ended.
+    pub time: SystemTime,
+    pub client: Option<IpAddr>,
+    /// `None` for a request refused before it could be read.
+    pub request: Option<(Method, Uri, Version)>,
+    pub status: u16,
+    /// Body bytes sent.
+    pub bytes: u64,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    /// The server's `host:port`.
+    pub upstream: Option<Arc<str>>,
+    /// From the request to the server's response head.
+    pub upstream_time: Option<Duration>,
+    /// From the request to the end of the answer.
+    pub request_time: Duration,
+    pub request_id: Option<HeaderValue>,
+    /// Why the server's body ended early.
+    pub failure: Option<&'static str>,
+}
+
+/// What the writer thread is asked to do.
+pub enum Message {
+    Line(Box<Line>),
+    /// Reopen the file (SIGUSR1, after logrotate moved it).
+    Reopen,
+    /// Write there, so, from now on (a reload); `None`: nowhere.
+    Configure(Option<config::AccessLog>),
+}
+
+/// The access log of the process: a handle on its writer thread, cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    queue: mpsc::SyncSender<Message>,
+    metrics: Arc<Metrics>,
+}
+
+impl AccessLog {
+    /// Starts the writer thread, writing as `config` says.
+    pub fn start(
+        config: Option<config::AccessLog>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let (queue, lines) = mpsc::sync_channel(QUEUE);
+        writer::spawn(config, lines)?;
+        Ok(Self { queue, metrics })
+    }
+
+    /// Hands `line` to the writer, or drops it (and counts it) when the queue is full.
+    pub fn write(&self, line: Line) {
+        if self.queue.try_send(Message::Line(Box::new(line))).is_err() {
+            self.metrics.access_log_dropped();
+        }
+    }
+
+    /// A request the HTTP parser refused before it could be read (a malformed head: 400, one
+    /// too large: 431): counted as an answer of our own and logged, as nginx logs its 400s.
+    pub fn refused(&self, client: Option<IpAddr>, status: u16) {
+        self.metrics.answered(None, status);
+        self.write(Line {
+            time: SystemTime::now(),
+            client,
+            request: None,
+            status,
+            bytes: 0,
+            referer: None,
+            user_agent: None,
+            upstream: None,
+            upstream_time: None,
+            request_time: Duration::ZERO,
+            request_id: None,
+            failure: None,
+        });
+    }
+
+    /// Asks the writer to reopen its file; waits for room in the queue, never on the disk.
+    pub fn reopen(&self) {
+        let _ = self.queue.send(Message::Reopen);
+    }
+
+    /// Asks the writer to write elsewhere, or in another format.
+    pub fn configure(&self, config: Option<config::AccessLog>) {
+        let _ = self.queue.send(Message::Configure(config));
+    }
+}
+
+/// What the access log says of one request beyond the counts: who asked for what.
+pub struct AccessEntry {
+    pub client: Option<IpAddr>,
+    pub method: Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub referer: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    pub request_id: Option<HeaderValue>,
+}
+
+/// Where one worker's exchanges end up: the metrics, and the access log.
+pub struct Sink {
+    pub metrics: Arc<Metrics>,
+    pub log: AccessLog,
+}
+
+/// One exchange, to be counted and logged when it ends.
+pub struct Record {
+    pub sink: Rc<Sink>,
+    /// The server that answered; `None` for answers of our own.
+    pub upstream: Option<Arc<Upstream>>,
+    /// The status sent (or about to be).
+    pub status: u16,
+    pub started: Instant,
+    /// When the server's response head arrived.
+    pub upstream_time: Option<Duration>,
+    /// `None` with the access log off.
+    pub entry: Option<AccessEntry>,
+}
+
+impl Record {
+    /// Counts and logs the exchange: `bytes` of body were sent, and it ended so.
+    pub fn finish(self, bytes: u64, ending: Ending) {
+        let status = match ending {
+            Ending::ClientGone => CLIENT_CLOSED,
+            _ => self.status,
+        };
+        let counters = self.upstream.as_ref().map(|u| &u.counters);
+        self.sink.metrics.answered(counters, status);
+        if let Ending::UpstreamFailed(_) = ending {
+            self.sink.metrics.upstream_failed(counters);
+        }
+        let Some(e) = self.entry else { return };
+        self.sink.log.write(Line {
+            time: SystemTime::now(),
+            client: e.client,
+            request: Some((e.method, e.uri, e.version)),
+            status,
+            bytes,
+            referer: e.referer,
+            user_agent: e.user_agent,
+            upstream: self.upstream.map(|u| u.label.clone()),
+            upstream_time: self.upstream_time,
+            request_time: self.started.elapsed(),
+            request_id: e.request_id,
+            failure: match ending {
+                Ending::UpstreamFailed(why) => Some(why),
+                _ => None,
+            },
+        });
+    }
+}

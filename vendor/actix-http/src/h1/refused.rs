@@ -1,0 +1,37 @@
+//! Requests the HTTP/1 dispatcher answers on its own, before any service sees them.
+
+use std::{fmt, net::SocketAddr, sync::Arc};
+
+use http::StatusCode;
+
+/// A request refused by the dispatcher itself: a head it could not parse (`400`), or one
+/// too large (`431`). No service is called for it, so this is the only way to see it.
+pub struct Refused<'a> {
+    /// The status the dispatcher answers with.
+    pub status: StatusCode,
+    /// Why, in the parser's words.
+    pub reason: &'a dyn fmt::Display,
+    /// The client.
+    pub peer_addr: Option<SocketAddr>,
+}
+
+/// Called for every [`Refused`] request on a connection whose data holds it: put it there
+/// with `on_connect_ext` (actix-web: `HttpServer::on_connect`) to log or count them.
+#[derive(Clone)]
+pub struct OnRefused(Arc<dyn Fn(&Refused<'_>) + Send + Sync>);
+
+impl OnRefused {
+    pub fn new(f: impl Fn(&Refused<'_>) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    pub(crate) fn call(&self, refused: &Refused<'_>) {
+        (self.0)(refused)
+    }
+}
+
+impl fmt::Debug for OnRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnRefused")
+    }
+}
