@@ -17,7 +17,7 @@ use std::{
 use rustls::{
     crypto::{ring, CryptoProvider},
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
-    server::{ClientHello, ResolvesServerCert},
+    server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache, StoresServerSessions},
     sign::CertifiedKey,
     ClientConfig, RootCertStore, ServerConfig,
 };
@@ -130,18 +130,39 @@ impl ServerCert {
     }
 }
 
-/// The listener's certificate: read once per handshake, replaced on reload.
+/// Sessions kept for resumption (rustls's default size).
+const SESSION_CACHE_SIZE: usize = 256;
+
+/// The listener's certificate, read once per handshake and replaced on reload, with the
+/// sessions that clients may resume, which go with it: a resumed session skips the
+/// certificate, so one begun under the old certificate must not outlive it.
 #[derive(Debug)]
-pub struct CertStore(RwLock<Arc<CertifiedKey>>);
+pub struct CertStore {
+    key: RwLock<Arc<CertifiedKey>>,
+    sessions: RwLock<Arc<ServerSessionMemoryCache>>,
+}
 
 impl CertStore {
     pub fn new(cert: &ServerCert) -> Arc<CertStore> {
-        Arc::new(CertStore(RwLock::new(cert.key.clone())))
+        Arc::new(CertStore {
+            key: RwLock::new(cert.key.clone()),
+            sessions: RwLock::new(ServerSessionMemoryCache::new(SESSION_CACHE_SIZE)),
+        })
     }
 
-    /// New handshakes get `cert`; connections already open keep theirs.
+    /// New handshakes get `cert` (and no session of the old one); connections already
+    /// open keep theirs.
     pub fn replace(&self, cert: &ServerCert) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cert.key.clone();
+        *self.key.write().unwrap_or_else(|e| e.into_inner()) = cert.key.clone();
+        *self.sessions.write().unwrap_or_else(|e| e.into_inner()) =
+            ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
+    }
+
+    fn sessions(&self) -> Arc<ServerSessionMemoryCache> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -149,17 +170,37 @@ impl ResolvesServerCert for CertStore {
     // One certificate whatever the SNI (as nginx's default server): a client that asked
     // for another name refuses it by its own checks.
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+        Some(self.key.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+impl StoresServerSessions for CertStore {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.sessions().put(key, value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.sessions().get(key)
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.sessions().take(key)
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 
 /// The listener's rustls configuration over `store`; actix adds the ALPN list (h2, http/1.1).
 pub fn server_config(store: Arc<CertStore>) -> ServerConfig {
-    ServerConfig::builder_with_provider(provider())
+    let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_no_client_auth()
-        .with_cert_resolver(store)
+        .with_cert_resolver(store.clone());
+    config.session_storage = store;
+    config
 }
 
 /// The client configuration for `https://` servers: the system's roots and, when given,

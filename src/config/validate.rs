@@ -268,7 +268,7 @@ impl FileConfig {
                 ))
             }
             (Some(address), Some(files)) => {
-                if listen == Some(address) {
+                if listen == Some(address) && address.port() != 0 {
                     return Err(key_err(
                         "listen.tls_address",
                         format!("{address} is listen.address too"),
