@@ -86,6 +86,24 @@ async fn http1_and_http2_clients_get_answers_and_the_spec_headers_through_tls() 
         assert_eq!(seen(&json, "x-forwarded-proto").as_deref(), Some("https"));
         assert_eq!(seen(&json, "x-forwarded-host"), Some(authority.clone()));
     }
+    // HTTP/2 may send each cookie as a field of its own; an HTTP/1.1 server gets one.
+    let mut res = h2
+        .get(tls_url(&lb, "/headers"))
+        .append_header(("cookie", "a=1"))
+        .append_header(("cookie", "b=2"))
+        .send()
+        .await
+        .unwrap();
+    let json: serde_json::Value = res.json().await.unwrap();
+    let cookies: Vec<_> = json["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == "cookie")
+        .map(|h| h[1].as_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2"]);
+
     let (_, _, body) = fetch(&client(), &format!("{plain}headers")).await;
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(seen(&json, "x-forwarded-proto").as_deref(), Some("http"));

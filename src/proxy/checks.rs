@@ -4,7 +4,6 @@
 //! here forwards, counts or logs.
 
 use actix_web::{
-    dev::Payload,
     http::{
         header::{self, HeaderName},
         Method, Version,
@@ -210,20 +209,10 @@ fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, Pro
         Some(0) => Ok(Framing::None),
         Some(n) => Ok(Framing::Length(n)),
         None if chunked => Ok(Framing::Chunked),
-        // HTTP/2 frames the body itself; a missing length says nothing (RFC 9113 §8.1).
-        // Upstream it becomes chunked, unless the stream ended with the head: see
-        // [`no_payload_no_body`].
+        // HTTP/2 frames the body itself; a missing length says nothing (RFC 9113 §8.1). The
+        // body goes upstream chunked; one that has already ended (a GET's stream ends with
+        // its head) awc sends as no body at all.
         None if req.version() == Version::HTTP_2 => Ok(Framing::Chunked),
         None => Ok(Framing::None),
-    }
-}
-
-/// No body when the request has no payload at all: an HTTP/2 request whose stream ended
-/// with its head (vendor/actix-http gives it none) is forwarded without one, not with an
-/// empty chunked body.
-pub fn no_payload_no_body(framing: Framing, payload: &Payload) -> Framing {
-    match payload {
-        Payload::None => Framing::None,
-        _ => framing,
     }
 }

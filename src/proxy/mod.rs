@@ -157,7 +157,6 @@ pub async fn forward(
             Ok(d) => {
                 decision = d;
                 let payload = payload.into_inner();
-                let body = checks::no_payload_no_body(body, &payload);
                 send(&req, payload, body, peer, &worker, &settings, &client).await
             }
         },

@@ -114,16 +114,8 @@ where
             match Pin::new(&mut this.connection).poll_accept(cx)? {
                 Poll::Ready(Some((req, tx))) => {
                     let (parts, body) = req.into_parts();
-                    // roundabout: a stream that ended with its HEADERS frame has no body;
-                    // say so as HTTP/1 does (no payload), so that a proxy can tell it from
-                    // a body of unknown length.
-                    let pl = if body.is_end_stream() {
-                        Payload::None
-                    } else {
-                        Payload::H2 {
-                            payload: crate::h2::Payload::new(body),
-                        }
-                    };
+                    let payload = crate::h2::Payload::new(body);
+                    let pl = Payload::H2 { payload };
                     let mut req = Request::with_payload(pl);
                     let head_req = parts.method == Method::HEAD;
 
