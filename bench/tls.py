@@ -2,15 +2,18 @@
 """bench/run tls: TLS termination, roundabout against nginx with the same certificate
 (ECDSA P-256, made here with openssl), side by side in one run, on 127.0.0.1.
 
-Two loads, the two proxies taking turns within every round (the order rotates):
+Three loads, the two proxies taking turns within every round (the order rotates):
   keep-alive   wrk -c CONNS over HTTPS on kept-alive connections: requests/s through TLS
-  handshakes   wrk -c HS_CONNS with "Connection: close": one new connection, so one full
-               TLS handshake, per request: handshakes/s
+  resumed      wrk -c HS_CONNS with "Connection: close": a new connection per request, and
+               wrk resumes its TLS session on each (abbreviated handshakes; both proxies
+               keep a session cache): connections/s
+  full         HS_PROCS `openssl s_time -new` at once, each a new connection with a full
+               handshake (no resumption) and one GET, one after another: handshakes/s
 
-Environment: DURATION (seconds per wrk run, 5), ROUNDS (3), CONNS (64), HS_CONNS (16),
-THREADS (wrk threads, 2), WORKERS (roundabout workers = nginx worker processes, 2), PIN=1
+Environment: DURATION (seconds per run, 5), ROUNDS (3), CONNS (64), HS_CONNS (16),
+HS_PROCS (4), THREADS (wrk threads, 2), WORKERS (roundabout workers = nginx worker processes, 2), PIN=1
 (proxies and backends on CPU 0, wrk on CPU 1), NO_BUILD=1, KEEP_TMP=1. About
-2 × 2 × ROUNDS × DURATION seconds plus the build.
+3 × 2 × ROUNDS × DURATION seconds plus the build.
 
 Both proxies forward to the same three plain-HTTP backends (examples/backend), so the
 difference is TLS and proxying. The helpers (processes stopped by PID, free ports, tool
@@ -42,7 +45,8 @@ run.PACKAGES["openssl"] = "openssl"
 def knobs():
     e = os.environ
     env = {k: int(e.get(k, d)) for k, d in
-           (("DURATION", 5), ("ROUNDS", 3), ("CONNS", 64), ("HS_CONNS", 16), ("THREADS", 2),
+           (("DURATION", 5), ("ROUNDS", 3), ("CONNS", 64), ("HS_CONNS", 16), ("HS_PROCS", 4),
+            ("THREADS", 2),
             ("WORKERS", 2))}
     for flag in ("PIN", "NO_BUILD", "KEEP_TMP"):
         env[flag] = e.get(flag, "0") == "1"
@@ -102,10 +106,12 @@ class TlsBench:
             self.backends.append(port)
         targets = [self.nginx(), self.roundabout()]
         loads = [("keep-alive", self.env["CONNS"], False),
-                 ("handshakes", self.env["HS_CONNS"], True)]
+                 ("resumed", self.env["HS_CONNS"], True),
+                 ("full", self.env["HS_PROCS"], None)]
         for load, conns, close in loads:
             for t in targets:  # warm: connections and upstream pools made
-                self.wrk(t, conns, 1, close, self.tmp / "warm.out")
+                if close is not None:
+                    self.wrk(t, conns, 1, close, self.tmp / "warm.out")
             for r in range(self.env["ROUNDS"]):
                 for t in targets[r % 2:] + targets[: r % 2]:
                     self.measure(t, load, conns, close, r + 1)
@@ -163,35 +169,60 @@ class TlsBench:
             self.procs.stop(proc)
         return Path(out).read_text()
 
+    def s_time(self, target, procs, secs, out):
+        """procs `openssl s_time -new` at once for secs seconds: (connections, seconds)."""
+        pin = ["taskset", "-c", "1"] if self.env["PIN"] else []
+        cmd = [*pin, "openssl", "s_time", "-connect", f"127.0.0.1:{target.port}", "-new",
+               "-time", secs, "-www", "/"]
+        started = time.monotonic()
+        running = [self.procs.start("s_time", cmd, f"{out}.{i}") for i in range(procs)]
+        try:
+            for p in running:
+                p.popen.wait(secs + 30)
+        finally:
+            for p in running:
+                self.procs.stop(p)
+        wall = time.monotonic() - started
+        done = 0
+        for i in range(procs):
+            m = re.search(r"^(\d+) connections in [0-9.]+s", Path(f"{out}.{i}").read_text(),
+                          re.M)
+            done += int(m.group(1)) if m else 0
+        return done, wall, ""
+
     def measure(self, target, load, conns, close, rnd):
-        out = self.tmp / f"wrk.{target.name}.{load}.r{rnd}"
+        out = self.tmp / f"load.{target.name}.{load}.r{rnd}"
         c0 = run.cpu_ticks(target.pids)
-        text = self.wrk(target, conns, self.env["DURATION"], close, out)
+        if close is None:
+            total, secs, notes = self.s_time(target, conns, self.env["DURATION"], out)
+        else:
+            text = self.wrk(target, conns, self.env["DURATION"], close, out)
+            m = re.search(r"^\s*(\d+) requests in ([0-9.]+)s", text, re.M)
+            total, secs = (int(m.group(1)), float(m.group(2))) if m else (0, 1)
+            non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+            sockerr = re.search(r"Socket errors:(.*)", text)
+            notes = (f"  non-2xx {non2xx.group(1) if non2xx else 0}"
+                     f"  socket errors {sockerr.group(1).strip() if sockerr else 'none'}")
         c1 = run.cpu_ticks(target.pids)
-        rps = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
-        total = re.search(r"^\s*(\d+) requests in ", text, re.M)
-        if not rps or not total or int(total.group(1)) == 0:
-            raise run.Failed(f"no result from wrk on {target.name} ({out})")
-        non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
-        sockerr = re.search(r"Socket errors:(.*)", text)
-        cpu = (sum(c1) - sum(c0)) * 1e6 / run.HZ / int(total.group(1))
-        self.results.setdefault((target.name, load), []).append(float(rps.group(1)))
+        if total == 0:
+            raise run.Failed(f"no result on {target.name} ({out}*)")
+        rate, cpu = total / secs, (sum(c1) - sum(c0)) * 1e6 / run.HZ / total
+        self.results.setdefault((target.name, load), []).append(rate)
         self.cpu.setdefault((target.name, load), []).append(cpu)
-        run.log(f"{target.name:<10} {load:<10} c={conns:<4} {float(rps.group(1)):9.0f} req/s"
-                f"  CPU {cpu:6.1f} µs/req  non-2xx {non2xx.group(1) if non2xx else 0}"
-                f"  socket errors {sockerr.group(1).strip() if sockerr else 'none'}")
+        run.log(f"{target.name:<10} {load:<10} c={conns:<4} {rate:9.0f}/s"
+                f"  CPU {cpu:6.1f} µs each{notes}")
 
     def report(self, loads):
         e = self.env
         now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         out = [f"## TLS termination, roundabout vs nginx {self.nginx_version}, {now},"
                " bench/run tls", "",
-               f"Same certificate (ECDSA P-256, openssl), TLS 1.3 as negotiated by wrk;"
+               f"Same certificate (ECDSA P-256, openssl), the TLS version the clients chose;"
                f" wrk -t{e['THREADS']} -d{e['DURATION']}s, {e['ROUNDS']} rounds, the proxies"
                f" taking turns; {e['WORKERS']} workers each"
                + ("; PIN=1." if e["PIN"] else "; not pinned."), "",
-               "| load | nginx req/s | roundabout req/s | roundabout / nginx (lowest–highest"
-               " round) | CPU µs/req nginx | roundabout |",
+               "| load | nginx /s | roundabout /s | roundabout / nginx (lowest–highest"
+               " round) | CPU µs each: nginx | roundabout |",
                "| --- | ---: | ---: | ---: | ---: | ---: |"]
         for load, conns, _ in loads:
             n, r = self.results[("nginx", load)], self.results[("roundabout", load)]
