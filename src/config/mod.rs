@@ -19,10 +19,11 @@ use std::path::Path;
 pub use file::{
     default_weight, AccessLogFormat, AccessLogTarget, AdminSection, BalancerSection, FileConfig,
     FileServer, HealthCheckSection, ListenSection, LogSection, OnStoreError, ProxySection,
-    RateLimitSection, Strategy, WeightedServer,
+    RateLimitSection, Strategy, TlsFiles, WeightedServer,
 };
 pub use validate::{
     parse_net, parse_server_url, redact_url, AccessLog, Config, RateLimit, ServerConfig, Source,
+    TlsListen,
 };
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
@@ -175,7 +176,8 @@ mod tests {
     #[test]
     fn empty_file_gives_the_spec_defaults() {
         let c = parse("").unwrap();
-        assert_eq!(c.listen, "127.0.0.1:8000".parse().unwrap());
+        assert_eq!(c.listen, Some("127.0.0.1:8000".parse().unwrap()));
+        assert!(c.tls.is_none());
         assert_eq!(c.health_check.interval, Duration::from_secs(2));
         assert_eq!(c.proxy.retries, 2);
         assert_eq!(c.rate_limit.requests, 100);
@@ -277,6 +279,27 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ),
             ("[admin]\naddress = \"0.0.0.0:8001\"", "admin.token"),
             ("[log]\nlevel = \"loud\"", "log.level"),
+            ("[listen]\naddress = \"\"", "listen.address"),
+            (
+                "[listen]\ntls_address = \"127.0.0.1:8443\"",
+                "listen.tls:",
+            ),
+            (
+                "[listen]\ntls = { cert = \"c.pem\", key = \"k.pem\" }",
+                "listen.tls_address",
+            ),
+            (
+                "[listen]\ntls_address = \"127.0.0.1:8443\"\ntls = { cert = \"/nonexistent/c.pem\", key = \"k.pem\" }",
+                "listen.tls.cert: /nonexistent/c.pem: cannot read",
+            ),
+            (
+                "[listen]\ntls_address = \"127.0.0.1:8443\"\ntls = { cert = \"c.pem\" }",
+                "listen.tls",
+            ),
+            (
+                "[proxy]\nupstream_ca = \"/nonexistent/ca.pem\"",
+                "proxy.upstream_ca: /nonexistent/ca.pem: cannot read",
+            ),
             ("[listen\naddress = 1", "line 1"),
         ];
         for (text, key) in cases {
@@ -312,7 +335,7 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let c = Config::from_toml_with_env("t.toml", "[proxy]\nretries = 1", Some(env)).unwrap();
-        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.listen.map(|a| a.port()), Some(9999));
         assert_eq!(c.rate_limit.redis_url, None);
         assert_eq!(c.proxy.retries, 5);
         assert_eq!(c.servers.len(), 2);
