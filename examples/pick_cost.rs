@@ -89,7 +89,8 @@ fn main() {
                 ..HealthCheckSection::default()
             };
             let metrics = Arc::new(Metrics::new());
-            let health = HealthActor::new(&configs, settings, metrics.clone()).start();
+            let tls = roundabout::tls::client_config(None).expect("no CA file to read");
+            let health = HealthActor::new(&configs, settings, tls, metrics.clone()).start();
             let registry = health.clone();
             let balancer = BalancerActor::start(
                 strategy::from_config(StrategyKind::RoundRobin),

@@ -119,6 +119,8 @@ pub struct HealthActor {
     metrics: Arc<Metrics>,
     /// Built in `started`: `awc::Client` is not `Send`, and this actor's thread is its home.
     client: Option<awc::Client>,
+    /// How `https://` servers are verified (probes go over HTTPS to them).
+    upstream_tls: Arc<rustls::ClientConfig>,
     /// The timer of the probe rounds, replaced when the interval changes.
     rounds: Option<SpawnHandle>,
 }
@@ -128,6 +130,7 @@ impl HealthActor {
     pub fn new(
         servers: &[ServerConfig],
         settings: HealthCheckSection,
+        upstream_tls: Arc<rustls::ClientConfig>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let upstreams: Vec<Arc<Upstream>> = servers
@@ -147,8 +150,17 @@ impl HealthActor {
             settings,
             metrics,
             client: None,
+            upstream_tls,
             rounds: None,
         }
+    }
+
+    fn new_client(&self) -> awc::Client {
+        upstream::client(
+            self.settings.timeout,
+            Some(USER_AGENT),
+            self.upstream_tls.clone(),
+        )
     }
 
     /// Probes now, then every `interval`.
@@ -275,7 +287,7 @@ impl Actor for HealthActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.client = Some(upstream::client(self.settings.timeout, Some(USER_AGENT)));
+        self.client = Some(self.new_client());
         // First round now, so a server that is down at start leaves rotation soon.
         self.schedule(ctx);
     }
@@ -311,6 +323,8 @@ pub struct Reload {
     pub health_check: HealthCheckSection,
     pub strategy: Option<Strategy>,
     pub limiter: Reconfigure,
+    /// The verification of `https://` servers, read again with the file.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Handler<Reload> for HealthActor {
@@ -335,8 +349,11 @@ impl Handler<Reload> for HealthActor {
         self.registry.reconfigure_limiters(&msg.limiter);
 
         let old = std::mem::replace(&mut self.settings, msg.health_check);
-        if old.timeout != self.settings.timeout {
-            self.client = Some(upstream::client(self.settings.timeout, Some(USER_AGENT)));
+        // A new CA file, or the same one read again: probes use it from now on.
+        let tls_changed = !Arc::ptr_eq(&self.upstream_tls, &msg.upstream_tls);
+        self.upstream_tls = msg.upstream_tls;
+        if old.timeout != self.settings.timeout || tls_changed {
+            self.client = Some(self.new_client());
         }
         if old.interval != self.settings.interval || !changes.added.is_empty() {
             self.schedule(ctx);

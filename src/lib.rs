@@ -23,6 +23,7 @@
 //! - [`admin`]: the admin API (servers, metrics, healthz).
 //! - [`status`]: the status page beside it (`GET /`, `GET /status.json`): reads only.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
+//! - [`tls`]: rustls: the listener's certificate (swapped on reload), `https://` servers.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
 //!
 //! No two modules import each other: the HealthActor knows the balancers only as
@@ -40,12 +41,17 @@ pub mod registry;
 pub mod reload;
 pub mod status;
 pub mod strategy;
+pub mod tls;
 pub mod upstream;
 
 use std::{
+    cell::RefCell,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -64,15 +70,29 @@ use crate::{
     proxy::{Settings, Worker},
     rate_limit::{RateLimitActor, Stores},
     status::StatusState,
+    tls::CertStore,
 };
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Tells apart the balancers started in one process (tests start several).
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This worker thread's handles, with the instance that made them. actix calls the app
+    /// factory once per listener on each worker; the plain and the TLS listener of one
+    /// worker must share one BalancerActor (one round-robin cycle) and one limiter.
+    static WORKER: RefCell<Option<(u64, web::Data<Worker>)>> = const { RefCell::new(None) };
+}
+
 /// A started balancer: its bound addresses and the handles to stop or reload it.
 pub struct Running {
-    /// Where the proxy listens (the real port when the config said `:0`).
+    /// Where the proxy listens (the real port when the config said `:0`): the plain
+    /// listener, or the TLS one when there is no plain one.
     pub proxy_addr: SocketAddr,
+    /// Where the TLS listener is, if there is one.
+    pub tls_addr: Option<SocketAddr>,
     /// Where the admin API listens, if enabled.
     pub admin_addr: Option<SocketAddr>,
     pub health: Addr<HealthActor>,
@@ -85,6 +105,8 @@ pub struct Running {
     access_log: AccessLog,
     /// The configuration running now; a reload replaces it. Shared with the status page.
     config: Arc<Mutex<Config>>,
+    /// The TLS listener's certificate, which a reload replaces.
+    certs: Option<Arc<CertStore>>,
 }
 
 impl Running {
@@ -130,6 +152,7 @@ impl Running {
             self.access_log.configure(next.access_log.clone());
         }
         reload::apply(&current, &next, &self.health, &self.settings, by).await;
+        reload::certificate(&current, &next, self.certs.as_deref(), by);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
     }
@@ -151,16 +174,21 @@ pub fn start(config: Config) -> io::Result<Running> {
     let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
-    let proxy_listener = std::net::TcpListener::bind(config.listen)
-        .map_err(|e| io::Error::new(e.kind(), format!("listen.address {}: {e}", config.listen)))?;
-    let admin_listener = match config.admin {
-        Some(addr) => Some(
+    let bind = |key: &str, addr: Option<SocketAddr>| {
+        addr.map(|addr| {
             std::net::TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("admin.address {addr}: {e}")))?,
-        ),
-        None => None,
+                .map_err(|e| io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
+        })
+        .transpose()
     };
-    let proxy_addr = proxy_listener.local_addr()?;
+    let proxy_listener = bind("listen.address", config.listen)?;
+    let tls_listener = bind("listen.tls_address", config.tls.as_ref().map(|t| t.address))?;
+    let admin_listener = bind("admin.address", config.admin)?;
+    let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let proxy_addr = match &proxy_listener {
+        Some(l) => l.local_addr()?,
+        None => tls_addr.expect("validation asks for at least one listener"),
+    };
     let admin_addr = admin_listener
         .as_ref()
         .map(|l| l.local_addr())
@@ -185,6 +213,7 @@ pub fn start(config: Config) -> io::Result<Running> {
     let health = HealthActor::new(
         &config.servers,
         config.health_check.clone(),
+        config.upstream_tls.clone(),
         metrics.clone(),
     )
     .start();
@@ -204,8 +233,19 @@ pub fn start(config: Config) -> io::Result<Running> {
             log.refused(r.peer_addr.map(|a| a.ip()), r.status.as_u16());
         })
     };
+    let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     let mut server = HttpServer::new(move || {
-        // Runs once per worker, on that worker's thread: its actors live there.
+        // Runs once per worker and listener, on that worker's thread: its actors live
+        // there, and the listeners of one worker share them.
+        if let Some(worker) = WORKER.with_borrow(|w| {
+            w.as_ref()
+                .filter(|(id, _)| *id == instance)
+                .map(|(_, worker)| worker.clone())
+        }) {
+            return App::new()
+                .app_data(worker)
+                .default_service(web::to(proxy::forward));
+        }
         let limiter =
             RateLimitActor::new(&rate_limit, stores.clone(), factory_metrics.clone()).start();
         let limiter_handle = Some(limiter.clone().recipient());
@@ -220,7 +260,7 @@ pub fn start(config: Config) -> io::Result<Running> {
                 })
             },
         );
-        let worker = Worker::new(
+        let worker = web::Data::new(Worker::new(
             balancer,
             limiter,
             factory_health.clone(),
@@ -229,22 +269,34 @@ pub fn start(config: Config) -> io::Result<Running> {
                 log: factory_log.clone(),
             },
             updates.clone(),
-        );
+        ));
+        WORKER.set(Some((instance, worker.clone())));
         App::new()
-            .app_data(web::Data::new(worker))
+            .app_data(worker)
             .default_service(web::to(proxy::forward))
     })
     .on_connect(move |_, data| {
         data.insert(on_refused.clone());
     })
     .keep_alive(KeepAlive::Timeout(Duration::from_secs(75)))
+    .tls_handshake_timeout(tls::HANDSHAKE_TIMEOUT)
     .backlog(4096)
     .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
     .disable_signals();
     if config.workers > 0 {
         server = server.workers(config.workers);
     }
-    let proxy_server = server.listen(proxy_listener)?.run();
+    if let Some(listener) = proxy_listener {
+        server = server.listen(listener)?;
+    }
+    let certs = config.tls.as_ref().map(|t| {
+        t.cert.warn_if_expired();
+        CertStore::new(&t.cert)
+    });
+    if let (Some(listener), Some(certs)) = (tls_listener, &certs) {
+        server = server.listen_rustls_0_23(listener, tls::server_config(certs.clone()))?;
+    }
+    let proxy_server = server.run();
     let proxy = proxy_server.handle();
     let mut tasks = vec![actix_rt::spawn(proxy_server)];
 
@@ -282,15 +334,22 @@ pub fn start(config: Config) -> io::Result<Running> {
     };
 
     log::info!(
-        "roundabout {} listening on {proxy_addr} ({} servers, {:?}); {}{}",
+        "roundabout {} listening on {} ({} servers, {}); {}{}",
         env!("CARGO_PKG_VERSION"),
+        match (config.listen.map(|_| proxy_addr), tls_addr) {
+            (Some(plain), Some(tls)) => format!("{plain} and {tls} (TLS)"),
+            (Some(plain), None) => plain.to_string(),
+            (None, _) => format!("{proxy_addr} (TLS)"),
+        },
         config.servers.len(),
-        config.strategy,
+        config.strategy.name(),
         config.rate_limit.summary(),
         admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
     );
     Ok(Running {
         proxy_addr,
+        tls_addr,
+        certs,
         admin_addr,
         health,
         metrics,

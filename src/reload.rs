@@ -17,6 +17,7 @@ use crate::{
     health::{HealthActor, Reload},
     proxy::Settings,
     rate_limit::Reconfigure,
+    tls::CertStore,
 };
 
 /// What a signal asks for.
@@ -94,6 +95,7 @@ pub async fn apply(
         health_check: next.health_check.clone(),
         strategy: (next.strategy != current.strategy).then_some(next.strategy),
         limiter: Reconfigure(next.rate_limit.clone()),
+        upstream_tls: next.upstream_tls.clone(),
     };
     let changes = health.send(reload).await.unwrap_or_default();
     settings.send_replace(Arc::new(Settings::new(next)));
@@ -130,12 +132,37 @@ pub async fn apply(
     log::info!("configuration reloaded ({by}): {}", done.join("; "));
 }
 
+/// Gives new handshakes the certificate of `next` when it differs from the running one;
+/// open connections keep theirs. (A certificate that did not load refused the whole file.)
+pub fn certificate(current: &Config, next: &Config, store: Option<&CertStore>, by: &str) {
+    let (Some(store), Some(new)) = (store, &next.tls) else {
+        return;
+    };
+    if current
+        .tls
+        .as_ref()
+        .is_some_and(|old| old.cert.same_chain(&new.cert))
+    {
+        return;
+    }
+    store.replace(&new.cert);
+    log::info!(
+        "reload ({by}): new TLS certificate from {} for new connections",
+        new.cert.cert_path.display()
+    );
+    new.cert.warn_if_expired();
+}
+
 /// The keys whose new value only a restart applies (SPEC, "Signals"), where they changed.
 fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     let (a, b) = (&current.resolved, &next.resolved);
     [
         ("listen.address", a.listen.address != b.listen.address),
         ("listen.workers", a.listen.workers != b.listen.workers),
+        (
+            "listen.tls_address",
+            a.listen.tls_address != b.listen.tls_address,
+        ),
         ("admin.address", a.admin.address != b.admin.address),
         ("admin.token", a.admin.token != b.admin.token),
         (

@@ -8,7 +8,10 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use actix_web::http::{header::HeaderValue, uri::Authority};
+use actix_web::http::{
+    header::HeaderValue,
+    uri::{Authority, Scheme},
+};
 use awc::error::{ConnectError, SendRequestError};
 use url::Url;
 
@@ -23,8 +26,10 @@ use crate::{
 pub struct Upstream {
     /// `host:port`, the server's name in logs, metrics and the admin API.
     pub label: Arc<str>,
-    /// The URL as configured (`http://host:port/`).
+    /// The URL as configured (`http://host:port/` or `https://…`).
     pub url: Url,
+    /// `http` or `https`, for the upstream request URI.
+    pub scheme: Scheme,
     /// The authority for the upstream request URI; cheap to clone (shared bytes).
     pub authority: Authority,
     /// `Host` to send when `proxy.preserve_host = false`.
@@ -50,9 +55,14 @@ impl Upstream {
         // `label` came from a parsed URL, so it is a valid authority and header value.
         let authority: Authority = label.parse().expect("URL host:port is an authority");
         let host_header = HeaderValue::from_str(&label).expect("URL host:port is a header value");
+        let scheme = match url.scheme() {
+            "https" => Scheme::HTTPS,
+            _ => Scheme::HTTP,
+        };
         Upstream {
             label: label.into(),
             url: url.clone(),
+            scheme,
             authority,
             host_header,
             weight: server.weight,
@@ -68,7 +78,7 @@ impl Upstream {
 
     /// The URL to probe for health: the server's URL with `path`.
     pub fn health_url(&self, path: &str) -> String {
-        format!("http://{}{}", self.label, path)
+        format!("{}://{}{}", self.scheme, self.label, path)
     }
 }
 
@@ -81,12 +91,21 @@ impl fmt::Display for Upstream {
 /// The `awc` client roundabout talks to servers with: no redirects followed, no headers of
 /// its own but `user_agent` (the proxy sends none: the client's goes through), no cap on a
 /// whole exchange (callers time the head and each body pause themselves), no cap on
-/// connections, keep-alive on. `awc::Client` is not `Send`: build one per thread.
-pub fn client(connect_timeout: Duration, user_agent: Option<&'static str>) -> awc::Client {
+/// connections, keep-alive on; `tls` verifies `https://` servers (SNI is the server's host).
+/// `awc::Client` is not `Send`: build one per thread.
+pub fn client(
+    connect_timeout: Duration,
+    user_agent: Option<&'static str>,
+    tls: Arc<rustls::ClientConfig>,
+) -> awc::Client {
     let mut builder = awc::Client::builder()
         .connector(
             awc::Connector::new()
+                .rustls_0_23(tls)
                 .timeout(connect_timeout)
+                // The TLS handshake is part of connecting: the same limit, and a failure
+                // of it is a failed connection (retried, reported to health).
+                .handshake_timeout(connect_timeout)
                 .limit(0)
                 .conn_keep_alive(Duration::from_secs(60))
                 .conn_lifetime(Duration::from_secs(600)),
@@ -132,5 +151,11 @@ mod tests {
         });
         assert_eq!(&*v6.label, "[::1]:5000");
         assert_eq!(v6.authority.as_str(), "[::1]:5000");
+        let tls = Upstream::new(&ServerConfig {
+            url: Url::parse("https://example.test").unwrap(),
+            weight: 1,
+        });
+        assert_eq!(&*tls.label, "example.test:443");
+        assert_eq!(tls.health_url("/h"), "https://example.test:443/h");
     }
 }

@@ -313,13 +313,14 @@ async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
         metrics::Metrics,
         strategy,
     };
-    let servers = config(&[dead_url()], "").servers;
+    let config = config(&[dead_url()], "");
+    let servers = config.servers;
     let settings = HealthCheckSection {
         interval: Duration::from_secs(3600),
         ..Default::default()
     };
     let metrics = std::sync::Arc::new(Metrics::new());
-    let health = HealthActor::new(&servers, settings, metrics.clone()).start();
+    let health = HealthActor::new(&servers, settings, config.upstream_tls, metrics.clone()).start();
     let balancer = BalancerActor::start(
         strategy::from_config(roundabout::config::Strategy::RoundRobin),
         metrics,

@@ -98,8 +98,13 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ListenSection {
+    /// The plain HTTP listener; "" = none (then `tls_address` must be set).
     pub address: String,
     pub workers: usize,
+    /// The TLS listener beside `address`; "" = none.
+    pub tls_address: String,
+    /// The TLS listener's certificate; required with `tls_address`, and only with it.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for ListenSection {
@@ -107,8 +112,20 @@ impl Default for ListenSection {
         Self {
             address: "127.0.0.1:8000".into(),
             workers: 0,
+            tls_address: String::new(),
+            tls: None,
         }
     }
+}
+
+/// `listen.tls`: PEM files, relative to the working directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert: String,
+    /// The leaf's private key.
+    pub key: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -156,6 +173,9 @@ pub struct ProxySection {
     /// An upgraded connection (WebSocket) idle this long either way is closed.
     #[serde(with = "duration")]
     pub tunnel_idle_timeout: Duration,
+    /// A PEM file of CA certificates trusted for `https://` servers besides the system's
+    /// roots; "" = the system's roots only.
+    pub upstream_ca: String,
 }
 
 impl Default for ProxySection {
@@ -167,6 +187,7 @@ impl Default for ProxySection {
             preserve_host: true,
             max_body_bytes: 0,
             tunnel_idle_timeout: Duration::from_secs(3600),
+            upstream_ca: String::new(),
         }
     }
 }

@@ -1,8 +1,15 @@
 //! [`FileConfig`] → [`Config`]: every value checked and turned into its real type (`Url`,
 //! `IpNet`, `SocketAddr`, `LevelFilter`), every error naming its dotted key. Nothing here
-//! reads files or the environment.
+//! reads the environment, and no file but the TLS certificates, keys and CAs the config
+//! names (through [`crate::tls`], so that a bad one is a config error like any other).
 
-use std::{fmt, net::SocketAddr, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -12,6 +19,7 @@ use super::file::{
     AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, OnStoreError,
     ProxySection, Strategy,
 };
+use crate::tls::{self, ServerCert};
 
 /// A checked server entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,7 +33,12 @@ pub struct ServerConfig {
 /// The validated configuration the program runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    /// The plain HTTP listener; `None` when only the TLS one is wanted.
+    pub listen: Option<SocketAddr>,
+    /// The TLS listener and its certificate, read and checked.
+    pub tls: Option<TlsListen>,
+    /// How `https://` servers are verified: the system's roots and `proxy.upstream_ca`.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
     /// 0 = one per CPU core.
     pub workers: usize,
     pub strategy: Strategy,
@@ -43,6 +56,13 @@ pub struct Config {
     pub resolved: FileConfig,
     /// Where it was read from; `None` when it was parsed from text.
     pub source: Option<Source>,
+}
+
+/// The checked `listen.tls_address` and `listen.tls`.
+#[derive(Debug, Clone)]
+pub struct TlsListen {
+    pub address: SocketAddr,
+    pub cert: ServerCert,
 }
 
 /// Where a configuration was read from, to read it again on reload.
@@ -145,7 +165,7 @@ fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {
 impl FileConfig {
     /// Checks every value and converts it to its real type; errors name the key.
     pub fn validate(self) -> Result<Config, KeyError> {
-        let listen = parse_addr(&self.listen.address).map_err(|r| key_err("listen.address", r))?;
+        let (listen, tls) = self.validate_listen()?;
 
         let mut servers = Vec::with_capacity(self.balancer.servers.len());
         for (i, s) in self.balancer.servers.iter().enumerate() {
@@ -193,6 +213,10 @@ impl FileConfig {
         nonzero(self.proxy.connect_timeout, "proxy.connect_timeout")?;
         nonzero(self.proxy.timeout, "proxy.timeout")?;
         nonzero(self.proxy.tunnel_idle_timeout, "proxy.tunnel_idle_timeout")?;
+        let upstream_ca =
+            Some(Path::new(&self.proxy.upstream_ca)).filter(|p| !p.as_os_str().is_empty());
+        let upstream_tls =
+            tls::client_config(upstream_ca).map_err(|e| key_err("proxy.upstream_ca", e))?;
 
         let rl = &self.rate_limit;
         if rl.requests == 0 {
@@ -282,6 +306,8 @@ impl FileConfig {
 
         Ok(Config {
             listen,
+            tls,
+            upstream_tls,
             workers: self.listen.workers,
             strategy: self.balancer.strategy,
             servers,
@@ -307,6 +333,59 @@ impl FileConfig {
     }
 }
 
+impl FileConfig {
+    /// `listen.address`, `listen.tls_address` and `listen.tls`: at least one listener, and
+    /// a certificate exactly when there is a TLS listener.
+    fn validate_listen(&self) -> Result<(Option<SocketAddr>, Option<TlsListen>), KeyError> {
+        let l = &self.listen;
+        let listen = (!l.address.is_empty())
+            .then(|| parse_addr(&l.address).map_err(|r| key_err("listen.address", r)))
+            .transpose()?;
+        let tls_address = (!l.tls_address.is_empty())
+            .then(|| parse_addr(&l.tls_address).map_err(|r| key_err("listen.tls_address", r)))
+            .transpose()?;
+        let tls = match (tls_address, &l.tls) {
+            (None, None) if listen.is_none() => {
+                return Err(key_err(
+                    "listen.address",
+                    "is empty and listen.tls_address is not set: no listener at all",
+                ))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(key_err(
+                    "listen.tls",
+                    "is required with listen.tls_address: tls = { cert = \"fullchain.pem\", key = \"key.pem\" }",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(key_err(
+                    "listen.tls_address",
+                    "is required with listen.tls (e.g. \"0.0.0.0:8443\")",
+                ))
+            }
+            (Some(address), Some(files)) => {
+                if listen == Some(address) && address.port() != 0 {
+                    return Err(key_err(
+                        "listen.tls_address",
+                        format!("{address} is listen.address too"),
+                    ));
+                }
+                let (cert, key) = (PathBuf::from(&files.cert), PathBuf::from(&files.key));
+                let loaded = ServerCert::load(&cert, &key).map_err(|e| {
+                    let which = if e.is_key(&key) { "listen.tls.key" } else { "listen.tls.cert" };
+                    key_err(which, e)
+                })?;
+                Some(TlsListen {
+                    address,
+                    cert: loaded,
+                })
+            }
+        };
+        Ok((listen, tls))
+    }
+}
+
 fn nonzero(d: Duration, key: &str) -> Result<(), KeyError> {
     if d.is_zero() {
         Err(key_err(key, "must be greater than zero"))
@@ -327,17 +406,13 @@ pub fn parse_net(s: &str) -> Result<IpNet, String> {
         .map_err(|_| format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"))
 }
 
-/// Checks a server URL: `http://host:port`, no path, query, fragment or credentials.
+/// Checks a server URL: `http://host:port` or `https://host:port`, no path, query,
+/// fragment or credentials.
 pub fn parse_server_url(s: &str) -> Result<Url, String> {
     let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
     match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "{s:?}: https upstreams are not supported yet; use http://"
-            ))
-        }
-        other => return Err(format!("{s:?}: scheme {other:?} is not http")),
+        "http" | "https" => {}
+        other => return Err(format!("{s:?}: scheme {other:?} is not http or https")),
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("{s:?} has no host"));

@@ -6,7 +6,7 @@
 use actix_web::{
     http::{
         header::{self, HeaderName},
-        Method,
+        Method, Version,
     },
     HttpRequest,
 };
@@ -209,6 +209,10 @@ fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, Pro
         Some(0) => Ok(Framing::None),
         Some(n) => Ok(Framing::Length(n)),
         None if chunked => Ok(Framing::Chunked),
+        // HTTP/2 frames the body itself; a missing length says nothing (RFC 9113 §8.1). The
+        // body goes upstream chunked; one that has already ended (a GET's stream ends with
+        // its head) awc sends as no body at all.
+        None if req.version() == Version::HTTP_2 => Ok(Framing::Chunked),
         None => Ok(Framing::None),
     }
 }

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 use actix_web::{
     http::{
         header::{self, HeaderMap, HeaderName, HeaderValue},
-        uri::{PathAndQuery, Scheme, Uri},
+        uri::{PathAndQuery, Uri},
+        Version,
     },
     HttpRequest,
 };
@@ -40,10 +41,10 @@ const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The upstream URI: the server's authority, the client's path and query.
+/// The upstream URI: the server's scheme and authority, the client's path and query.
 pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
     let mut parts = actix_web::http::uri::Parts::default();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(upstream.scheme.clone());
     parts.authority = Some(upstream.authority.clone());
     parts.path_and_query = Some(
         req.uri()
@@ -164,16 +165,51 @@ pub fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, trusted: &[IpNe
             out.insert(X_FORWARDED_FOR, v);
         }
     }
-    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // `secure` is the listener's (TLS or not), never anything the client sent.
+    let proto = if req.app_config().secure() {
+        "https"
+    } else {
+        "http"
+    };
+    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let host = incoming.get(header::HOST).cloned().or_else(|| {
-        req.uri()
+        let host = req
+            .uri()
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        // HTTP/2 carries the host as `:authority`, which is the Host an HTTP/1.1 server
+        // needs (RFC 9113 §8.3.1).
+        if let Some(host) = &host {
+            out.insert(header::HOST, host.clone());
+        }
+        host
     });
     if let Some(host) = host {
         out.insert(X_FORWARDED_HOST, host);
     }
+    if req.version() == Version::HTTP_2 {
+        join_cookies(&mut out);
+    }
     out
+}
+
+/// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 server expects one
+/// field, joined with "; " (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE);
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// The client IP per the SPEC: the TCP peer, or, when the peer is a trusted proxy, the
@@ -304,6 +340,16 @@ mod tests {
             h.insert(X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
             assert_eq!(request_id(&h).len(), 32, "{bad:?} replaced");
         }
+    }
+
+    #[test]
+    fn split_cookies_are_joined_into_one_field() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).collect();
+        assert_eq!(all, ["a=1; b=2"]);
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Settings {
     /// `RateLimit-Policy` value; `None` with the limiter off, which skips it.
     pub ratelimit_policy: Option<HeaderValue>,
     pub access_log: bool,
+    /// How `https://` servers are verified; a new one (a reload) gets a new client.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 impl Settings {
@@ -71,6 +73,7 @@ impl Settings {
                 HeaderValue::from_str(&value).expect("digits and quotes are a header value")
             }),
             access_log: config.access_log.is_some(),
+            upstream_tls: config.upstream_tls.clone(),
         }
     }
 }
@@ -100,7 +103,11 @@ impl Worker {
         updates: watch::Receiver<Arc<Settings>>,
     ) -> Self {
         let settings = updates.borrow().clone();
-        let client = upstream::client(settings.proxy.connect_timeout, None);
+        let client = upstream::client(
+            settings.proxy.connect_timeout,
+            None,
+            settings.upstream_tls.clone(),
+        );
         Self {
             balancer,
             limiter,
@@ -117,9 +124,12 @@ impl Worker {
         if updates.has_changed().unwrap_or(false) {
             let new = updates.borrow_and_update().clone();
             let mut current = self.current.borrow_mut();
-            if new.proxy.connect_timeout != current.0.proxy.connect_timeout {
+            if new.proxy.connect_timeout != current.0.proxy.connect_timeout
+                || !Arc::ptr_eq(&new.upstream_tls, &current.0.upstream_tls)
+            {
                 // Requests under way keep the old client (and its pool) until they end.
-                current.1 = upstream::client(new.proxy.connect_timeout, None);
+                current.1 =
+                    upstream::client(new.proxy.connect_timeout, None, new.upstream_tls.clone());
             }
             current.0 = Rc::new((*new).clone());
         }

@@ -2,6 +2,8 @@
 //! the real balancer started in-process on ephemeral ports. One helper, many tests.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -30,6 +32,8 @@ use sha2::{Digest, Sha256};
 pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
+    /// `http`, or `https` for a backend started with [`Backend::start_tls`].
+    pub scheme: &'static str,
     /// Requests seen on every route but `/health`.
     pub hits: Arc<AtomicUsize>,
     /// What `/health` answers.
@@ -57,24 +61,31 @@ impl Backend {
 
     /// Starts a backend on `port` (0 = a free one), e.g. to bring one back where it was.
     pub fn start_on(name: &str, port: u16) -> Backend {
-        Self::launch(name, port, |cfg| {
-            cfg.route("/headers", web::to(headers))
-                .route("/sha256", web::to(sha256))
-                .route("/status/{code}", web::to(status))
-                .route("/slow/{ms}", web::to(slow))
-                .route("/bytes/{n}", web::to(bytes))
-                .route("/stall", web::to(stall))
-                .route("/cookies", web::to(cookies))
-                .route("/redirect", web::to(redirect))
-                .route("/drip/{n}", web::to(drip))
-                .route(
-                    "/peer",
-                    web::to(|req: HttpRequest| async move {
-                        HttpResponse::Ok().body(req.peer_addr().unwrap().to_string())
-                    }),
-                )
-                .default_service(web::to(name_route));
-        })
+        Self::launch(name, port, None, Self::routes)
+    }
+
+    /// Starts a backend on a free port that speaks HTTPS (HTTP/1.1) with `tls`.
+    pub fn start_tls(name: &str, tls: rustls::ServerConfig) -> Backend {
+        Self::launch(name, 0, Some(tls), Self::routes)
+    }
+
+    fn routes(cfg: &mut web::ServiceConfig) {
+        cfg.route("/headers", web::to(headers))
+            .route("/sha256", web::to(sha256))
+            .route("/status/{code}", web::to(status))
+            .route("/slow/{ms}", web::to(slow))
+            .route("/bytes/{n}", web::to(bytes))
+            .route("/stall", web::to(stall))
+            .route("/cookies", web::to(cookies))
+            .route("/redirect", web::to(redirect))
+            .route("/drip/{n}", web::to(drip))
+            .route(
+                "/peer",
+                web::to(|req: HttpRequest| async move {
+                    HttpResponse::Ok().body(req.peer_addr().unwrap().to_string())
+                }),
+            )
+            .default_service(web::to(name_route));
     }
 
     /// Starts a backend on a free port whose `/` (and every route but `/health`) waits
@@ -82,7 +93,7 @@ impl Backend {
     /// strategies, whichever path the proxy is asked for.
     pub fn start_slow(name: &str, ms: u64) -> Backend {
         let delay = Duration::from_millis(ms);
-        Self::launch(name, 0, move |cfg| {
+        Self::launch(name, 0, None, move |cfg| {
             cfg.default_service(web::to(move |state: web::Data<BackendState>| async move {
                 state.hits.fetch_add(1, Ordering::SeqCst);
                 actix_rt::time::sleep(delay).await;
@@ -95,6 +106,7 @@ impl Backend {
     fn launch(
         name: &str,
         port: u16,
+        tls: Option<rustls::ServerConfig>,
         routes: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
     ) -> Backend {
         let listener = bind_retry(port);
@@ -113,8 +125,12 @@ impl Backend {
         })
         .workers(1)
         .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
+        .shutdown_timeout(1);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = match tls {
+            None => server.listen(listener),
+            Some(tls) => server.listen_rustls_0_23(listener, tls),
+        }
         .unwrap()
         .run();
         let handle = server.handle();
@@ -122,6 +138,7 @@ impl Backend {
         Backend {
             name: state.name,
             addr,
+            scheme,
             hits: state.hits,
             health_status: state.health,
             handle,
@@ -129,7 +146,7 @@ impl Backend {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn hits(&self) -> usize {
