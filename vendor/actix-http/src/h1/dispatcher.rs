@@ -933,7 +933,7 @@ where
 
                     match msg {
                         Message::Item(mut req) => {
-                            // head timer only applies to first request on connection
+                            // the head is complete: its deadline no longer applies
                             this.head_timer.clear(line!());
 
                             req.head_mut().peer_addr = *this.peer_addr;
@@ -1069,14 +1069,21 @@ where
 
         if let TimerState::Active { timer } = this.head_timer {
             if timer.as_mut().poll(cx).is_ready() {
-                // timeout on first request (slow request) return 408
+                // timeout on a request head (slow request) return 408
+
+                // Fires once; and where an answer is already under way (a parse error's),
+                // that answer is the last one.
+                this.head_timer.clear(line!());
+                if !this.state.is_none() || !this.messages.is_empty() {
+                    return Ok(());
+                }
 
                 trace!("timed out on slow request; replying with 408 and closing connection");
 
-                let _ = self.as_mut().send_error_response(
-                    Response::with_body(StatusCode::REQUEST_TIMEOUT, ()),
-                    BoxBody::new(()),
-                );
+                // The codec would otherwise answer with the previous request's keep-alive.
+                let mut res = Response::with_body(StatusCode::REQUEST_TIMEOUT, ());
+                res.head_mut().set_connection_type(ConnectionType::Close);
+                let _ = self.as_mut().send_error_response(res, BoxBody::new(()));
 
                 self.project().flags.insert(Flags::SHUTDOWN);
             }
@@ -1361,6 +1368,19 @@ where
                         let inner = inner.as_mut().project();
                         inner.flags.remove(Flags::KEEP_ALIVE);
                         inner.ka_timer.clear(line!());
+
+                        // These bytes begin the next request's head: hold it to the same
+                        // deadline as the first request's, from its first byte, or a client
+                        // can trickle a head for as long as each byte beats the keep-alive.
+                        if !matches!(inner.head_timer, TimerState::Active { .. }) {
+                            if let Some(deadline) = inner.config.client_request_deadline() {
+                                inner.head_timer.set_and_init(
+                                    cx,
+                                    sleep_until(deadline.into()),
+                                    line!(),
+                                );
+                            }
+                        }
                     }
 
                     if !inner.flags.contains(Flags::STARTED) {
