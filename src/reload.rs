@@ -136,6 +136,18 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     [
         ("listen.address", a.listen.address != b.listen.address),
         ("listen.workers", a.listen.workers != b.listen.workers),
+        (
+            "listen.header_timeout",
+            a.listen.header_timeout != b.listen.header_timeout,
+        ),
+        (
+            "listen.keepalive_timeout",
+            a.listen.keepalive_timeout != b.listen.keepalive_timeout,
+        ),
+        (
+            "listen.max_connections",
+            a.listen.max_connections != b.listen.max_connections,
+        ),
         ("admin.address", a.admin.address != b.admin.address),
         ("admin.token", a.admin.token != b.admin.token),
         (

@@ -80,6 +80,14 @@ pub struct FileConfig {
 pub struct ListenSection {
     pub address: String,
     pub workers: usize,
+    /// Every request head, first or later on a connection, must arrive within this.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// An idle kept-alive connection is closed after this; zero turns keep-alive off.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Open client connections, for the whole process.
+    pub max_connections: usize,
 }
 
 impl Default for ListenSection {
@@ -87,6 +95,10 @@ impl Default for ListenSection {
         Self {
             address: "127.0.0.1:8000".into(),
             workers: 0,
+            header_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout.
+            keepalive_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
         }
     }
 }

@@ -182,6 +182,9 @@ mod tests {
             Some("redis://127.0.0.1:6379")
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.max_connections, 10_000);
     }
 
     #[test]
@@ -204,6 +207,18 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ("[rate_limit]\nwindow = \"0s\"", "rate_limit.window"),
             ("[rate_limit]\nwindow = \"soon\"", "rate_limit.window"),
             ("[listen]\nworkers = \"many\"", "listen.workers"),
+            ("[listen]\nworkers = 513", "listen.workers"),
+            ("[listen]\nheader_timeout = \"0s\"", "listen.header_timeout"),
+            (
+                "[listen]\nheader_timeout = \"soon\"",
+                "listen.header_timeout",
+            ),
+            (
+                "[listen]\nkeepalive_timeout = \"2days\"",
+                "listen.keepalive_timeout",
+            ),
+            ("[listen]\nmax_connections = 0", "listen.max_connections"),
+            ("[listen]\nmax_connections = -1", "listen.max_connections"),
             (
                 "[balancer]\nservers = [\"ftp://x:1\"]",
                 "balancer.servers[0].url",

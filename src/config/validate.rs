@@ -27,6 +27,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// 0 = one per CPU core.
     pub workers: usize,
+    /// Every request head, first or later on a connection, must arrive within this.
+    pub header_timeout: Duration,
+    /// An idle kept-alive client connection is closed after this; zero: no keep-alive.
+    pub keepalive_timeout: Duration,
+    /// Open client connections for the whole process (at least 1).
+    pub max_connections: usize,
     pub strategy: Strategy,
     pub servers: Vec<ServerConfig>,
     pub health_check: HealthCheckSection,
@@ -74,6 +80,18 @@ impl FileConfig {
     /// Checks every value and converts it to its real type; errors name the key.
     pub fn validate(self) -> Result<Config, KeyError> {
         let listen = parse_addr(&self.listen.address).map_err(|r| key_err("listen.address", r))?;
+        if self.listen.workers > MAX_WORKERS {
+            return Err(key_err(
+                "listen.workers",
+                format!("must be at most {MAX_WORKERS}"),
+            ));
+        }
+        nonzero(self.listen.header_timeout, "listen.header_timeout")?;
+        at_most_a_day(self.listen.header_timeout, "listen.header_timeout")?;
+        at_most_a_day(self.listen.keepalive_timeout, "listen.keepalive_timeout")?;
+        if self.listen.max_connections == 0 {
+            return Err(key_err("listen.max_connections", "must be at least 1"));
+        }
 
         let mut servers = Vec::with_capacity(self.balancer.servers.len());
         for (i, s) in self.balancer.servers.iter().enumerate() {
@@ -187,6 +205,9 @@ impl FileConfig {
         Ok(Config {
             listen,
             workers: self.listen.workers,
+            header_timeout: self.listen.header_timeout,
+            keepalive_timeout: self.listen.keepalive_timeout,
+            max_connections: self.listen.max_connections,
             strategy: self.balancer.strategy,
             servers,
             health_check: self.health_check.clone(),
@@ -207,6 +228,19 @@ impl FileConfig {
             resolved: self,
             source: None,
         })
+    }
+}
+
+/// actix-server's limit: it refuses to start more worker threads.
+const MAX_WORKERS: usize = 512;
+
+/// The connection deadlines are added to `Instant::now()`, which panics past its range: a
+/// day is far longer than any deadline that makes sense, and far inside that range.
+fn at_most_a_day(d: Duration, key: &str) -> Result<(), KeyError> {
+    if d > Duration::from_secs(24 * 3600) {
+        Err(key_err(key, "must be at most 1 day"))
+    } else {
+        Ok(())
     }
 }
 
