@@ -104,6 +104,13 @@ impl Config {
         for key in LIST_KEYS {
             list_source = list_source.with_list_parse_key(key);
         }
+        if let Some((key, reason)) = unreadable_number(text) {
+            return Err(ConfigError::Key {
+                file: file.into(),
+                key,
+                reason,
+            });
+        }
         let merged = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(source(scalars))
@@ -144,6 +151,46 @@ impl Config {
 
 /// The keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 2] = ["balancer.servers", "rate_limit.trusted_proxies"];
+
+/// The first number in `text` that the `config` crate cannot hold (an integer past 64-bit
+/// signed, a float past `f64`), with its dotted key: that crate refuses it without naming
+/// the key. `None` as well for text that is no TOML, which the crate reports itself.
+fn unreadable_number(text: &str) -> Option<(String, String)> {
+    use toml::de::{DeTable, DeValue};
+
+    fn in_table(path: &str, table: &DeTable<'_>) -> Option<(String, String)> {
+        table.iter().find_map(|(key, value)| {
+            let key = key.get_ref();
+            let path = if path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{path}.{key}")
+            };
+            in_value(path, value.get_ref())
+        })
+    }
+    fn in_value(path: String, value: &DeValue<'_>) -> Option<(String, String)> {
+        match value {
+            DeValue::Integer(i) if i64::from_str_radix(i.as_str(), i.radix()).is_err() => {
+                Some((path, format!("{i} is out of range (at most {})", i64::MAX)))
+            }
+            DeValue::Float(f)
+                if f.as_str()
+                    .parse::<f64>()
+                    .map_or(true, |v| v.is_infinite() && !f.as_str().contains("inf")) =>
+            {
+                Some((path, format!("{f} is out of range")))
+            }
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(n, item)| in_value(format!("{path}[{n}]"), item.get_ref())),
+            DeValue::Table(table) => in_table(&path, table),
+            _ => None,
+        }
+    }
+    in_table("", DeTable::parse(text).ok()?.get_ref())
+}
 
 /// Folds a multi-line parser message (TOML errors quote the source with a caret) into the
 /// one line that start-up prints.
@@ -235,6 +282,15 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ("[admin]\naddress = \"0.0.0.0:8001\"", "admin.token"),
             ("[log]\nlevel = \"loud\"", "log.level"),
             ("[listen\naddress = 1", "line 1"),
+            (
+                "[proxy]\nmax_body_bytes = 18446744073709551615",
+                "proxy.max_body_bytes",
+            ),
+            ("[proxy]\nretries = 1e999", "proxy.retries"),
+            (
+                "[[balancer.servers]]\nurl = \"http://a:1\"\nweight = 0x1_0000_0000_0000_0000",
+                "balancer.servers[0].weight",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

@@ -92,6 +92,7 @@ impl FileConfig {
         if self.listen.max_connections == 0 {
             return Err(key_err("listen.max_connections", "must be at least 1"));
         }
+        in_toml_range(self.listen.max_connections as u64, "listen.max_connections")?;
 
         let mut servers = Vec::with_capacity(self.balancer.servers.len());
         for (i, s) in self.balancer.servers.iter().enumerate() {
@@ -138,11 +139,13 @@ impl FileConfig {
 
         nonzero(self.proxy.connect_timeout, "proxy.connect_timeout")?;
         nonzero(self.proxy.timeout, "proxy.timeout")?;
+        in_toml_range(self.proxy.max_body_bytes, "proxy.max_body_bytes")?;
 
         let rl = &self.rate_limit;
         if rl.requests == 0 {
             return Err(key_err("rate_limit.requests", "must be at least 1"));
         }
+        in_toml_range(rl.requests, "rate_limit.requests")?;
         nonzero(rl.window, "rate_limit.window")?;
         if rl.window.subsec_nanos() != 0 {
             return Err(key_err(
@@ -239,6 +242,16 @@ const MAX_WORKERS: usize = 512;
 fn at_most_a_day(d: Duration, key: &str) -> Result<(), KeyError> {
     if d > Duration::from_secs(24 * 3600) {
         Err(key_err(key, "must be at most 1 day"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A count given as text (the environment, or a quoted value) can exceed what TOML can
+/// write, and `--check` prints the configuration as TOML that must read back the same.
+fn in_toml_range(n: u64, key: &str) -> Result<(), KeyError> {
+    if n > i64::MAX as u64 {
+        Err(key_err(key, format!("must be at most {}", i64::MAX)))
     } else {
         Ok(())
     }
