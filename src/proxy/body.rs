@@ -122,6 +122,9 @@ pub struct BodyState {
     max: u64,
     /// The body passed `max`; the request answers 413.
     over: Cell<bool>,
+    /// The client's body failed (cut short by a close, bad chunking): the request answers
+    /// 400; the server is not at fault.
+    failed: Cell<bool>,
     /// When the last chunk was read: the response-head timeout counts from it.
     last_chunk: Cell<Instant>,
 }
@@ -135,6 +138,7 @@ impl BodyState {
             seen: Cell::new(0),
             max,
             over: Cell::new(false),
+            failed: Cell::new(false),
             last_chunk: Cell::new(Instant::now()),
         })
     }
@@ -147,6 +151,11 @@ impl BodyState {
     /// The body passed `max_body_bytes`.
     pub fn over(&self) -> bool {
         self.over.get()
+    }
+
+    /// The client's body failed before its end.
+    pub fn failed(&self) -> bool {
+        self.failed.get()
     }
 }
 
@@ -169,6 +178,9 @@ impl Stream for BodyReader {
         let state = &*self.0;
         let mut payload = state.payload.borrow_mut();
         let next = Pin::new(&mut *payload).poll_next(cx);
+        if let Poll::Ready(Some(Err(_))) = &next {
+            state.failed.set(true);
+        }
         if let Poll::Ready(Some(Ok(chunk))) = &next {
             state.started.set(true);
             state.last_chunk.set(Instant::now());

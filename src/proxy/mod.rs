@@ -283,6 +283,9 @@ async fn send(
         if body.as_ref().is_some_and(|b| b.over()) {
             return Err(ProxyError::TooLarge(proxy.max_body_bytes));
         }
+        if body.as_ref().is_some_and(|b| b.failed()) {
+            return Err(ProxyError::BadRequest("request body cut short"));
+        }
         let reason = describe(&error, proxy.connect_timeout);
         last_error = format!("{}: {reason}", upstream.label);
         let retry = match &error {
