@@ -230,3 +230,22 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
     assert_eq!(body, "a");
     assert_eq!(a.hits(), 3);
 }
+
+#[actix_rt::test]
+async fn keepalive_timeout_zero_closes_each_connection_after_its_answer() {
+    let a = Backend::start("a");
+    let lb = balancer(
+        &[a.url()],
+        "[listen]\naddress = \"127.0.0.1:0\"\nworkers = 1\nkeepalive_timeout = \"0s\"\n",
+    );
+    let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed: {read:?}");
+}
