@@ -8,7 +8,7 @@
 //!    `SocketAddr`) and checks the ranges, again naming the key.
 //!
 //! Defaults are the SPEC's; `config/default.toml` documents each key. The sections as
-//! written live in [`file`], the checks and the validated types in [`validate`]; this module
+//! written live in `file`, the checks and the validated types in `validate`; this module
 //! is the pipeline between them and the error it reports.
 
 mod file;

@@ -35,7 +35,7 @@ pub enum Framing {
 /// Every check made before a request is forwarded; the framing when all pass.
 ///
 /// actix-http has already refused a bad request line, bytes outside a header's grammar, a
-/// second Host, a missing Host in HTTP/1.1 and the framing errors [`check_framing`] lists.
+/// second Host, a missing Host in HTTP/1.1 and the framing errors `check_framing` lists.
 /// What it accepts and we do not forward: a method that is not an upper-case token (or is
 /// CONNECT: we open no tunnels), `*` outside OPTIONS, an absolute-form target whose
 /// authority is not the Host, a Host that is not `host[:port]`, a backslash or an encoded
