@@ -125,6 +125,32 @@ async fn a_head_trickled_on_a_kept_alive_connection_gets_408_and_close() {
 }
 
 #[actix_rt::test]
+async fn a_head_begun_behind_a_pipelined_request_gets_408_and_close() {
+    // The second head's first bytes come with the first request, before its answer.
+    let a = Backend::start("a");
+    let lb = balancer(&[a.url()], DEADLINE);
+    let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (answer, closed, after) = trickle(
+        &mut s,
+        &endless_head()[25..],
+        Duration::from_millis(300),
+        Duration::from_secs(6),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && closed,
+        "after {after:?}: {answer:?}"
+    );
+    assert!(after < Duration::from_millis(2500), "408 at {after:?}");
+    assert_eq!(a.hits(), 1);
+}
+
+#[actix_rt::test]
 async fn a_first_head_trickled_gets_408_and_close() {
     let a = Backend::start("a");
     let lb = balancer(&[a.url()], DEADLINE);

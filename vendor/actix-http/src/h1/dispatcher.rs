@@ -1368,19 +1368,6 @@ where
                         let inner = inner.as_mut().project();
                         inner.flags.remove(Flags::KEEP_ALIVE);
                         inner.ka_timer.clear(line!());
-
-                        // These bytes begin the next request's head: hold it to the same
-                        // deadline as the first request's, from its first byte, or a client
-                        // can trickle a head for as long as each byte beats the keep-alive.
-                        if !matches!(inner.head_timer, TimerState::Active { .. }) {
-                            if let Some(deadline) = inner.config.client_request_deadline() {
-                                inner.head_timer.set_and_init(
-                                    cx,
-                                    sleep_until(deadline.into()),
-                                    line!(),
-                                );
-                            }
-                        }
                     }
 
                     if !inner.flags.contains(Flags::STARTED) {
@@ -1500,6 +1487,28 @@ where
                         // disconnect if shutdown
                         if inner_p.flags.contains(Flags::SHUTDOWN) {
                             return self.poll(cx);
+                        }
+                    }
+
+                    // A later request's head still incomplete after this poll's read: hold it
+                    // to the first request's deadline, from now (its first bytes), or a client
+                    // can trickle a head for as long as each byte beats the keep-alive timer.
+                    // A head that arrives whole is decoded above and costs no timer.
+                    if inner_p.state.is_none()
+                        && inner_p.messages.is_empty()
+                        && inner_p.payload.is_none()
+                        && !inner_p.read_buf.is_empty()
+                        && !inner_p
+                            .flags
+                            .intersects(Flags::SHUTDOWN | Flags::LINGER | Flags::READ_DISCONNECT)
+                        && !matches!(inner_p.head_timer, TimerState::Active { .. })
+                    {
+                        if let Some(deadline) = inner_p.config.client_request_deadline() {
+                            inner_p.head_timer.set_and_init(
+                                cx,
+                                sleep_until(deadline.into()),
+                                line!(),
+                            );
                         }
                     }
 
