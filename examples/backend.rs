@@ -2,7 +2,8 @@
 //!
 //! `GET /` answers one line naming its port; `POST /` and any request to `/echo` answer
 //! the request body; `OPTIONS /` lists the methods of `/`, which answers others with 405;
-//! `GET /health` answers `ok`. Anything else is echoed back as a line with the method and
+//! `GET /health` answers `ok`; `GET /bytes/N` streams N bytes (a download of any size,
+//! for `bench/soak`). Anything else is echoed back as a line with the method and
 //! path, so the balancer can be tried with curl. Every answer with a body says its type.
 
 use actix_web::{
@@ -38,6 +39,28 @@ async fn echo(req: HttpRequest, body: web::Payload) -> HttpResponse {
         .streaming(body)
 }
 
+/// `n` bytes, streamed in 64 KiB chunks (never held whole).
+async fn bytes(n: web::Path<u64>) -> HttpResponse {
+    let total = n.into_inner();
+    let chunk = web::Bytes::from(vec![b'x'; 64 * 1024]);
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            let n = (total - sent).min(chunk.len() as u64);
+            (n > 0).then(|| {
+                (
+                    Ok::<_, actix_web::Error>(chunk.slice(..n as usize)),
+                    sent + n,
+                )
+            })
+        }
+    });
+    HttpResponse::Ok()
+        .content_type(ContentType::octet_stream())
+        .no_chunking(total)
+        .streaming(stream)
+}
+
 #[actix_web::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -67,6 +90,7 @@ async fn main() -> std::process::ExitCode {
                     })),
             )
             .route("/echo", web::to(echo))
+            .route("/bytes/{n}", web::get().to(bytes))
             .route(
                 "/health",
                 web::get().to(|| async {

@@ -278,14 +278,23 @@ pub fn start(config: Config) -> io::Result<Running> {
     .on_connect(move |_, data| {
         data.insert(on_refused.clone());
     })
-    .keep_alive(KeepAlive::Timeout(Duration::from_secs(75)))
-    .tls_handshake_timeout(tls::HANDSHAKE_TIMEOUT)
+    .keep_alive(if config.keepalive_timeout.is_zero() {
+        KeepAlive::Disabled
+    } else {
+        KeepAlive::Timeout(config.keepalive_timeout)
+    })
+    // The vendored actix-http holds every request head to this, not only the first.
+    .client_request_timeout(config.header_timeout)
+    // A TLS handshake is the start of a request head: the same deadline.
+    .tls_handshake_timeout(config.header_timeout)
     .backlog(4096)
     .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
     .disable_signals();
-    if config.workers > 0 {
-        server = server.workers(config.workers);
-    }
+    // actix-server counts connections per worker; the config's count is the process's.
+    let workers = worker_count(config.workers);
+    server = server
+        .workers(workers)
+        .max_connections((config.max_connections / workers).max(1));
     if let Some(listener) = proxy_listener {
         server = server.listen(listener)?;
     }
@@ -360,6 +369,16 @@ pub fn start(config: Config) -> io::Result<Running> {
         access_log,
         config: running_config,
     })
+}
+
+/// The number of proxy workers: `listen.workers`, or one per core as actix-server counts
+/// them when it is 0.
+fn worker_count(configured: usize) -> usize {
+    if configured > 0 {
+        configured
+    } else {
+        std::thread::available_parallelism().map_or(2, |n| n.get().min(512))
+    }
 }
 
 /// Runs the balancer until SIGTERM or SIGINT, then stops gracefully. SIGHUP reloads the

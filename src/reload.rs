@@ -163,6 +163,18 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             "listen.tls_address",
             a.listen.tls_address != b.listen.tls_address,
         ),
+        (
+            "listen.header_timeout",
+            a.listen.header_timeout != b.listen.header_timeout,
+        ),
+        (
+            "listen.keepalive_timeout",
+            a.listen.keepalive_timeout != b.listen.keepalive_timeout,
+        ),
+        (
+            "listen.max_connections",
+            a.listen.max_connections != b.listen.max_connections,
+        ),
         ("admin.address", a.admin.address != b.admin.address),
         ("admin.token", a.admin.token != b.admin.token),
         (

@@ -236,3 +236,25 @@ async fn the_request_id_goes_upstream_and_back_and_is_made_when_missing() {
         "{refused:?}"
     );
 }
+
+#[actix_rt::test]
+async fn a_head_not_complete_in_time_gets_a_408_line() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = Backend::start("a");
+    let port = free_port();
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\nheader_timeout = \"1s\"\n\
+             [balancer]\nservers = [\"{}\"]\n[rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n",
+            a.url()
+        ),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    p.wait_log("\"-\" 408 0 ", 1).await;
+    assert!(!p.log().contains("ERROR"), "{}", p.log());
+}

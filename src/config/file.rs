@@ -105,6 +105,14 @@ pub struct ListenSection {
     pub tls_address: String,
     /// The TLS listener's certificate; required with `tls_address`, and only with it.
     pub tls: Option<TlsFiles>,
+    /// Every request head, first or later on a connection, must arrive within this.
+    #[serde(with = "duration")]
+    pub header_timeout: Duration,
+    /// An idle kept-alive connection is closed after this; zero turns keep-alive off.
+    #[serde(with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// Open client connections, for the whole process.
+    pub max_connections: usize,
 }
 
 impl Default for ListenSection {
@@ -114,6 +122,10 @@ impl Default for ListenSection {
             workers: 0,
             tls_address: String::new(),
             tls: None,
+            header_timeout: Duration::from_secs(10),
+            // nginx's keepalive_timeout.
+            keepalive_timeout: Duration::from_secs(75),
+            max_connections: 10_000,
         }
     }
 }

@@ -131,6 +131,13 @@ impl Config {
         for key in LIST_KEYS {
             list_source = list_source.with_list_parse_key(key);
         }
+        if let Some((key, reason)) = unreadable_number(text) {
+            return Err(ConfigError::Key {
+                file: file.into(),
+                key,
+                reason,
+            });
+        }
         let merged = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .add_source(source(scalars))
@@ -220,6 +227,46 @@ fn in_words(e: &config::ConfigError) -> String {
     }
 }
 
+/// The first number in `text` that the `config` crate cannot hold (an integer past 64-bit
+/// signed, a float past `f64`), with its dotted key: that crate refuses it without naming
+/// the key. `None` as well for text that is no TOML, which the crate reports itself.
+fn unreadable_number(text: &str) -> Option<(String, String)> {
+    use toml::de::{DeTable, DeValue};
+
+    fn in_table(path: &str, table: &DeTable<'_>) -> Option<(String, String)> {
+        table.iter().find_map(|(key, value)| {
+            let key = key.get_ref();
+            let path = if path.is_empty() {
+                key.to_string()
+            } else {
+                format!("{path}.{key}")
+            };
+            in_value(path, value.get_ref())
+        })
+    }
+    fn in_value(path: String, value: &DeValue<'_>) -> Option<(String, String)> {
+        match value {
+            DeValue::Integer(i) if i64::from_str_radix(i.as_str(), i.radix()).is_err() => {
+                Some((path, format!("{i} is out of range (at most {})", i64::MAX)))
+            }
+            DeValue::Float(f)
+                if f.as_str()
+                    .parse::<f64>()
+                    .map_or(true, |v| v.is_infinite() && !f.as_str().contains("inf")) =>
+            {
+                Some((path, format!("{f} is out of range")))
+            }
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(n, item)| in_value(format!("{path}[{n}]"), item.get_ref())),
+            DeValue::Table(table) => in_table(&path, table),
+            _ => None,
+        }
+    }
+    in_table("", DeTable::parse(text).ok()?.get_ref())
+}
+
 /// Folds a multi-line parser message (TOML errors quote the source with a caret) into the
 /// one line that start-up prints.
 fn one_line(message: &str) -> String {
@@ -258,6 +305,9 @@ mod tests {
             Some("redis://127.0.0.1:6379")
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.keepalive_timeout, Duration::from_secs(75));
+        assert_eq!(c.max_connections, 10_000);
         assert_eq!(c.rate_limit.on_store_error, OnStoreError::Local);
         assert_eq!(c.rate_limit.ipv6_prefix, 64);
     }
@@ -336,6 +386,18 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
             ("[rate_limit]\nwindow = \"0s\"", "rate_limit.window"),
             ("[rate_limit]\nwindow = \"soon\"", "rate_limit.window"),
             ("[listen]\nworkers = \"many\"", "listen.workers"),
+            ("[listen]\nworkers = 513", "listen.workers"),
+            ("[listen]\nheader_timeout = \"0s\"", "listen.header_timeout"),
+            (
+                "[listen]\nheader_timeout = \"soon\"",
+                "listen.header_timeout",
+            ),
+            (
+                "[listen]\nkeepalive_timeout = \"2days\"",
+                "listen.keepalive_timeout",
+            ),
+            ("[listen]\nmax_connections = 0", "listen.max_connections"),
+            ("[listen]\nmax_connections = -1", "listen.max_connections"),
             (
                 "[balancer]\nservers = [\"ftp://x:1\"]",
                 "balancer.servers[0].url",
@@ -373,6 +435,15 @@ servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 
                 "proxy.upstream_ca: /nonexistent/ca.pem: cannot read",
             ),
             ("[listen\naddress = 1", "line 1"),
+            (
+                "[proxy]\nmax_body_bytes = 18446744073709551615",
+                "proxy.max_body_bytes",
+            ),
+            ("[proxy]\nretries = 1e999", "proxy.retries"),
+            (
+                "[[balancer.servers]]\nurl = \"http://a:1\"\nweight = 0x1_0000_0000_0000_0000",
+                "balancer.servers[0].weight",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(text).unwrap_err().to_string();

@@ -41,6 +41,12 @@ pub struct Config {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// 0 = one per CPU core.
     pub workers: usize,
+    /// Every request head, first or later on a connection, must arrive within this.
+    pub header_timeout: Duration,
+    /// An idle kept-alive client connection is closed after this; zero: no keep-alive.
+    pub keepalive_timeout: Duration,
+    /// Open client connections for the whole process (at least 1).
+    pub max_connections: usize,
     pub strategy: Strategy,
     pub servers: Vec<ServerConfig>,
     pub health_check: HealthCheckSection,
@@ -166,6 +172,19 @@ impl FileConfig {
     /// Checks every value and converts it to its real type; errors name the key.
     pub fn validate(self) -> Result<Config, KeyError> {
         let (listen, tls) = self.validate_listen()?;
+        if self.listen.workers > MAX_WORKERS {
+            return Err(key_err(
+                "listen.workers",
+                format!("must be at most {MAX_WORKERS}"),
+            ));
+        }
+        nonzero(self.listen.header_timeout, "listen.header_timeout")?;
+        at_most_a_day(self.listen.header_timeout, "listen.header_timeout")?;
+        at_most_a_day(self.listen.keepalive_timeout, "listen.keepalive_timeout")?;
+        if self.listen.max_connections == 0 {
+            return Err(key_err("listen.max_connections", "must be at least 1"));
+        }
+        in_toml_range(self.listen.max_connections as u64, "listen.max_connections")?;
 
         let mut servers = Vec::with_capacity(self.balancer.servers.len());
         for (i, s) in self.balancer.servers.iter().enumerate() {
@@ -217,11 +236,13 @@ impl FileConfig {
             Some(Path::new(&self.proxy.upstream_ca)).filter(|p| !p.as_os_str().is_empty());
         let upstream_tls =
             tls::client_config(upstream_ca).map_err(|e| key_err("proxy.upstream_ca", e))?;
+        in_toml_range(self.proxy.max_body_bytes, "proxy.max_body_bytes")?;
 
         let rl = &self.rate_limit;
         if rl.requests == 0 {
             return Err(key_err("rate_limit.requests", "must be at least 1"));
         }
+        in_toml_range(rl.requests, "rate_limit.requests")?;
         nonzero(rl.window, "rate_limit.window")?;
         if rl.window.subsec_nanos() != 0 {
             return Err(key_err(
@@ -277,7 +298,13 @@ impl FileConfig {
             Some(addr)
         };
 
-        let access_log = match &self.log.access_log {
+        // An environment override is text: "true" and "false" are the switches, not paths.
+        let target = match &self.log.access_log {
+            AccessLogTarget::Path(p) if p == "true" => AccessLogTarget::Switch(true),
+            AccessLogTarget::Path(p) if p == "false" => AccessLogTarget::Switch(false),
+            other => other.clone(),
+        };
+        let access_log = match &target {
             AccessLogTarget::Switch(false) => None,
             AccessLogTarget::Switch(true) => Some(AccessLog {
                 file: None,
@@ -309,6 +336,9 @@ impl FileConfig {
             tls,
             upstream_tls,
             workers: self.listen.workers,
+            header_timeout: self.listen.header_timeout,
+            keepalive_timeout: self.listen.keepalive_timeout,
+            max_connections: self.listen.max_connections,
             strategy: self.balancer.strategy,
             servers,
             health_check: self.health_check.clone(),
@@ -330,6 +360,29 @@ impl FileConfig {
             resolved: self,
             source: None,
         })
+    }
+}
+
+/// actix-server's limit: it refuses to start more worker threads.
+const MAX_WORKERS: usize = 512;
+
+/// The connection deadlines are added to `Instant::now()`, which panics past its range: a
+/// day is far longer than any deadline that makes sense, and far inside that range.
+fn at_most_a_day(d: Duration, key: &str) -> Result<(), KeyError> {
+    if d > Duration::from_secs(24 * 3600) {
+        Err(key_err(key, "must be at most 1 day"))
+    } else {
+        Ok(())
+    }
+}
+
+/// A count given as text (the environment, or a quoted value) can exceed what TOML can
+/// write, and `--check` prints the configuration as TOML that must read back the same.
+fn in_toml_range(n: u64, key: &str) -> Result<(), KeyError> {
+    if n > i64::MAX as u64 {
+        Err(key_err(key, format!("must be at most {}", i64::MAX)))
+    } else {
+        Ok(())
     }
 }
 

@@ -147,7 +147,8 @@ pub struct BodyState {
     last_chunk: Cell<Instant>,
     /// The whole body has been read.
     finished: Cell<bool>,
-    /// The client's connection failed mid-body (it went away).
+    /// The client's body failed before its end (it went away, or shut its side, or broke
+    /// its framing): the client's fault, never the server's.
     client_failed: Cell<bool>,
 }
 

@@ -8,7 +8,7 @@ use actix_web::{
 };
 
 use super::checks::MAX_HEAD_BYTES;
-use crate::{access_log::CLIENT_CLOSED, rate_limit::Decision};
+use crate::rate_limit::Decision;
 
 /// Why the proxy answered for itself.
 #[derive(Debug, thiserror::Error)]
@@ -21,8 +21,9 @@ pub enum ProxyError {
     GatewayTimeout,
     #[error("the request body stopped arriving")]
     RequestTimeout,
-    /// The client went away mid-upload; nobody reads this answer, it is only counted.
-    #[error("the client closed the connection")]
+    /// The client's body ended before it was whole (it went away or shut its side
+    /// mid-upload): answered 400 in case it still listens, counted and logged as 499.
+    #[error("request body cut short")]
     ClientGone,
     #[error("request body larger than {0} bytes")]
     TooLarge(u64),
@@ -51,9 +52,7 @@ impl ResponseError for ProxyError {
             ProxyError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ProxyError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::ClientGone => {
-                StatusCode::from_u16(CLIENT_CLOSED).expect("499 is a valid status code")
-            }
+            ProxyError::ClientGone => StatusCode::BAD_REQUEST,
             ProxyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

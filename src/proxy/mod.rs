@@ -38,7 +38,7 @@ use self::{
 };
 pub use self::{error::ProxyError, headers::client_ip};
 use crate::{
-    access_log::{AccessEntry, Ending, Record, Sink},
+    access_log::{AccessEntry, Ending, Record, Sink, CLIENT_CLOSED},
     balancer::{BalancerActor, Lease, NextServer},
     config::{Config, ProxySection},
     health::{ConnectFailed, HealthActor},
@@ -229,7 +229,10 @@ pub async fn forward(
                 worker.sink.metrics.rate_limited();
             }
             let res = e.error_response();
-            record.status = res.status().as_u16();
+            record.status = match e {
+                ProxyError::ClientGone => CLIENT_CLOSED,
+                _ => res.status().as_u16(),
+            };
             let bytes = match res.body().size() {
                 BodySize::Sized(n) => n,
                 _ => 0,

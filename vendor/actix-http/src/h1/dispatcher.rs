@@ -961,7 +961,7 @@ where
 
                     match msg {
                         Message::Item(mut req) => {
-                            // head timer only applies to first request on connection
+                            // the head is complete: its deadline no longer applies
                             this.head_timer.clear(line!());
 
                             req.head_mut().peer_addr = *this.peer_addr;
@@ -1109,14 +1109,31 @@ where
 
         if let TimerState::Active { timer } = this.head_timer {
             if timer.as_mut().poll(cx).is_ready() {
-                // timeout on first request (slow request) return 408
+                // timeout on a request head (slow request) return 408
+
+                // Fires once; and where an answer is already under way (a parse error's),
+                // that answer is the last one.
+                this.head_timer.clear(line!());
+                if !this.state.is_none() || !this.messages.is_empty() {
+                    return Ok(());
+                }
 
                 trace!("timed out on slow request; replying with 408 and closing connection");
+                // A connection that sent nothing is closed, as it would be without an
+                // answer; one that began a head was refused.
+                if !this.read_buf.is_empty() {
+                    Self::refused(
+                        this.conn_data,
+                        *this.peer_addr,
+                        StatusCode::REQUEST_TIMEOUT,
+                        &"request head not complete in time",
+                    );
+                }
 
-                let _ = self.as_mut().send_error_response(
-                    Response::with_body(StatusCode::REQUEST_TIMEOUT, ()),
-                    BoxBody::new(()),
-                );
+                // The codec would otherwise answer with the previous request's keep-alive.
+                let mut res = Response::with_body(StatusCode::REQUEST_TIMEOUT, ());
+                res.head_mut().set_connection_type(ConnectionType::Close);
+                let _ = self.as_mut().send_error_response(res, BoxBody::new(()));
 
                 self.project().flags.insert(Flags::SHUTDOWN);
             }
@@ -1526,6 +1543,28 @@ where
                         // disconnect if shutdown
                         if inner_p.flags.contains(Flags::SHUTDOWN) {
                             return self.poll(cx);
+                        }
+                    }
+
+                    // A later request's head still incomplete after this poll's read: hold it
+                    // to the first request's deadline, from now (its first bytes), or a client
+                    // can trickle a head for as long as each byte beats the keep-alive timer.
+                    // A head that arrives whole is decoded above and costs no timer.
+                    if inner_p.state.is_none()
+                        && inner_p.messages.is_empty()
+                        && inner_p.payload.is_none()
+                        && !inner_p.read_buf.is_empty()
+                        && !inner_p
+                            .flags
+                            .intersects(Flags::SHUTDOWN | Flags::LINGER | Flags::READ_DISCONNECT)
+                        && !matches!(inner_p.head_timer, TimerState::Active { .. })
+                    {
+                        if let Some(deadline) = inner_p.config.client_request_deadline() {
+                            inner_p.head_timer.set_and_init(
+                                cx,
+                                sleep_until(deadline.into()),
+                                line!(),
+                            );
                         }
                     }
 
