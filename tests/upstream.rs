@@ -443,3 +443,47 @@ async fn an_upload_that_stops_arriving_gets_408_and_the_upstream_connection_is_c
     assert!(took < Duration::from_secs(3), "answered after {took:?}");
     assert!(seen(&b).is_empty(), "the backend never got a whole request");
 }
+
+#[actix_rt::test]
+async fn a_client_that_stops_reading_loses_its_connection_and_frees_the_upstream_one() {
+    let a = Backend::start("a");
+    let lb = balancer(&[a.url()], "[proxy]\ntimeout = \"1s\"\n");
+    let mut s = tokio::net::TcpStream::connect(lb.proxy_addr).await.unwrap();
+    // 200 MB: far more than the sockets on the way can hold.
+    s.write_all(b"GET /bytes/200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut s, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    assert_eq!(in_flight(&lb).await, 1.0);
+    // It reads no more: within proxy.timeout of the stall both connections go.
+    assert!(
+        eventually(Duration::from_secs(10), async || in_flight(&lb).await
+            == 0.0)
+        .await,
+        "the stalled download still holds its upstream"
+    );
+    let label = a.addr.to_string();
+    let text = metrics_of(&lb).await;
+    assert_eq!(
+        metric(
+            &text,
+            &format!("roundabout_requests_total{{server=\"{label}\",class=\"4xx\"}}")
+        ),
+        1.0,
+        "counted as 499"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => rest.extend_from_slice(&buf[..n.min(16)]),
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the client connection was closed");
+    assert_eq!(get(&format!("http://{}/", lb.proxy_addr)).await.0, 200);
+}

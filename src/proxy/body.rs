@@ -26,6 +26,8 @@ use actix_web::{
 use bytes::Bytes;
 use futures_util::Stream;
 
+use actix_http::h1::WriteTimeout;
+
 use super::headers::HopByHop;
 use crate::{
     access_log::{Ending, Record},
@@ -116,6 +118,9 @@ pub fn respond(
         }
         return built.set_body(BoxBody::new(NoBody::new()));
     }
+    // A client that stops reading for `proxy.timeout` loses its connection, and the
+    // upstream one with this body (vendor/actix-http: WriteTimeout).
+    built.extensions_mut().insert(WriteTimeout(idle));
     let stream = UpstreamBody {
         inner: res,
         _lease: lease,

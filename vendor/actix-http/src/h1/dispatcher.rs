@@ -25,7 +25,7 @@ use super::{
     codec::Codec,
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
-    refused::{OnRefused, Refused},
+    refused::{OnRefused, Refused, WriteTimeout},
     timer::TimerState,
     Message, MessageType,
 };
@@ -181,6 +181,10 @@ pin_project! {
         head_timer: TimerState,
         ka_timer: TimerState,
         shutdown_timer: TimerState,
+        // The current response's `WriteTimeout`, and its timer: armed while the client
+        // accepts none of what is waiting to be written.
+        write_timeout: Option<std::time::Duration>,
+        write_timer: TimerState,
         graceful_shutdown: Option<crate::config::GracefulShutdownFuture>,
 
         pub(super) io: Option<T>,
@@ -302,6 +306,8 @@ where
                     head_timer: TimerState::new(config.client_request_deadline().is_some()),
                     ka_timer: TimerState::new(config.keep_alive().enabled()),
                     shutdown_timer: TimerState::new(config.client_disconnect_deadline().is_some()),
+                    write_timeout: None,
+                    write_timer: TimerState::new(true),
                     graceful_shutdown: config.graceful_shutdown(),
 
                     io: Some(io),
@@ -365,6 +371,8 @@ where
             write_buf,
             h1_write_buffer_size,
             write_buf_needs_reset,
+            write_timeout,
+            write_timer,
             ..
         } = self.project();
         let mut io = Pin::new(io.as_mut().unwrap());
@@ -393,9 +401,23 @@ where
 
                 Poll::Pending => {
                     write_buf.advance(written);
+                    // The stall is counted from the last write that moved anything.
+                    if written > 0 {
+                        write_timer.clear(line!());
+                    }
+                    if let (Some(limit), TimerState::Inactive) = (*write_timeout, &*write_timer) {
+                        write_timer.set_and_init(
+                            cx,
+                            sleep_until(tokio::time::Instant::now() + limit),
+                            line!(),
+                        );
+                    }
                     return Poll::Pending;
                 }
             }
+        }
+        if matches!(write_timer, TimerState::Active { .. }) {
+            write_timer.clear(line!());
         }
 
         // All bytes have been accepted by the I/O stream, so the buffer can be reused or released.
@@ -476,6 +498,7 @@ where
         let this = self.project();
 
         let size = body.size();
+        *this.write_timeout = res.extensions().get::<WriteTimeout>().map(|t| t.0);
 
         this.codec
             .encode(Message::Item((res, size)), this.write_buf)
@@ -1232,7 +1255,25 @@ where
     }
 
     /// Poll head, keep-alive, and disconnect timer.
+    /// The client accepted nothing of the answer for its `WriteTimeout`: the connection is
+    /// closed (and the response, with its body, dropped).
+    fn poll_write_timer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
+        let this = self.project();
+        if let TimerState::Active { timer } = this.write_timer {
+            if timer.as_mut().poll(cx).is_ready() {
+                this.write_timer.clear(line!());
+                debug!("the client stopped reading the answer; closing the connection");
+                return Err(DispatchError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client stopped reading the answer",
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn poll_timers(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
+        self.as_mut().poll_write_timer(cx)?;
         self.as_mut().poll_head_timer(cx)?;
         self.as_mut().poll_ka_timer(cx)?;
         self.as_mut().poll_shutdown_timer(cx)?;

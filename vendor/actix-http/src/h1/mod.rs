@@ -22,7 +22,7 @@ pub use self::{
     dispatcher::Dispatcher,
     expect::ExpectHandler,
     payload::Payload,
-    refused::{OnRefused, Refused},
+    refused::{OnRefused, Refused, WriteTimeout},
     service::{H1Service, H1ServiceHandler},
     upgrade::UpgradeHandler,
     utils::SendResponse,
