@@ -23,8 +23,9 @@ use crate::{
 /// A worker's servers, their health as last broadcast, and the strategy's cursor.
 pub struct ServerList {
     slots: Vec<Slot>,
-    /// Label → index in `slots`; rebuilt whenever the list changes shape.
-    index: HashMap<Arc<str>, usize>,
+    /// Label → index in `slots`; rebuilt whenever the list changes shape. Read on every
+    /// request's end: a fast hash.
+    index: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
     strategy: Box<dyn Strategy>,
 }
 
@@ -33,7 +34,7 @@ impl ServerList {
     pub fn new(strategy: Box<dyn Strategy>) -> Self {
         Self {
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             strategy,
         }
     }

@@ -21,14 +21,14 @@ use actix_web::{
         header::{self, HeaderValue},
         Method, StatusCode,
     },
-    HttpRequest, HttpResponse, HttpResponseBuilder,
+    HttpRequest, HttpResponse,
 };
 use bytes::Bytes;
 use futures_util::Stream;
 
 use actix_http::h1::WriteTimeout;
 
-use super::headers::HopByHop;
+use super::headers::strip_hop_by_hop;
 use crate::{
     access_log::{Ending, Record},
     balancer::Lease,
@@ -71,28 +71,23 @@ pub async fn head_within<F: std::future::Future>(
 /// `record` is finished when the body has been sent, however that ends.
 pub fn respond(
     req: &HttpRequest,
-    res: awc::ClientResponse,
+    mut res: awc::ClientResponse,
     lease: Lease,
     idle: Duration,
     record: Record,
 ) -> HttpResponse {
     let status = res.status();
-    let mut out = HttpResponseBuilder::new(status);
-    let mut built = out.finish();
-    let headers = built.headers_mut();
-    let hop = HopByHop::of(res.headers());
-    for (name, value) in res.headers().iter() {
-        if !hop.drops(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    let length = res
-        .headers()
+    // The server's headers are moved into the answer, not copied, then trimmed in place.
+    let mut headers = std::mem::take(res.headers_mut());
+    strip_hop_by_hop(&mut headers);
+    let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     // actix writes the framing headers from the body's size, never from these.
     headers.remove(header::CONTENT_LENGTH);
+    let mut built = HttpResponse::new(status);
+    *built.headers_mut() = headers;
 
     // No body can follow. A HEAD answer keeps the upstream's length (actix writes the size
     // of a HEAD body but not the body); 304 keeps a Content-Length set by hand.

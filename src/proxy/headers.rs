@@ -95,6 +95,24 @@ pub fn upgrade_of(req: &HttpRequest) -> Option<&HeaderValue> {
         .filter(|v| !v.as_bytes().trim_ascii().is_empty())
 }
 
+/// Removes a message's hop-by-hop headers in place: [`HOP_BY_HOP`] and every header its
+/// `Connection` names. One pass over the map; nothing is copied.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("keep-alive")
+                && !t.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    headers.retain(|name, _| !HOP_BY_HOP.contains(name) && !named.contains(name));
+}
+
 /// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
 /// `Connection` names.
 pub struct HopByHop<'a> {
@@ -350,6 +368,29 @@ mod tests {
         join_cookies(&mut h);
         let all: Vec<_> = h.get_all(header::COOKIE).collect();
         assert_eq!(all, ["a=1; b=2"]);
+    }
+
+    #[test]
+    fn stripping_in_place_drops_what_the_rule_drops() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        h.insert(
+            HeaderName::from_static("x-secret"),
+            HeaderValue::from_static("1"),
+        );
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["set-cookie"]);
+        assert_eq!(h.get_all(header::SET_COOKIE).count(), 2);
     }
 
     #[test]

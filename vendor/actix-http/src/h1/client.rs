@@ -47,8 +47,14 @@ struct ClientCodecInner {
 }
 
 impl Default for ClientCodec {
+    /// A codec with the default configuration, shared by every codec made on this thread:
+    /// a client makes one per request, and a `ServiceConfig` of its own would start a date
+    /// service (a spawned task with a timer) each time.
     fn default() -> Self {
-        ClientCodec::new(ServiceConfig::default())
+        thread_local! {
+            static CONFIG: ServiceConfig = ServiceConfig::default();
+        }
+        ClientCodec::new(CONFIG.with(ServiceConfig::clone))
     }
 }
 

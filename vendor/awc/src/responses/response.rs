@@ -66,6 +66,12 @@ impl<S> ClientResponse<S> {
         &self.head().headers
     }
 
+    /// The response headers, to change or to take (a proxy moves them into its own answer
+    /// rather than copying each one).
+    pub fn headers_mut(&mut self) -> &mut HeaderMap {
+        &mut self.head.headers
+    }
+
     /// Map the current body type to another using a closure. Returns a new response.
     ///
     /// Closure receives the response head and the current body type.
