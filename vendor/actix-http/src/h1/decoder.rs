@@ -267,9 +267,10 @@ impl MessageType for Request {
     }
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        // Filled only once a whole head is there: a decoder is asked again and again while
-        // a head is partial (and once more after each one), and 3 KiB zeroed each time adds up.
-        let mut headers: [HeaderIndex; MAX_HEADERS];
+        // Left uninitialized: only the entries of the headers parsed are written, then read
+        // (3 KiB zeroed per call adds up: a decoder is asked again while a head is partial,
+        // and once more after each one).
+        let mut headers = [const { MaybeUninit::<HeaderIndex>::uninit() }; MAX_HEADERS];
 
         let (len, method, uri, ver, h_len) = {
             // SAFETY:
@@ -293,7 +294,6 @@ impl MessageType for Request {
                     } else {
                         Version::HTTP_10
                     };
-                    headers = EMPTY_HEADER_INDEX_ARRAY;
                     HeaderIndex::record(src, req.headers, &mut headers);
 
                     (len, method, uri, version, req.headers.len())
@@ -314,7 +314,10 @@ impl MessageType for Request {
         let mut msg = Request::new();
 
         // convert headers
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
+        // SAFETY: `record` wrote the first `h_len` entries (one per header parsed).
+        let headers =
+            unsafe { std::slice::from_raw_parts(headers.as_ptr().cast::<HeaderIndex>(), h_len) };
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), headers, ver)?;
 
         // disallow HTTP/1.1 requests that do not contain a Host header
         // see https://datatracker.ietf.org/doc/html/rfc9112#section-3.2
@@ -393,9 +396,10 @@ impl MessageType for ResponseHead {
     }
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        // Filled only once a whole head is there: a decoder is asked again and again while
-        // a head is partial (and once more after each one), and 3 KiB zeroed each time adds up.
-        let mut headers: [HeaderIndex; MAX_HEADERS];
+        // Left uninitialized: only the entries of the headers parsed are written, then read
+        // (3 KiB zeroed per call adds up: a decoder is asked again while a head is partial,
+        // and once more after each one).
+        let mut headers = [const { MaybeUninit::<HeaderIndex>::uninit() }; MAX_HEADERS];
 
         let (len, ver, status, h_len) = {
             // SAFETY:
@@ -422,7 +426,6 @@ impl MessageType for ResponseHead {
 
                     let status =
                         StatusCode::from_u16(res.code.unwrap()).map_err(|_| ParseError::Status)?;
-                    headers = EMPTY_HEADER_INDEX_ARRAY;
                     HeaderIndex::record(src, res.headers, &mut headers);
 
                     (len, version, status, res.headers.len())
@@ -443,7 +446,10 @@ impl MessageType for ResponseHead {
         msg.version = ver;
 
         // convert headers
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
+        // SAFETY: `record` wrote the first `h_len` entries (one per header parsed).
+        let headers =
+            unsafe { std::slice::from_raw_parts(headers.as_ptr().cast::<HeaderIndex>(), h_len) };
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), headers, ver)?;
 
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
         // Protects against some request smuggling attacks.
@@ -482,28 +488,23 @@ pub(crate) struct HeaderIndex {
     pub(crate) value: (usize, usize),
 }
 
-pub(crate) const EMPTY_HEADER_INDEX: HeaderIndex = HeaderIndex {
-    name: (0, 0),
-    value: (0, 0),
-};
-
-pub(crate) const EMPTY_HEADER_INDEX_ARRAY: [HeaderIndex; MAX_HEADERS] =
-    [EMPTY_HEADER_INDEX; MAX_HEADERS];
-
 impl HeaderIndex {
+    /// Writes one entry of `indices` per header of `headers` (no more than `indices` holds).
     pub(crate) fn record(
         bytes: &[u8],
         headers: &[httparse::Header<'_>],
-        indices: &mut [HeaderIndex],
+        indices: &mut [MaybeUninit<HeaderIndex>],
     ) {
         let bytes_ptr = bytes.as_ptr() as usize;
-        for (header, indices) in headers.iter().zip(indices.iter_mut()) {
+        for (header, index) in headers.iter().zip(indices.iter_mut()) {
             let name_start = header.name.as_ptr() as usize - bytes_ptr;
             let name_end = name_start + header.name.len();
-            indices.name = (name_start, name_end);
             let value_start = header.value.as_ptr() as usize - bytes_ptr;
             let value_end = value_start + header.value.len();
-            indices.value = (value_start, value_end);
+            index.write(HeaderIndex {
+                name: (name_start, name_end),
+                value: (value_start, value_end),
+            });
         }
     }
 }
