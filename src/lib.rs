@@ -266,6 +266,7 @@ pub fn start(config: Config) -> io::Result<Running> {
             factory_health.clone(),
             Sink {
                 metrics: factory_metrics.clone(),
+                head_times: factory_metrics.head_times(),
                 log: factory_log.clone(),
             },
             updates.clone(),

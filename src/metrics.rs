@@ -8,12 +8,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{atomic::AtomicI64, Arc, Mutex, Weak},
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+        Arc, Mutex, Weak,
+    },
 };
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType},
     registry::Registry,
 };
 
@@ -143,11 +147,70 @@ impl Drop for ServerSeries {
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
+/// Upper bounds of the head-time buckets: 1 ms to about 33 s, doubling (then +Inf).
+const HEAD_BUCKETS: [f64; 16] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384, 32.768,
+];
+
+/// One worker's histogram: relaxed atomics that only that worker writes (no lock, no cache
+/// line shared with another worker on the request path), summed when `/metrics` is read.
+#[derive(Debug, Default)]
+pub struct WorkerHistogram {
+    /// Per bucket of [`HEAD_BUCKETS`], then +Inf; not cumulative.
+    buckets: [AtomicU64; HEAD_BUCKETS.len() + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl WorkerHistogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = HEAD_BUCKETS
+            .iter()
+            .position(|&le| secs <= le)
+            .unwrap_or(HEAD_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+}
+
+/// `roundabout_request_duration_seconds`: every worker's [`WorkerHistogram`], summed.
+#[derive(Debug, Clone, Default)]
+struct HeadTimes(Arc<Mutex<Vec<Arc<WorkerHistogram>>>>);
+
+impl EncodeMetric for HeadTimes {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let workers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets: Vec<(f64, u64)> = HEAD_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .map(|le| (le, 0))
+            .collect();
+        let (mut count, mut sum) = (0, 0.0);
+        for w in workers.iter() {
+            for (b, n) in buckets.iter_mut().zip(&w.buckets) {
+                b.1 += n.load(Relaxed);
+            }
+            count += w.count.load(Relaxed);
+            sum += w.sum_nanos.load(Relaxed) as f64 / 1e9;
+        }
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 /// Every metric roundabout exports, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
     servers: ServerFamilies,
-    duration: Histogram,
+    duration: HeadTimes,
     in_flight: Gauge<i64, AtomicI64>,
     rate_limited: Counter,
     access_log_dropped: Counter,
@@ -174,9 +237,7 @@ impl Metrics {
             requests.clone(),
         );
         // 1 ms to about 33 s.
-        let duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-            0.001, 2.0, 16,
-        ));
+        let duration = HeadTimes::default();
         registry.register(
             "request_duration_seconds",
             "Time from the request to its response head (the upstream's, or ours for 4xx/5xx of our own)",
@@ -319,9 +380,16 @@ impl Metrics {
         server.unwrap_or(&self.own).inc(status);
     }
 
-    /// The time from a request to its response head.
-    pub fn head_time(&self, seconds: f64) {
-        self.duration.observe(seconds);
+    /// A worker's own histogram of the time from a request to its response head, counted
+    /// in `roundabout_request_duration_seconds` with every other worker's.
+    pub fn head_times(&self) -> Arc<WorkerHistogram> {
+        let h = Arc::new(WorkerHistogram::default());
+        self.duration
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(h.clone());
+        h
     }
 
     /// A server ended a response body early.
@@ -435,7 +503,7 @@ mod tests {
         let s: Arc<str> = Arc::from("127.0.0.1:5000");
         let counters = m.server_counters(&s);
         m.answered(Some(&counters), 204);
-        m.head_time(0.002);
+        m.head_times().observe(std::time::Duration::from_millis(2));
         m.answered(None, 503);
         m.set_healthy(&s, true);
         let text = m.encode();

@@ -141,6 +141,8 @@ pub struct AccessEntry {
 /// Where one worker's exchanges end up: the metrics, and the access log.
 pub struct Sink {
     pub metrics: Arc<Metrics>,
+    /// This worker's head-time histogram (written by it alone).
+    pub head_times: Arc<crate::metrics::WorkerHistogram>,
     pub log: AccessLog,
 }
 

@@ -181,7 +181,7 @@ pub async fn forward(
         },
     };
     let head_at = started.elapsed();
-    worker.sink.metrics.head_time(head_at.as_secs_f64());
+    worker.sink.head_times.observe(head_at);
 
     let headers = req.headers();
     let mut record = Record {
