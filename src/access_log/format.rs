@@ -45,7 +45,9 @@ fn combined(l: &Line, out: &mut Vec<u8>) {
         Some((method, uri, version)) => {
             escaped(method.as_str().as_bytes(), out);
             out.push(b' ');
-            escaped(uri.to_string().as_bytes(), out);
+            // The target as nginx's `$request` shows it: path and query (an HTTP/2
+            // request's `:authority` and scheme are not part of it).
+            escaped(target(uri).as_bytes(), out);
             let _ = write!(out, " {version:?}");
         }
         None => out.push(b'-'),
@@ -101,7 +103,7 @@ fn json(l: &Line, out: &mut Vec<u8>) {
         time: humantime::format_rfc3339_millis(l.time).to_string(),
         client: l.client.map(|ip| ip.to_string()),
         method: l.request.as_ref().map(|(m, _, _)| m.as_str()),
-        uri: l.request.as_ref().map(|(_, u, _)| u.to_string()),
+        uri: l.request.as_ref().map(|(_, u, _)| target(u).to_string()),
         protocol: l.request.as_ref().map(|(_, _, v)| format!("{v:?}")),
         status: l.status,
         bytes: l.bytes,
@@ -115,6 +117,11 @@ fn json(l: &Line, out: &mut Vec<u8>) {
     };
     // Serializing plain fields into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &line);
+}
+
+/// A request's target in origin form: `/path?query`.
+fn target(uri: &actix_web::http::Uri) -> &str {
+    uri.path_and_query().map_or("/", |p| p.as_str())
 }
 
 /// `"value"`, or `"-"` when there is none.
@@ -145,12 +152,29 @@ fn seconds(d: Duration, out: &mut Vec<u8>) {
     let _ = write!(out, "{}.{:03}", ms / 1000, ms % 1000);
 }
 
-/// nginx's `$time_local`, in UTC: `26/Nov/2026:06:28:41 +0000`.
+/// nginx's `$time_local`, in UTC: `26/Nov/2026:06:28:41 +0000`. Made once a second: the
+/// writer formats many lines in each.
 fn time_local(t: SystemTime, out: &mut Vec<u8>) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, Vec<u8>)> = const {
+            std::cell::RefCell::new((u64::MAX, Vec::new()))
+        };
+    }
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    LAST.with_borrow_mut(|(at, text)| {
+        if *at != secs {
+            text.clear();
+            format_time_local(secs, text);
+            *at = secs;
+        }
+        out.extend_from_slice(text);
+    });
+}
+
+fn format_time_local(secs: u64, out: &mut Vec<u8>) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
     let _ = write!(

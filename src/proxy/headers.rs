@@ -2,7 +2,7 @@
 //! upstream (`X-Forwarded-*`), who the client is (trusted proxies), and the limiter's fields
 //! on the answer. Pure functions over header maps; nothing here chooses a server or does I/O.
 
-use std::net::IpAddr;
+use std::{fmt::Write as _, net::IpAddr};
 
 use actix_web::{
     http::{
@@ -280,16 +280,42 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
 /// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers).
 pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<&HeaderValue>) {
     let reset = d.reset_secs;
-    headers.insert(X_RATELIMIT_LIMIT, HeaderValue::from(d.limit));
-    headers.insert(X_RATELIMIT_REMAINING, HeaderValue::from(d.remaining));
-    headers.insert(X_RATELIMIT_RESET, HeaderValue::from(reset));
+    headers.insert(X_RATELIMIT_LIMIT, number(d.limit));
+    headers.insert(X_RATELIMIT_REMAINING, number(d.remaining));
+    headers.insert(X_RATELIMIT_RESET, number(reset));
     if let Some(policy) = policy {
         headers.insert(RATELIMIT_POLICY, policy.clone());
     }
-    let value = format!("\"default\";r={};t={}", d.remaining, reset);
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let mut value = String::with_capacity(40);
+    let _ = write!(value, "\"default\";r={};t={reset}", d.remaining);
+    // Digits and quotes: always a valid value; moved into the header, not copied.
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(RATELIMIT, v);
     }
+}
+
+/// Numbers below this are header values made once (the limiter's fields mostly carry them).
+const SMALL_NUMBERS: u64 = 10_000;
+
+/// `n` as a header value: for a small number, a static one made once (no allocation, and a
+/// clone that touches no count), else formatted.
+fn number(n: u64) -> HeaderValue {
+    static DIGITS: std::sync::OnceLock<(&'static str, Vec<u32>)> = std::sync::OnceLock::new();
+    if n >= SMALL_NUMBERS {
+        return HeaderValue::from(n);
+    }
+    let (all, ends) = DIGITS.get_or_init(|| {
+        let mut all = String::new();
+        let mut ends = Vec::with_capacity(SMALL_NUMBERS as usize);
+        for i in 0..SMALL_NUMBERS {
+            let _ = write!(all, "{i}");
+            ends.push(all.len() as u32);
+        }
+        (Box::leak(all.into_boxed_str()), ends)
+    });
+    let i = n as usize;
+    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
+    HeaderValue::from_static(&all[start..ends[i] as usize])
 }
 
 #[cfg(test)]
@@ -391,6 +417,13 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["set-cookie"]);
         assert_eq!(h.get_all(header::SET_COOKIE).count(), 2);
+    }
+
+    #[test]
+    fn numbers_read_the_same_from_the_table_and_formatted() {
+        for n in [0, 1, 9, 10, 99, 100, 4321, 9_999, 10_000, 1 << 40] {
+            assert_eq!(number(n), n.to_string().as_str(), "{n}");
+        }
     }
 
     #[test]
