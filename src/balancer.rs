@@ -358,13 +358,10 @@ impl Handler<ListServers> for BalancerActor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::ServerConfig, strategy::RoundRobin};
+    use crate::strategy::RoundRobin;
 
     fn upstream(port: u16) -> Arc<Upstream> {
-        Arc::new(Upstream::new(&ServerConfig {
-            url: format!("http://127.0.0.1:{port}").parse().unwrap(),
-            weight: 1,
-        }))
+        Upstream::local(port)
     }
 
     fn list_of(ports: &[u16]) -> ServerList {

@@ -251,10 +251,7 @@ mod tests {
     use crate::config::ServerConfig;
 
     fn upstream(port: u16) -> Arc<Upstream> {
-        Arc::new(Upstream::new(&ServerConfig {
-            url: format!("http://127.0.0.1:{port}").parse().unwrap(),
-            weight: 1,
-        }))
+        Upstream::local(port)
     }
 
     fn labels(r: &Registry) -> Vec<String> {

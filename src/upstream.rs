@@ -82,6 +82,17 @@ impl Upstream {
     }
 }
 
+#[cfg(test)]
+impl Upstream {
+    /// `http://127.0.0.1:port`, weight 1: a server for unit tests.
+    pub fn local(port: u16) -> Arc<Upstream> {
+        Arc::new(Upstream::new(&ServerConfig {
+            url: format!("http://127.0.0.1:{port}").parse().expect("a URL"),
+            weight: 1,
+        }))
+    }
+}
+
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.label)

@@ -8,20 +8,9 @@ use std::time::Duration;
 
 use common::*;
 
-/// The binary in front of `backend` (one worker, no limiter, no admin), `log` as its `[log]`
-/// section body.
+/// The binary in front of `backend`, `log` as the body of its `[log]` section.
 async fn in_front_of(backend: &Backend, log: &str) -> Binary {
-    let port = free_port();
-    Binary::start(
-        port,
-        &format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
-             [balancer]\nservers = [\"{}\"]\n\
-             [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n[log]\n{log}",
-            backend.url()
-        ),
-    )
-    .await
+    Binary::in_front_of(backend, &format!("[log]\n{log}")).await
 }
 
 /// The access lines among `text`'s: those that start with a client address.

@@ -139,25 +139,10 @@ fn a_port_in_use_exits_1_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen.address"));
 }
 
-/// The binary in front of `backend` (one worker, no limiter, no admin), on a free port.
-async fn in_front_of(backend: &Backend, log: &str) -> Binary {
-    let port = free_port();
-    Binary::start(
-        port,
-        &format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
-             [balancer]\nservers = [\"{}\"]\n\
-             [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n{log}",
-            backend.url()
-        ),
-    )
-    .await
-}
-
 #[actix_rt::test]
 async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
     let a = Backend::start("a");
-    let mut p = in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
+    let mut p = Binary::in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
     let slow = p.url("/slow/1500");
     let request = actix_rt::spawn(async move { get(&slow).await });
     actix_rt::time::sleep(Duration::from_millis(400)).await;
@@ -185,7 +170,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_exits_0() {
 async fn a_1gb_body_passes_both_ways_in_constant_memory() {
     const GB: u64 = 1 << 30;
     let a = Backend::start("a");
-    let p = in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
+    let p = Binary::in_front_of(&a, "[log]\nlevel = \"warn\"\n").await;
 
     let mut res = client()
         .get(p.url(&format!("/bytes/{GB}")))

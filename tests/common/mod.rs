@@ -690,6 +690,22 @@ impl Binary {
         b
     }
 
+    /// The binary in front of `backend` (one worker, no limiter, no admin) on a free port;
+    /// `extra` is appended (more sections).
+    pub async fn in_front_of(backend: &Backend, extra: &str) -> Binary {
+        let port = free_port();
+        Binary::start(
+            port,
+            &format!(
+                "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+                 [balancer]\nservers = [\"{}\"]\n\
+                 [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n{extra}",
+                backend.url()
+            ),
+        )
+        .await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
