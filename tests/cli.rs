@@ -490,3 +490,24 @@ async fn health_changes_are_logged_in_words_that_say_the_count_was_met() {
     p.wait_log(&format!("{} up: status 200 (2/2 checks passed)", a.addr), 1)
         .await;
 }
+
+#[test]
+fn check_does_not_print_secrets() {
+    let out = run(
+        &["--config", "config/default.toml", "--check"],
+        &[
+            ("ROUNDABOUT__ADMIN__TOKEN", "s3cret-token"),
+            (
+                "ROUNDABOUT__RATE_LIMIT__REDIS_URL",
+                "redis://:hunter2@10.0.0.5:6379",
+            ),
+        ],
+    );
+    assert!(out.status.success());
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !printed.contains("s3cret-token") && !printed.contains("hunter2"),
+        "{printed}"
+    );
+    assert!(printed.contains("redis://:***@10.0.0.5:6379"), "{printed}");
+}

@@ -164,8 +164,16 @@ impl Config {
     }
 
     /// The resolved configuration as TOML, for `--check`.
+    /// Secrets are not printed: the admin token shows as `***`, a Redis password too.
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(&self.resolved).unwrap_or_else(|e| format!("# {e}"))
+        let mut shown = self.resolved.clone();
+        if !shown.admin.token.is_empty() {
+            shown.admin.token = "***".into();
+        }
+        if !shown.rate_limit.redis_url.is_empty() {
+            shown.rate_limit.redis_url = redact_url(&shown.rate_limit.redis_url);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# {e}"))
     }
 }
 
