@@ -163,7 +163,8 @@ async fn metrics(
 ) -> Result<HttpResponse, AdminError> {
     authorize(&req, &state)?;
     Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        // The body is OpenMetrics text (`# EOF`, `_total` samples): say so.
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(state.metrics.encode()))
 }
 

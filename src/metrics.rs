@@ -206,6 +206,37 @@ impl EncodeMetric for HeadTimes {
     }
 }
 
+/// `text` with the samples of each counter or gauge family sorted; a family's lines stay
+/// together after its `# HELP` and `# TYPE`, and a histogram's keep their bucket order.
+fn sorted_series(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut samples: Vec<&str> = Vec::new();
+    let mut sortable = false;
+    let mut flush = |samples: &mut Vec<&str>, sortable: bool, out: &mut String| {
+        if sortable {
+            samples.sort_unstable();
+        }
+        for line in samples.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut samples, sortable, &mut out);
+            if let Some(kind) = line.strip_prefix("# TYPE ") {
+                sortable = kind.ends_with(" counter") || kind.ends_with(" gauge");
+            }
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            samples.push(line);
+        }
+    }
+    flush(&mut samples, sortable, &mut out);
+    out
+}
+
 /// Every metric roundabout exports, and the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
@@ -318,11 +349,13 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// The OpenMetrics text of every metric, each family's series in a stable order (by
+    /// labels), so that two scrapes read alike.
     pub fn encode(&self) -> String {
-        let mut out = String::with_capacity(4096);
+        let mut text = String::with_capacity(4096);
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        sorted_series(&text)
     }
 
     fn counters_in(family: &Family<RequestLabels, Counter>, server: &Arc<str>) -> [Counter; 5] {
@@ -514,6 +547,27 @@ mod tests {
         assert!(text.contains(r#"roundabout_requests_total{server="",class="5xx"} 1"#));
         assert!(text.contains(r#"roundabout_server_healthy{server="127.0.0.1:5000"} 1"#));
         assert!(text.contains("roundabout_request_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn series_come_in_the_same_order_whatever_the_order_they_were_made_in() {
+        let m = Metrics::new();
+        let keep: Vec<ServerCounters> = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:1"]
+            .into_iter()
+            .map(|s| m.server_counters(&Arc::from(s)))
+            .collect();
+        let text = m.encode();
+        let servers: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("roundabout_requests_total{server=\"127") && l.contains("2xx")
+            })
+            .collect();
+        let mut sorted = servers.clone();
+        sorted.sort_unstable();
+        assert_eq!(servers, sorted);
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        drop(keep);
     }
 
     #[test]
