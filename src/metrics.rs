@@ -212,7 +212,7 @@ fn sorted_series(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut samples: Vec<&str> = Vec::new();
     let mut sortable = false;
-    let mut flush = |samples: &mut Vec<&str>, sortable: bool, out: &mut String| {
+    let flush = |samples: &mut Vec<&str>, sortable: bool, out: &mut String| {
         if sortable {
             samples.sort_unstable();
         }
