@@ -163,7 +163,8 @@ impl Running {
 /// thread and one BalancerActor and RateLimitActor per worker.
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    // Made even with limiting off, so that a reload can turn it on; Redis connects lazily.
+    // Made even with limiting off, so that a reload can turn it on; each worker's Redis
+    // connection is made lazily, on its thread.
     let stores = Stores::open(&config.rate_limit, metrics.clone()).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -194,9 +195,6 @@ pub fn start(config: Config) -> io::Result<Running> {
         .map(|l| l.local_addr())
         .transpose()?;
 
-    if config.rate_limit.enabled {
-        actix_rt::spawn(stores.clone().warm_up(config.rate_limit.on_store_error));
-    }
     let health = HealthActor::new(
         &config.servers,
         config.health_check.clone(),
@@ -233,8 +231,17 @@ pub fn start(config: Config) -> io::Result<Running> {
                 .app_data(worker)
                 .default_service(web::to(proxy::forward));
         }
+        let store = stores.for_worker();
+        if rate_limit.enabled {
+            actix_rt::spawn(
+                stores
+                    .clone()
+                    .warm_up(store.clone(), rate_limit.on_store_error),
+            );
+        }
         let limiter =
-            RateLimitActor::new(&rate_limit, stores.clone(), factory_metrics.clone()).start();
+            RateLimitActor::new(&rate_limit, store, stores.clone(), factory_metrics.clone())
+                .start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
         let balancer = BalancerActor::start(

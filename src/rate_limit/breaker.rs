@@ -6,9 +6,10 @@
 //! request: `on_store_error` answers at once. One background probe, started by whoever
 //! opened it on the system arbiter (which outlives the workers), asks the store every
 //! [`PROBE_INTERVAL`] whether it answers again and closes the breaker when it does (and
-//! logs that, once). The probe goes through the same
-//! reconnecting connection as the checks, so the connection the workers find on the
-//! first check after it closes is the one that just answered.
+//! logs that, once). Each worker has its own connection; the probe goes through every one
+//! of them ([`Breaker::watch`]) and closes the breaker only when all answer, so the
+//! connection each worker finds on its first check after it closes is one that just
+//! answered (a worker's idle connection only notices a dead socket when it is used).
 //!
 //! The state a request reads is one atomic flag: no lock, no message, no cost while Redis
 //! is up.
@@ -16,10 +17,12 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, Weak,
     },
     time::{Duration, Instant},
 };
+
+use futures_util::future::join_all;
 
 use crate::{config::OnStoreError, metrics::Metrics};
 
@@ -34,21 +37,30 @@ pub struct Breaker {
     open: AtomicBool,
     /// When the outage started, for the log line that ends it.
     since: Mutex<Option<Instant>>,
-    store: Arc<dyn Store>,
+    /// The workers' stores, each with its own connection: what the probe asks. Weak, so
+    /// that a stopped worker's connection is not kept alive (nor waited for) by the probe.
+    stores: Mutex<Vec<Weak<dyn Store>>>,
     /// The store as logged: `redis://host:port (shared)`, password hidden.
     label: String,
     metrics: Arc<Metrics>,
 }
 
 impl Breaker {
-    pub fn new(store: Arc<dyn Store>, label: String, metrics: Arc<Metrics>) -> Self {
+    pub fn new(label: String, metrics: Arc<Metrics>) -> Self {
         Self {
             open: AtomicBool::new(false),
             since: Mutex::new(None),
-            store,
+            stores: Mutex::new(Vec::new()),
             label,
             metrics,
         }
+    }
+
+    /// Adds a worker's store to those the probe asks.
+    pub fn watch(&self, store: &Arc<dyn Store>) {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        stores.retain(|s| s.strong_count() > 0);
+        stores.push(Arc::downgrade(store));
     }
 
     /// Is the store being skipped? One relaxed load: a check that reads a stale `false` just
@@ -80,17 +92,23 @@ impl Breaker {
             .spawn(self.clone().probe());
     }
 
-    /// Asks the store every [`PROBE_INTERVAL`] until it answers, then closes.
+    /// Asks every worker's store every [`PROBE_INTERVAL`] until all answer, then closes.
     async fn probe(self: Arc<Self>) {
         loop {
             let next = Instant::now() + PROBE_INTERVAL;
-            let answered = match self.store.ping() {
-                None => true,
-                Some(ping) => matches!(
-                    actix_rt::time::timeout(PROBE_INTERVAL, ping).await,
-                    Ok(Ok(()))
-                ),
-            };
+            // Collected first: the lock is not held across the wait.
+            let pings: Vec<_> = self
+                .stores
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter_map(|s| s.upgrade()?.ping())
+                .map(|ping| actix_rt::time::timeout(PROBE_INTERVAL, ping))
+                .collect();
+            let answered = join_all(pings)
+                .await
+                .into_iter()
+                .all(|r| matches!(r, Ok(Ok(()))));
             if answered {
                 self.close();
                 return;
@@ -152,11 +170,9 @@ mod tests {
     #[actix_rt::test]
     async fn one_failure_opens_it_and_one_probe_closes_it_when_the_store_is_back() {
         let store = Arc::new(Flaky::default());
-        let breaker = Arc::new(Breaker::new(
-            store.clone(),
-            "test".into(),
-            Arc::new(Metrics::new()),
-        ));
+        let breaker = Arc::new(Breaker::new("test".into(), Arc::new(Metrics::new())));
+        let watched: Arc<dyn Store> = store.clone();
+        breaker.watch(&watched);
         assert!(!breaker.is_open());
         for _ in 0..50 {
             breaker.trip(&StoreError::Timeout(PROBE_INTERVAL), OnStoreError::Local);

@@ -3,9 +3,10 @@
 //!
 //! A check is ONE round trip: a Lua script (`EVALSHA`) that increments, sets the expiry on
 //! the first hit, and returns the count and the time left; no key is ever left without an
-//! expiry. Each check is bounded by [`STORE_TIMEOUT`]. The connection is multiplexed and
-//! reconnects by itself; nothing here blocks, and nothing decides what a failure means
-//! (that is `on_store_error`'s, in the actor).
+//! expiry. Each check is bounded by [`STORE_TIMEOUT`]. Each worker has its own store: a
+//! multiplexed connection that reconnects by itself, driven on the worker's thread (the
+//! probe's pings, from another thread, are run there too). Nothing here blocks, and nothing
+//! decides what a failure means (that is `on_store_error`'s, in the actor).
 
 use std::{
     sync::Arc,
@@ -41,13 +42,15 @@ pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
     script: Arc<redis::Script>,
     prefix: Arc<str>,
+    /// The runtime of the thread that made the store (a worker's): where its connection is
+    /// opened and driven, whoever asks.
+    runtime: tokio::runtime::Handle,
 }
 
 impl RedisStore {
     /// A lazily connecting store (so the balancer starts, and fails open or closed, while
-    /// Redis is down).
-    pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+    /// Redis is down), driven on the calling thread's runtime.
+    pub fn new(client: redis::Client, prefix: Arc<str>) -> Result<Self, redis::RedisError> {
         let settings = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_millis(500)))
@@ -57,7 +60,8 @@ impl RedisStore {
         Ok(Self {
             conn,
             script: Arc::new(redis::Script::new(WINDOW_SCRIPT)),
-            prefix: prefix.into(),
+            prefix,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 }
@@ -84,17 +88,18 @@ impl Store for RedisStore {
 
     /// PING over the checks' own connection: an answer means the connection the checks
     /// use is up again (the probe's PING is what makes it reconnect while none are sent).
+    /// Run on the store's own runtime, so that a connection it opens is driven there, not
+    /// on the prober's thread.
     fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         let mut conn = self.conn.clone();
-        Some(
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map(drop)
-                    .map_err(StoreError::Redis)
-            }
-            .boxed(),
-        )
+        let ping = self.runtime.spawn(async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(StoreError::Redis)
+        });
+        // The worker gone (its runtime shut down) has no connection left to make ready.
+        Some(async move { ping.await.unwrap_or(Ok(())) }.boxed())
     }
 }
