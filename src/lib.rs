@@ -16,8 +16,9 @@
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
 //! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
-//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis (behind a breaker, with an
-//!   in-process fallback) or an in-process store.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or a Redis Cluster (the
+//!   worker's own connection, behind a breaker, with an in-process fallback) or an
+//!   in-process store.
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).

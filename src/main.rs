@@ -45,6 +45,9 @@ fn main() -> ExitCode {
 
     env_logger::Builder::new()
         .filter_level(config.log_level)
+        // The limiter logs a Redis outage once; the Redis client's own lines would repeat
+        // it at every reconnect attempt (RUST_LOG=redis=debug shows them).
+        .filter_module("redis", log::LevelFilter::Off)
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();

@@ -8,8 +8,9 @@
 //! process ([`memory::MemoryStore`]).
 //!
 //! A Redis error (down, or a check slower than [`STORE_TIMEOUT`]) opens the process's
-//! [`breaker::Breaker`]: from then until its background probe sees Redis answer again, no
-//! check asks Redis and `on_store_error` answers at once: `local` counts in the process's
+//! [`breaker::Breaker`] (on a Redis Cluster, [`cluster::ClusterStore`], the circuit of the
+//! failed master's slots only): from then until its background probe sees Redis answer
+//! again, no check it covers asks Redis and `on_store_error` answers at once: `local` counts in the process's
 //! fallback `MemoryStore` (separate from Redis's counts, one for all workers), `allow`
 //! forwards uncounted, `deny` answers 503. A client found over its budget is remembered by
 //! the worker until its window ends, and refused without asking any store. The actor never
@@ -17,27 +18,32 @@
 //! actor's own future.
 
 pub mod breaker;
+pub mod cluster;
 pub mod memory;
 pub mod redis;
 
 use std::{
     collections::HashMap,
     fmt,
-    net::{IpAddr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
-use futures_util::future::{BoxFuture, LocalBoxFuture};
+use futures_util::{
+    future::{BoxFuture, LocalBoxFuture},
+    FutureExt as _,
+};
 
 use crate::{
-    config::{OnStoreError, RateLimit},
+    config::{OnStoreError, RateLimit, RedisTarget},
     metrics::Metrics,
 };
 
 pub use self::{
-    breaker::{Breaker, PROBE_INTERVAL},
+    breaker::{Breaker, Shard, View, PROBE_INTERVAL},
+    cluster::ClusterStore,
     memory::{MemoryStore, MEMORY_STORE_CAP},
     redis::{RedisStore, STORE_TIMEOUT},
 };
@@ -146,15 +152,28 @@ pub enum Hit {
     Pending(LocalBoxFuture<'static, Result<Decision, StoreError>>),
 }
 
-/// Where the counts are kept: one per process, shared by every worker's actor.
+/// Where the counts are kept: the in-process store (one per process, shared by every
+/// worker's actor) or a worker's own connection to Redis.
 pub trait Store: Send + Sync {
     /// Counts one request of `key` at `now` in its current window.
     fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit;
 
-    /// Asks whether the store answers (opening its connection if need be): at start, and
-    /// from the breaker's probe, which runs on the system arbiter (hence `Send`). `None`:
-    /// it cannot fail.
-    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    /// The Redis Cluster slot `key`'s count lives in (which circuit of the breaker its
+    /// checks go through); `None`: not a cluster.
+    fn slot(&self, _key: ClientKey) -> Option<u16> {
+        None
+    }
+
+    /// Asks whether the store answers for `key` (opening its connection if need be): at
+    /// start, and from the breaker's probe, which runs on the system arbiter (hence
+    /// `Send`). `None`: it cannot fail.
+    fn ping(&self, _key: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+        None
+    }
+
+    /// Reads a cluster's slot table (which master serves which slots); `None`: not a
+    /// cluster.
+    fn shards(&self) -> Option<BoxFuture<'static, Result<Vec<Shard>, StoreError>>> {
         None
     }
 }
@@ -185,17 +204,27 @@ enum Shared {
         client: ::redis::Client,
         prefix: Arc<str>,
     },
+    /// A Redis Cluster: each worker has its own cluster client (a connection per node).
+    Cluster {
+        client: Arc<::redis::cluster::ClusterClient>,
+        prefix: Arc<str>,
+    },
 }
 
 impl Stores {
     /// The stores `config` asks for: Redis when `redis_url` is set, else in-process. A
     /// `redis_url` the client cannot use is refused here, at start.
     pub fn open(config: &RateLimit, metrics: Arc<Metrics>) -> Result<Self, ::redis::RedisError> {
+        let prefix: Arc<str> = config.key_prefix.as_str().into();
         let shared = match &config.redis_url {
             None => Shared::Memory(Arc::new(MemoryStore::default())),
-            Some(url) => Shared::Redis {
+            Some(RedisTarget::Server(url)) => Shared::Redis {
                 client: ::redis::Client::open(url.as_str())?,
-                prefix: config.key_prefix.as_str().into(),
+                prefix,
+            },
+            Some(RedisTarget::Cluster(seeds)) => Shared::Cluster {
+                client: Arc::new(ClusterStore::client(seeds)?),
+                prefix,
             },
         };
         Ok(Self {
@@ -219,22 +248,36 @@ impl Stores {
                 self.breaker.watch(&store);
                 store
             }
+            Shared::Cluster { client, prefix } => {
+                let store: Arc<dyn Store> = Arc::new(ClusterStore::new(client, prefix.clone()));
+                self.breaker.watch(&store);
+                store
+            }
         }
     }
 
-    /// Readies a worker's store on the calling thread: an unreachable one is the start of
-    /// an outage (logged once, the breaker opened) before the first request.
+    /// Readies a worker's store on the calling thread (a cluster's: reads its slot table):
+    /// an unreachable one is the start of an outage (logged once, the breaker opened)
+    /// before the first request.
     pub async fn warm_up(self, store: Arc<dyn Store>, policy: OnStoreError) {
-        let Some(ready) = store.ping() else {
-            return;
+        // No client's key: the probe of an outage found here asks about 0.0.0.0's.
+        let key = ClientKey::new(Ipv4Addr::UNSPECIFIED.into(), 64);
+        let breaker = self.breaker.clone();
+        let ready = match store.shards() {
+            Some(read) => read
+                .map(move |shards| shards.map(|shards| breaker.set_shards(shards)))
+                .boxed(),
+            None => match store.ping(key) {
+                Some(ping) => ping,
+                None => return,
+            },
         };
-        match actix_rt::time::timeout(WARM_UP_TIMEOUT, ready).await {
-            Ok(Ok(())) => log::debug!("rate limit store reachable"),
-            Ok(Err(e)) => self.breaker.trip(&e, policy),
-            Err(_) => self
-                .breaker
-                .trip(&StoreError::Timeout(WARM_UP_TIMEOUT), policy),
-        }
+        let failed = match actix_rt::time::timeout(WARM_UP_TIMEOUT, ready).await {
+            Ok(Ok(())) => return log::debug!("rate limit store reachable"),
+            Ok(Err(e)) => e,
+            Err(_) => StoreError::Timeout(WARM_UP_TIMEOUT),
+        };
+        self.breaker.trip(key, None, &failed, policy);
     }
 }
 
@@ -250,6 +293,8 @@ pub struct RateLimitActor {
     metrics: Arc<Metrics>,
     /// Clients known to be over budget, and when their window ends: refused locally.
     blocked: HashMap<ClientKey, Instant>,
+    /// The breaker's open circuits, as this worker last copied them.
+    view: View,
 }
 
 impl RateLimitActor {
@@ -269,16 +314,23 @@ impl RateLimitActor {
             ipv6_prefix: config.ipv6_prefix,
             metrics,
             blocked: HashMap::new(),
+            view: View::default(),
         }
     }
 
-    /// Turns the store's answer into a verdict; a failure opens the breaker.
-    fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
+    /// Turns the store's answer into a verdict; a failure opens the breaker's circuit for
+    /// `slot` (a cluster's) or for the store.
+    fn settle(
+        &mut self,
+        key: ClientKey,
+        slot: Option<u16>,
+        result: Result<Decision, StoreError>,
+    ) -> Verdict {
         match result {
             Ok(d) => self.counted(key, d),
             Err(e) => {
                 self.metrics.store_error();
-                self.stores.breaker.trip(&e, self.on_store_error);
+                self.stores.breaker.trip(key, slot, &e, self.on_store_error);
                 self.without_store(key, Instant::now())
             }
         }
@@ -342,16 +394,19 @@ impl Handler<Check> for RateLimitActor {
             }
             self.blocked.remove(&key);
         }
-        if self.stores.breaker.is_open() {
-            // The store failed and its probe has not seen it back: not asked, no wait.
+        let slot = self.store.slot(key);
+        self.stores.breaker.refresh(&mut self.view);
+        if self.view.covers(slot) {
+            // The store (or the cluster node that holds this key) failed and its probe has
+            // not seen it back: not asked, no wait.
             return ActorResponse::reply(self.without_store(key, now));
         }
         match self.store.hit(key, self.limit, self.window, now) {
             // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
+            Hit::Ready(result) => ActorResponse::reply(self.settle(key, slot, result)),
             Hit::Pending(hit) => ActorResponse::r#async(
                 hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(key, result)),
+                    .map(move |result, act, _| act.settle(key, slot, result)),
             ),
         }
     }

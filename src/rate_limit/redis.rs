@@ -9,6 +9,7 @@
 //! decides what a failure means (that is `on_store_error`'s, in the actor).
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -23,7 +24,7 @@ pub const STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Increments the window counter, starting the window on its first hit; returns
 /// `{count, milliseconds left}`. The `ttl < 0` branch mends a key that lost its expiry, so
 /// none can live forever.
-const WINDOW_SCRIPT: &str = r"
+pub(super) const WINDOW_SCRIPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -68,38 +69,69 @@ impl RedisStore {
 
 impl Store for RedisStore {
     fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
-        let mut conn = self.conn.clone();
-        let script = self.script.clone();
-        let key = format!("{}:{}", self.prefix, client);
-        Hit::Pending(
-            async move {
-                let mut invocation = script.key(key);
-                invocation.arg(window.as_millis() as u64);
-                let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
-                let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
-                    .await
-                    .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
-                let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
-                Ok(Decision::from_count(count, limit, ttl))
-            }
-            .boxed_local(),
+        check(
+            self.conn.clone(),
+            self.script.clone(),
+            key(&self.prefix, client),
+            limit,
+            window,
         )
     }
 
     /// PING over the checks' own connection: an answer means the connection the checks
     /// use is up again (the probe's PING is what makes it reconnect while none are sent).
-    /// Run on the store's own runtime, so that a connection it opens is driven there, not
-    /// on the prober's thread.
-    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    fn ping(&self, _key: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         let mut conn = self.conn.clone();
-        let ping = self.runtime.spawn(async move {
+        Some(on(&self.runtime, Ok(()), async move {
             redis::cmd("PING")
                 .query_async::<String>(&mut conn)
                 .await
                 .map(drop)
                 .map_err(StoreError::Redis)
-        });
-        // The worker gone (its runtime shut down) has no connection left to make ready.
-        Some(async move { ping.await.unwrap_or(Ok(())) }.boxed())
+        }))
     }
+}
+
+/// The Redis key of a client's count: `key_prefix:IP`.
+pub(super) fn key(prefix: &str, client: ClientKey) -> String {
+    format!("{prefix}:{client}")
+}
+
+/// One check of `key` over `conn` (one Redis, or a cluster client): the window script,
+/// bounded by [`STORE_TIMEOUT`].
+pub(super) fn check<C>(
+    mut conn: C,
+    script: Arc<redis::Script>,
+    key: String,
+    limit: u64,
+    window: Duration,
+) -> Hit
+where
+    C: redis::aio::ConnectionLike + Send + 'static,
+{
+    Hit::Pending(
+        async move {
+            let mut invocation = script.key(key);
+            invocation.arg(window.as_millis() as u64);
+            let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
+            let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
+                .await
+                .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
+            let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
+            Ok(Decision::from_count(count, limit, ttl))
+        }
+        .boxed_local(),
+    )
+}
+
+/// Runs `work` on `runtime` (a worker's), whoever asks: a connection it opens is then
+/// driven on that worker's thread, not on the asker's. `gone` is the answer when the
+/// worker has stopped (its runtime shut down).
+pub(super) fn on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    gone: Result<T, StoreError>,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> BoxFuture<'static, Result<T, StoreError>> {
+    let task = runtime.spawn(work);
+    async move { task.await.unwrap_or(gone) }.boxed()
 }
