@@ -2,6 +2,7 @@
 //! the real balancer started in-process on ephemeral ports. One helper, many tests.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod tls;
 
 use std::{
