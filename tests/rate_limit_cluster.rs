@@ -19,6 +19,10 @@ use common::{cluster::RedisCluster, *};
 
 const PREFIX: &str = "test:rl";
 
+/// One test at a time: each starts six Redis processes and loads them, and the limiter's
+/// checks are bounded at 50 ms; two at once on a small machine would measure the machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A `[rate_limit]` section on `cluster`: `requests` per `window`, 127.0.0.1 trusted.
 fn limiter(cluster: &RedisCluster, requests: u64, window: &str, policy: &str) -> String {
     format!(
@@ -75,6 +79,7 @@ async fn until_counted_in_the_cluster(addr: SocketAddr, admin: Option<SocketAddr
 
 #[actix_rt::test]
 async fn three_instances_on_a_cluster_share_each_budget_exactly_across_every_master() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start();
     let a = Backend::start("a");
     let extra = format!(
@@ -179,6 +184,7 @@ struct Load {
 #[actix_rt::test]
 async fn a_master_killed_under_load_fails_over_and_only_its_clients_are_counted_locally_meanwhile()
 {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = RedisCluster::start();
     let a = Backend::start("a");
     let (port, admin_port) = (free_port(), free_port());

@@ -64,6 +64,11 @@ pub struct Circuit {
     /// The store, or the cluster node, as logged.
     label: String,
     since: Instant,
+    /// How many probe rounds in a row must be answered before it closes: 1 for one Redis;
+    /// 2 for a cluster, whose nodes learn of a failover one after another (for a moment
+    /// after the replica answers, a node that has not heard yet still sends MOVED to the
+    /// master that is gone).
+    rounds: u32,
 }
 
 impl Circuit {
@@ -165,6 +170,7 @@ impl Breaker {
                 key,
                 label,
                 since: Instant::now(),
+                rounds: if slot.is_some() { 2 } else { 1 },
             });
             let mut next = Vec::clone(&open);
             next.push(circuit.clone());
@@ -209,8 +215,10 @@ impl Breaker {
     }
 
     /// Asks every worker's store every [`PROBE_INTERVAL`] about the circuit's key until all
-    /// answer, then closes the circuit and reads the cluster's slot table again.
+    /// answer (in `rounds` rounds in a row), then closes the circuit and reads the
+    /// cluster's slot table again.
     async fn probe(self: Arc<Self>, circuit: Arc<Circuit>) {
+        let mut answered_rounds = 0;
         loop {
             let next = Instant::now() + PROBE_INTERVAL;
             // Collected first: the lock is not held across the wait.
@@ -226,7 +234,8 @@ impl Breaker {
                 .await
                 .into_iter()
                 .all(|r| matches!(r, Ok(Ok(()))));
-            if answered {
+            answered_rounds = if answered { answered_rounds + 1 } else { 0 };
+            if answered_rounds >= circuit.rounds {
                 self.close(&circuit);
                 if let Some(read) = stores.iter().find_map(|s| s.shards()) {
                     if let Ok(Ok(shards)) = actix_rt::time::timeout(PROBE_INTERVAL, read).await {
@@ -235,7 +244,9 @@ impl Breaker {
                 }
                 return;
             }
-            self.metrics.store_error();
+            if !answered {
+                self.metrics.store_error();
+            }
             actix_rt::time::sleep_until(next.into()).await;
         }
     }
@@ -384,8 +395,23 @@ mod tests {
         assert_eq!(view.open.len(), 2);
         assert!(view.covers(Some(5461)));
 
+        // Two probes (one per circuit) ask once per round each; a cluster's circuits close
+        // only after two rounds answered in a row.
+        let pinged = |n: usize| {
+            let store = store.clone();
+            async move {
+                while store.pings.load(Ordering::SeqCst) < n {
+                    actix_rt::time::sleep(Duration::from_millis(5)).await;
+                }
+                actix_rt::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let pings = store.pings.load(Ordering::SeqCst);
         store.up.store(true, Ordering::SeqCst);
-        actix_rt::time::sleep(PROBE_INTERVAL * 2).await;
+        pinged(pings + 2).await;
+        breaker.refresh(&mut view);
+        assert!(view.covers(Some(0)), "one round answered: still open");
+        pinged(pings + 4).await;
         breaker.refresh(&mut view);
         assert!(!view.covers(Some(0)) && !view.covers(Some(9000)));
     }
