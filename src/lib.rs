@@ -16,8 +16,9 @@
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
 //! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
-//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis (behind a breaker, with an
-//!   in-process fallback) or an in-process store.
+//! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or a Redis Cluster (the
+//!   worker's own connection, behind a breaker, with an in-process fallback) or an
+//!   in-process store.
 //! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (servers, metrics, healthz).
@@ -163,7 +164,8 @@ impl Running {
 /// thread and one BalancerActor and RateLimitActor per worker.
 pub fn start(config: Config) -> io::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    // Made even with limiting off, so that a reload can turn it on; Redis connects lazily.
+    // Made even with limiting off, so that a reload can turn it on; each worker's Redis
+    // connection is made lazily, on its thread.
     let stores = Stores::open(&config.rate_limit, metrics.clone()).map_err(|e| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -207,9 +209,6 @@ pub fn start(config: Config) -> io::Result<Running> {
         }
     }
 
-    if config.rate_limit.enabled {
-        actix_rt::spawn(stores.clone().warm_up(config.rate_limit.on_store_error));
-    }
     let health = HealthActor::new(
         &config.servers,
         config.health_check.clone(),
@@ -246,8 +245,17 @@ pub fn start(config: Config) -> io::Result<Running> {
                 .app_data(worker)
                 .default_service(web::to(proxy::forward));
         }
+        let store = stores.for_worker();
+        if rate_limit.enabled {
+            actix_rt::spawn(
+                stores
+                    .clone()
+                    .warm_up(store.clone(), rate_limit.on_store_error),
+            );
+        }
         let limiter =
-            RateLimitActor::new(&rate_limit, stores.clone(), factory_metrics.clone()).start();
+            RateLimitActor::new(&rate_limit, store, stores.clone(), factory_metrics.clone())
+                .start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
         let balancer = BalancerActor::start(

@@ -45,6 +45,9 @@ fn main() -> ExitCode {
 
     let mut logger = env_logger::Builder::new();
     logger.filter_level(config.log_level);
+    // The limiter logs a Redis outage once; the Redis client's own lines would repeat it at
+    // every reconnect attempt (RUST_LOG=redis=debug shows them).
+    logger.filter_module("redis", log::LevelFilter::Off);
     match std::env::var_os("RUST_LOG") {
         Some(_) => {
             logger.parse_env("RUST_LOG");

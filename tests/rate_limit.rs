@@ -523,3 +523,40 @@ async fn a_redis_that_never_answers_does_not_stall_the_proxy() {
         }
     }
 }
+
+/// The balancer's connections to `redis` (every client but the one asking).
+fn redis_clients(redis: &Redis) -> usize {
+    let list = redis
+        .command(&["CLIENT", "LIST"])
+        .expect("redis answers CLIENT LIST");
+    list.lines()
+        .filter(|l| l.contains(" cmd=") && !l.contains(" cmd=client|list"))
+        .count()
+}
+
+#[actix_rt::test]
+async fn each_worker_counts_over_a_redis_connection_of_its_own() {
+    let redis = Redis::start();
+    let a = Backend::start("a");
+    let extra = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\nworkers = 3\n\n{}",
+        limiter(&redis.url(), "10s", "trusted_proxies = [\"127.0.0.1\"]")
+    );
+    let lb = balancer(&[a.url()], &extra);
+    // Each worker opens its connection at start, on its own thread.
+    assert!(
+        eventually(Duration::from_secs(5), async || redis_clients(&redis) == 3).await,
+        "{} connections for 3 workers",
+        redis_clients(&redis)
+    );
+
+    // Concurrent connections, spread over the workers by the acceptor: still one budget.
+    let client = client();
+    let answers = futures_util::future::join_all(
+        (0..30).map(|_| hit(&client, lb.proxy_addr, Some("203.0.113.5"))),
+    )
+    .await;
+    let admitted = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(admitted, 5, "statuses {:?}", statuses(&answers));
+    assert_eq!(redis_clients(&redis), 3, "no connection per request");
+}

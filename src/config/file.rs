@@ -57,6 +57,15 @@ impl std::fmt::Display for OnStoreError {
     }
 }
 
+/// `rate_limit.redis_url` as written: one URL (`""` = the in-process store), or a list of
+/// URLs, the seed nodes of a Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum RedisUrl {
+    One(String),
+    Cluster(Vec<String>),
+}
+
 /// A server as written in the file: a plain URL or `{ url, weight }`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(
@@ -211,7 +220,7 @@ pub struct RateLimitSection {
     pub requests: u64,
     #[serde(with = "duration")]
     pub window: Duration,
-    pub redis_url: String,
+    pub redis_url: RedisUrl,
     pub key_prefix: String,
     #[serde(deserialize_with = "one_of")]
     pub on_store_error: OnStoreError,
@@ -226,7 +235,7 @@ impl Default for RateLimitSection {
             enabled: true,
             requests: 100,
             window: Duration::from_secs(60),
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_url: RedisUrl::One("redis://127.0.0.1:6379".into()),
             key_prefix: "roundabout:rl".into(),
             on_store_error: OnStoreError::Local,
             ipv6_prefix: 64,

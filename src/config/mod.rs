@@ -23,11 +23,11 @@ use std::path::Path;
 pub use file::{
     default_weight, AccessLogFormat, AccessLogTarget, AdminSection, BalancerSection, FileConfig,
     FileServer, HealthCheckSection, ListenSection, LogSection, OnStoreError, ProxySection,
-    RateLimitSection, Strategy, TlsFiles, WeightedServer,
+    RateLimitSection, RedisUrl, Strategy, TlsFiles, WeightedServer,
 };
 pub use validate::{
-    parse_net, parse_server_url, redact_url, AccessLog, Config, RateLimit, ServerConfig, Source,
-    TlsListen,
+    parse_net, parse_server_url, redact_url, AccessLog, Config, RateLimit, RedisTarget,
+    ServerConfig, Source, TlsListen,
 };
 
 /// Why a configuration was refused; the `Display` form is the one line printed at start.
@@ -115,11 +115,13 @@ impl Config {
                 reason,
             },
         };
+        let named = |k: &str, key: &str| {
+            k.eq_ignore_ascii_case(&format!("ROUNDABOUT__{}", key.replace('.', "__")))
+        };
         let (lists, scalars): (config::Map<_, _>, config::Map<_, _>) =
-            env.into_iter().partition(|(k, _)| {
-                LIST_KEYS.iter().any(|l| {
-                    k.eq_ignore_ascii_case(&format!("ROUNDABOUT__{}", l.replace('.', "__")))
-                })
+            env.into_iter().partition(|(k, v)| {
+                LIST_KEYS.iter().any(|l| named(k, l))
+                    || (v.contains(',') && COMMA_LIST_KEYS.iter().any(|l| named(k, l)))
             });
         let source = |vars| {
             config::Environment::with_prefix("ROUNDABOUT")
@@ -128,7 +130,7 @@ impl Config {
                 .source(Some(vars))
         };
         let mut list_source = source(lists).try_parsing(true).list_separator(",");
-        for key in LIST_KEYS {
+        for key in LIST_KEYS.iter().chain(&COMMA_LIST_KEYS) {
             list_source = list_source.with_list_parse_key(key);
         }
         if let Some((key, reason)) = unreadable_number(text) {
@@ -170,15 +172,23 @@ impl Config {
         if !shown.admin.token.is_empty() {
             shown.admin.token = "***".into();
         }
-        if !shown.rate_limit.redis_url.is_empty() {
-            shown.rate_limit.redis_url = redact_url(&shown.rate_limit.redis_url);
-        }
+        shown.rate_limit.redis_url = match &shown.rate_limit.redis_url {
+            RedisUrl::One(url) if url.is_empty() => RedisUrl::One(String::new()),
+            RedisUrl::One(url) => RedisUrl::One(redact_url(url)),
+            RedisUrl::Cluster(urls) => {
+                RedisUrl::Cluster(urls.iter().map(|u| redact_url(u)).collect())
+            }
+        };
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# {e}"))
     }
 }
 
 /// The keys whose environment value is a comma-separated list.
 const LIST_KEYS: [&str; 2] = ["balancer.servers", "rate_limit.trusted_proxies"];
+
+/// The keys whose environment value is one string, or a list when it has a comma:
+/// `redis://10.0.0.5:6379` is one Redis, `redis://a:7000,redis://b:7000` a cluster's seeds.
+const COMMA_LIST_KEYS: [&str; 1] = ["rate_limit.redis_url"];
 
 /// The environment variable among `names` that set `key` (a dotted path such as
 /// `balancer.servers[1].url`) or the section or list holding it, with the key it sets
@@ -309,8 +319,8 @@ mod tests {
         assert_eq!(c.proxy.retries, 2);
         assert_eq!(c.rate_limit.requests, 100);
         assert_eq!(
-            c.rate_limit.redis_url.as_deref(),
-            Some("redis://127.0.0.1:6379")
+            c.rate_limit.redis_url,
+            Some(RedisTarget::Server("redis://127.0.0.1:6379".into()))
         );
         assert_eq!(c.admin, Some("127.0.0.1:8001".parse().unwrap()));
         assert_eq!(c.header_timeout, Duration::from_secs(10));
@@ -372,6 +382,91 @@ mod tests {
             "rate limit 7/10s, store in-process"
         );
         assert_eq!(summary("enabled = false"), "rate limit off");
+    }
+
+    #[test]
+    fn a_list_of_redis_urls_is_a_cluster_from_the_file_and_from_the_environment() {
+        let c = parse(
+            "[rate_limit]\nredis_url = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]",
+        )
+        .unwrap();
+        let seeds = vec![
+            "redis://127.0.0.1:7000".to_string(),
+            "redis://127.0.0.1:7001".to_string(),
+        ];
+        assert_eq!(c.rate_limit.redis_url, Some(RedisTarget::Cluster(seeds)));
+        assert_eq!(
+            c.rate_limit.summary(),
+            "rate limit 100/60s, store redis cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001 (shared), on_store_error = \"local\""
+        );
+
+        let env = |value: &str| {
+            let env = [("ROUNDABOUT__RATE_LIMIT__REDIS_URL", value)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Config::from_toml_with_env("t.toml", "", Some(env))
+                .unwrap()
+                .rate_limit
+                .redis_url
+        };
+        assert_eq!(
+            env("redis://10.0.0.5:6379"),
+            Some(RedisTarget::Server("redis://10.0.0.5:6379".into())),
+            "one URL is one server"
+        );
+        assert_eq!(
+            env("redis://:pw@10.0.0.5:7000,redis://:pw@10.0.0.6:7000"),
+            Some(RedisTarget::Cluster(vec![
+                "redis://:pw@10.0.0.5:7000".into(),
+                "redis://:pw@10.0.0.6:7000".into()
+            ]))
+        );
+        assert_eq!(env(""), None);
+
+        let summary = parse(
+            "[rate_limit]\nredis_url = [\"redis://:s3cret@10.0.0.5:7000\", \"redis://:s3cret@10.0.0.6\"]",
+        )
+        .unwrap()
+        .rate_limit
+        .summary();
+        assert!(
+            summary.contains(
+                "store redis cluster redis://:***@10.0.0.5:7000,redis://:***@10.0.0.6:6379 (shared)"
+            ),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn a_bad_cluster_list_names_the_entry() {
+        let cases = [
+            ("redis_url = []", "rate_limit.redis_url: an empty list"),
+            (
+                "redis_url = [\"redis://a:7000\", \"http://b:7000\"]",
+                "rate_limit.redis_url[1]: scheme \"http\"",
+            ),
+            (
+                "redis_url = [\"unix:///run/redis.sock\"]",
+                "rate_limit.redis_url[0]: scheme \"unix\"",
+            ),
+            (
+                "redis_url = [\"redis://:a@x:7000\", \"redis://:b@y:7000\"]",
+                "rate_limit.redis_url[1]: every cluster node must have the user and password",
+            ),
+            (
+                "redis_url = [\"not a url\"]",
+                "rate_limit.redis_url[0]: not a URL",
+            ),
+            ("redis_url = 7", "rate_limit.redis_url"),
+        ];
+        for (text, want) in cases {
+            let err = parse(&format!("[rate_limit]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text:?} gave {err:?}, wanted {want:?}");
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use url::Url;
 
 use super::file::{
     AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, OnStoreError,
-    ProxySection, Strategy,
+    ProxySection, RedisUrl, Strategy,
 };
 use crate::tls::{self, ServerCert};
 
@@ -94,7 +94,7 @@ pub struct RateLimit {
     pub requests: u64,
     pub window: Duration,
     /// `None` = the in-process store.
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisTarget>,
     pub key_prefix: String,
     pub on_store_error: OnStoreError,
     /// 1..=128: IPv6 clients share one budget per network of this many leading bits.
@@ -102,13 +102,26 @@ pub struct RateLimit {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+/// Where the shared counts live: `rate_limit.redis_url`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis server (or a unix socket).
+    Server(String),
+    /// A Redis Cluster, by its seed nodes (at least one; the others are found from them).
+    Cluster(Vec<String>),
+}
+
 impl RateLimit {
     /// Where the counts live, for log lines: `redis://host:port (shared)` with any password
-    /// hidden, or `in-process`.
+    /// hidden, `redis cluster redis://a:7000,redis://b:7000 (shared)`, or `in-process`.
     pub fn store_label(&self) -> String {
         match &self.redis_url {
             None => "in-process".into(),
-            Some(url) => format!("{} (shared)", redact_url(url)),
+            Some(RedisTarget::Server(url)) => format!("{} (shared)", redact_url(url)),
+            Some(RedisTarget::Cluster(seeds)) => {
+                let seeds: Vec<String> = seeds.iter().map(|u| redact_url(u)).collect();
+                format!("redis cluster {} (shared)", seeds.join(","))
+            }
         }
     }
 
@@ -163,6 +176,52 @@ pub fn redact_url(url: &str) -> String {
 }
 
 type KeyError = (String, String);
+
+/// A Redis URL the client can use: `redis://`, `rediss://`, or (not for a cluster's nodes)
+/// a unix socket.
+fn redis_server_url(url: &str, cluster: bool) -> Result<String, String> {
+    let u = Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    match u.scheme() {
+        "redis" | "rediss" => Ok(url.to_string()),
+        "unix" | "redis+unix" if !cluster => Ok(url.to_string()),
+        scheme if cluster => Err(format!(
+            "scheme {scheme:?} is not redis:// or rediss:// (a cluster's nodes are reached over TCP)"
+        )),
+        scheme => Err(format!(
+            "scheme {scheme:?} is not redis://, rediss:// or unix://"
+        )),
+    }
+}
+
+/// `rate_limit.redis_url` as a list: a Redis Cluster's seed nodes, which must agree on the
+/// credentials (the cluster client uses one set for every node).
+fn cluster_seeds(seeds: &[String]) -> Result<Vec<String>, KeyError> {
+    if seeds.is_empty() {
+        return Err(key_err(
+            "rate_limit.redis_url",
+            "an empty list names no cluster node (\"\" is the in-process store)",
+        ));
+    }
+    let mut checked: Vec<String> = Vec::with_capacity(seeds.len());
+    for (i, seed) in seeds.iter().enumerate() {
+        let key = format!("rate_limit.redis_url[{i}]");
+        let seed = seed.trim();
+        let url = redis_server_url(seed, true).map_err(|r| key_err(&key, r))?;
+        let credentials = |u: &str| {
+            Url::parse(u)
+                .map(|u| (u.username().to_string(), u.password().map(str::to_string)))
+                .ok()
+        };
+        if i > 0 && credentials(&url) != credentials(&checked[0]) {
+            return Err(key_err(
+                &key,
+                "every cluster node must have the user and password of the first",
+            ));
+        }
+        checked.push(url);
+    }
+    Ok(checked)
+}
 
 fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {
     (key.to_string(), reason.to_string())
@@ -250,24 +309,12 @@ impl FileConfig {
                 "must be a whole number of seconds (Retry-After is in seconds)",
             ));
         }
-        let redis_url = if rl.redis_url.is_empty() {
-            None
-        } else {
-            match Url::parse(&rl.redis_url) {
-                Ok(u) if matches!(u.scheme(), "redis" | "rediss" | "unix" | "redis+unix") => {
-                    Some(rl.redis_url.clone())
-                }
-                Ok(u) => {
-                    return Err(key_err(
-                        "rate_limit.redis_url",
-                        format!(
-                            "scheme {:?} is not redis://, rediss:// or unix://",
-                            u.scheme()
-                        ),
-                    ))
-                }
-                Err(e) => return Err(key_err("rate_limit.redis_url", format!("not a URL: {e}"))),
-            }
+        let redis_url = match &rl.redis_url {
+            RedisUrl::One(url) if url.is_empty() => None,
+            RedisUrl::One(url) => Some(RedisTarget::Server(
+                redis_server_url(url, false).map_err(|r| key_err("rate_limit.redis_url", r))?,
+            )),
+            RedisUrl::Cluster(seeds) => Some(RedisTarget::Cluster(cluster_seeds(seeds)?)),
         };
         if rl.key_prefix.is_empty() {
             return Err(key_err("rate_limit.key_prefix", "must not be empty"));

@@ -3,11 +3,13 @@
 //!
 //! A check is ONE round trip: a Lua script (`EVALSHA`) that increments, sets the expiry on
 //! the first hit, and returns the count and the time left; no key is ever left without an
-//! expiry. Each check is bounded by [`STORE_TIMEOUT`]. The connection is multiplexed and
-//! reconnects by itself; nothing here blocks, and nothing decides what a failure means
-//! (that is `on_store_error`'s, in the actor).
+//! expiry. Each check is bounded by [`STORE_TIMEOUT`]. Each worker has its own store: a
+//! multiplexed connection that reconnects by itself, driven on the worker's thread (the
+//! probe's pings, from another thread, are run there too). Nothing here blocks, and nothing
+//! decides what a failure means (that is `on_store_error`'s, in the actor).
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,7 +24,7 @@ pub const STORE_TIMEOUT: Duration = Duration::from_millis(50);
 /// Increments the window counter, starting the window on its first hit; returns
 /// `{count, milliseconds left}`. The `ttl < 0` branch mends a key that lost its expiry, so
 /// none can live forever.
-const WINDOW_SCRIPT: &str = r"
+pub(super) const WINDOW_SCRIPT: &str = r"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -41,13 +43,15 @@ pub struct RedisStore {
     conn: redis::aio::ConnectionManager,
     script: Arc<redis::Script>,
     prefix: Arc<str>,
+    /// The runtime of the thread that made the store (a worker's): where its connection is
+    /// opened and driven, whoever asks.
+    runtime: tokio::runtime::Handle,
 }
 
 impl RedisStore {
     /// A lazily connecting store (so the balancer starts, and fails open or closed, while
-    /// Redis is down).
-    pub fn new(url: &str, prefix: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+    /// Redis is down), driven on the calling thread's runtime.
+    pub fn new(client: redis::Client, prefix: Arc<str>) -> Result<Self, redis::RedisError> {
         let settings = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_millis(500)))
@@ -57,44 +61,77 @@ impl RedisStore {
         Ok(Self {
             conn,
             script: Arc::new(redis::Script::new(WINDOW_SCRIPT)),
-            prefix: prefix.into(),
+            prefix,
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 }
 
 impl Store for RedisStore {
     fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
-        let mut conn = self.conn.clone();
-        let script = self.script.clone();
-        let key = format!("{}:{}", self.prefix, client);
-        Hit::Pending(
-            async move {
-                let mut invocation = script.key(key);
-                invocation.arg(window.as_millis() as u64);
-                let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
-                let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
-                    .await
-                    .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
-                let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
-                Ok(Decision::from_count(count, limit, ttl))
-            }
-            .boxed_local(),
+        check(
+            self.conn.clone(),
+            self.script.clone(),
+            key(&self.prefix, client),
+            limit,
+            window,
         )
     }
 
     /// PING over the checks' own connection: an answer means the connection the checks
     /// use is up again (the probe's PING is what makes it reconnect while none are sent).
-    fn ping(&self) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    fn ping(&self, _key: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         let mut conn = self.conn.clone();
-        Some(
-            async move {
-                redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .map(drop)
-                    .map_err(StoreError::Redis)
-            }
-            .boxed(),
-        )
+        Some(on(&self.runtime, Ok(()), async move {
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map(drop)
+                .map_err(StoreError::Redis)
+        }))
     }
+}
+
+/// The Redis key of a client's count: `key_prefix:IP`.
+pub(super) fn key(prefix: &str, client: ClientKey) -> String {
+    format!("{prefix}:{client}")
+}
+
+/// One check of `key` over `conn` (one Redis, or a cluster client): the window script,
+/// bounded by [`STORE_TIMEOUT`].
+pub(super) fn check<C>(
+    mut conn: C,
+    script: Arc<redis::Script>,
+    key: String,
+    limit: u64,
+    window: Duration,
+) -> Hit
+where
+    C: redis::aio::ConnectionLike + Send + 'static,
+{
+    Hit::Pending(
+        async move {
+            let mut invocation = script.key(key);
+            invocation.arg(window.as_millis() as u64);
+            let call = invocation.invoke_async::<(u64, i64)>(&mut conn);
+            let (count, ttl_ms) = actix_rt::time::timeout(STORE_TIMEOUT, call)
+                .await
+                .map_err(|_| StoreError::Timeout(STORE_TIMEOUT))??;
+            let ttl = Duration::from_millis(ttl_ms.max(0) as u64);
+            Ok(Decision::from_count(count, limit, ttl))
+        }
+        .boxed_local(),
+    )
+}
+
+/// Runs `work` on `runtime` (a worker's), whoever asks: a connection it opens is then
+/// driven on that worker's thread, not on the asker's. `gone` is the answer when the
+/// worker has stopped (its runtime shut down).
+pub(super) fn on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    gone: Result<T, StoreError>,
+    work: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> BoxFuture<'static, Result<T, StoreError>> {
+    let task = runtime.spawn(work);
+    async move { task.await.unwrap_or(gone) }.boxed()
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 mod binary;
+pub mod cluster;
 mod raw;
 mod redis;
 pub mod tls;

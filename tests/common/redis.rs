@@ -12,7 +12,7 @@ use std::{
 /// A `redis-server` of the test's own, on a free port, with no persistence; stopped on drop.
 pub struct Redis {
     pub port: u16,
-    child: Mutex<Option<Child>>,
+    pub(super) child: Mutex<Option<Child>>,
 }
 
 impl Redis {
@@ -69,7 +69,7 @@ impl Redis {
         }
     }
 
-    fn ping(&self) -> bool {
+    pub(super) fn ping(&self) -> bool {
         self.command(&["PING"]).is_some_and(|r| r.contains("PONG"))
     }
 

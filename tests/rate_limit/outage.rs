@@ -190,3 +190,45 @@ async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
     assert_eq!(up.len(), 1, "{text}");
     assert!(up[0].contains(&store), "{}", up[0]);
 }
+
+#[actix_rt::test]
+async fn after_an_outage_every_worker_counts_in_redis_again_from_its_first_check() {
+    let redis = Redis::start();
+    let a = Backend::start("a");
+    let extra = format!(
+        "[listen]\naddress = \"127.0.0.1:0\"\nworkers = 3\n\n{}",
+        limiter(&redis.url(), "10s", TRUSTING)
+    );
+    let lb = balancer(&[a.url()], &extra);
+    let client = client();
+    // Every worker has used its connection before Redis goes away.
+    futures_util::future::join_all((0..30).map(|_| hit(&client, lb.proxy_addr, None))).await;
+
+    redis.stop();
+    futures_util::future::join_all((0..30).map(|_| hit(&client, lb.proxy_addr, None))).await;
+    redis.restart();
+    counted_in_redis_again(&client, lb.proxy_addr, &redis).await;
+    let errors = metric(&lb, "roundabout_rate_limit_store_errors_total").await;
+
+    // Once the breaker has closed, no worker's first check may fail on a connection that
+    // died with the old Redis: each new client is counted in Redis, none in the fallback.
+    let fallback = metric(&lb, "roundabout_rate_limit_fallback_total").await;
+    let ips: Vec<String> = (1..=60).map(|i| format!("198.18.0.{i}")).collect();
+    futures_util::future::join_all(ips.iter().map(|ip| hit(&client, lb.proxy_addr, Some(ip))))
+        .await;
+    let stored = keys(&redis);
+    let missing: Vec<&String> = ips
+        .iter()
+        .filter(|ip| !stored.contains(&format!("{PREFIX}:{ip}")))
+        .collect();
+    assert!(missing.is_empty(), "not counted in Redis: {missing:?}");
+    assert_eq!(
+        metric(&lb, "roundabout_rate_limit_fallback_total").await,
+        fallback
+    );
+    assert_eq!(
+        metric(&lb, "roundabout_rate_limit_store_errors_total").await,
+        errors,
+        "no check failed after the recovery"
+    );
+}
