@@ -9,7 +9,14 @@
 //! [`ServerList`]; the actor is a thin shell around it. It must not block, and must not
 //! share its list with another thread.
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicI64, Ordering::Relaxed},
+        Arc,
+    },
+};
 
 use actix::prelude::*;
 
@@ -180,8 +187,8 @@ impl ServerList {
 /// The worker-local balancer: a [`ServerList`] behind a mailbox.
 pub struct BalancerActor {
     list: ServerList,
-    /// The process-wide in-flight gauge, moved with each lease.
-    metrics: Arc<Metrics>,
+    /// This worker's share of the in-flight gauge (only this worker writes it).
+    in_flight: Arc<AtomicI64>,
 }
 
 impl BalancerActor {
@@ -207,13 +214,13 @@ impl BalancerActor {
             ctx.wait(
                 actix::fut::wrap_future::<_, Self>(joined).map(|snapshot, act, _| {
                     if let Ok(snapshot) = snapshot {
-                        act.list.apply(snapshot);
+                        act.list.apply(snapshot.for_worker());
                     }
                 }),
             );
             BalancerActor {
                 list: ServerList::new(strategy),
-                metrics,
+                in_flight: metrics.worker_in_flight(),
             }
         })
     }
@@ -271,7 +278,7 @@ impl Handler<NextServer> for BalancerActor {
 
     fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
         let upstream = self.list.begin(&msg.tried)?;
-        self.metrics.in_flight(1);
+        self.in_flight.fetch_add(1, Relaxed);
         Some(Lease {
             upstream,
             balancer: ctx.address(),
@@ -288,7 +295,7 @@ impl Handler<RequestEnded> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, RequestEnded(upstream): RequestEnded, _: &mut Self::Context) {
-        self.metrics.in_flight(-1);
+        self.in_flight.fetch_sub(1, Relaxed);
         self.list.end(&upstream.label);
     }
 }
@@ -312,6 +319,27 @@ pub enum ServerEvent {
     Removed { label: Arc<str> },
 }
 
+impl ServerEvent {
+    /// The event with this worker's own copy of each server in it: the `Arc` cloned and
+    /// dropped per request, and the counters, are then the worker's alone.
+    fn for_worker(self) -> ServerEvent {
+        let own = |u: Arc<Upstream>| Arc::new(u.for_worker());
+        match self {
+            ServerEvent::Snapshot(servers) => {
+                ServerEvent::Snapshot(servers.into_iter().map(|(u, h)| (own(u), h)).collect())
+            }
+            ServerEvent::Added { upstream, healthy } => ServerEvent::Added {
+                upstream: own(upstream),
+                healthy,
+            },
+            ServerEvent::Reweighted { upstream } => ServerEvent::Reweighted {
+                upstream: own(upstream),
+            },
+            other => other,
+        }
+    }
+}
+
 /// Balance by another strategy from now on (a reload).
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
@@ -329,7 +357,7 @@ impl Handler<ServerEvent> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, event: ServerEvent, _: &mut Self::Context) {
-        self.list.apply(event);
+        self.list.apply(event.for_worker());
     }
 }
 

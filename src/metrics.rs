@@ -1,5 +1,11 @@
-//! Prometheus metrics, shared by every worker (`Arc<Metrics>`; the counters are atomics),
-//! and read as plain numbers ([`Counts`]) by the status page.
+//! Prometheus metrics, shared by every worker (`Arc<Metrics>`), and read as plain numbers
+//! ([`Counts`]) by the status page.
+//!
+//! What the request path counts is counted per worker: each worker has its own copy of a
+//! server's counters ([`ServerCounters::for_worker`]), its own in-flight gauge and its own
+//! head-time histogram, relaxed atomics that no other worker writes, summed when
+//! `/metrics` or the status page reads them. So no cache line goes back and forth between
+//! the workers' cores per request.
 //!
 //! Label values that name a server are the upstream's `Arc<str>` label, so recording a
 //! request clones a pointer, not a string. A server's series live as long as the server:
@@ -17,7 +23,12 @@ use std::{
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        MetricType,
+    },
     registry::Registry,
 };
 
@@ -43,23 +54,54 @@ struct ServerLabels {
     server: ServerName,
 }
 
-/// One server's request counters, one per status class, looked up in the family once (when
-/// the server is configured), so that counting a request is one atomic increment.
-#[derive(Debug, Clone, Default)]
-pub struct ServerCounters {
-    counters: [Counter; 5],
-    /// Bodies this server ended early.
-    failed: Counter,
-    /// Keeps the server's series registered; `None` for counters counted nowhere.
-    _series: Option<Arc<ServerSeries>>,
+/// One server's request counters as one holder counts them: answers by status class
+/// (1xx..5xx), then bodies the server ended early.
+#[derive(Debug, Default)]
+struct Tally([AtomicU64; 6]);
+
+impl Tally {
+    const FAILED: usize = 5;
+
+    fn get(&self) -> [u64; 6] {
+        std::array::from_fn(|i| self.0[i].load(Relaxed))
+    }
+
+    fn add(&self, counts: [u64; 6]) {
+        for (c, n) in self.0.iter().zip(counts) {
+            c.fetch_add(n, Relaxed);
+        }
+    }
 }
 
+/// One holder's counters of one server, registered with the server's series; what it
+/// counted passes to the series when it goes.
+#[derive(Debug, Default)]
+struct Counting {
+    tally: Tally,
+    /// `None` for counters counted nowhere (an upstream not yet given its metrics) and for
+    /// answers of our own, which [`Metrics`] holds directly.
+    series: Option<Arc<ServerSeries>>,
+}
+
+impl Drop for Counting {
+    fn drop(&mut self) {
+        if let Some(series) = &self.series {
+            series.gone.add(self.tally.get());
+        }
+    }
+}
+
+/// One server's request counters, as one worker (or the health checker) holds them: counting
+/// a request is one relaxed increment of an atomic that only this holder writes.
+#[derive(Debug, Clone, Default)]
+pub struct ServerCounters(Arc<Counting>);
+
 impl ServerCounters {
-    /// Its answers so far, all and 5xx: read by the status page, never on the request path.
-    pub fn answers(&self) -> Answers {
-        Answers {
-            all: self.counters.iter().map(Counter::get).sum(),
-            errors: self.counters[4].get(),
+    /// Counters of the same server for another worker: counted apart, summed when read.
+    pub fn for_worker(&self) -> ServerCounters {
+        match &self.0.series {
+            Some(series) => series.counters(),
+            None => ServerCounters::default(),
         }
     }
 
@@ -71,7 +113,7 @@ impl ServerCounters {
             400..=499 => 3,
             _ => 4,
         };
-        self.counters[class].inc();
+        self.0.tally.0[class].fetch_add(1, Relaxed);
     }
 }
 
@@ -81,6 +123,15 @@ pub struct Answers {
     pub all: u64,
     /// 5xx.
     pub errors: u64,
+}
+
+impl Answers {
+    fn of(totals: [u64; 6]) -> Answers {
+        Answers {
+            all: totals[..Tally::FAILED].iter().sum(),
+            errors: totals[4],
+        }
+    }
 }
 
 /// The counters at one instant, as the status page samples them.
@@ -96,52 +147,153 @@ pub struct Counts {
     pub servers: HashMap<Arc<str>, Answers>,
 }
 
+/// Which servers have series now, by label.
+type Live = Arc<Mutex<HashMap<Arc<str>, Weak<ServerSeries>>>>;
+
 /// The families that hold per-server series, and which servers are alive in them.
 #[derive(Debug, Clone)]
 struct ServerFamilies {
-    requests: Family<RequestLabels, Counter>,
-    body_failures: Family<ServerLabels, Counter>,
     healthy: Family<ServerLabels, Gauge>,
     health_check_failures: Family<ServerLabels, Counter>,
-    /// Per label, the series handle every `Upstream` of that server shares.
-    live: Arc<Mutex<HashMap<Arc<str>, Weak<ServerSeries>>>>,
+    live: Live,
     /// Answers of servers whose series are gone, so that the status page's total since
     /// start never goes down.
-    retired: Counter,
+    retired: Arc<AtomicU64>,
 }
 
-/// A server's place in the families: its series are removed when the last handle goes.
+/// A server's place in the metrics: its series are removed when the last holder of its
+/// counters goes.
 #[derive(Debug)]
 struct ServerSeries {
     label: Arc<str>,
     families: ServerFamilies,
+    /// Every holder's counters; dead entries are pruned when one is added.
+    holders: Mutex<Vec<Weak<Counting>>>,
+    /// What holders that have gone counted.
+    gone: Tally,
+}
+
+impl ServerSeries {
+    /// New counters of this server for one more holder.
+    fn counters(self: &Arc<Self>) -> ServerCounters {
+        let counting = Arc::new(Counting {
+            tally: Tally::default(),
+            series: Some(self.clone()),
+        });
+        let mut holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        holders.retain(|h| h.strong_count() > 0);
+        holders.push(Arc::downgrade(&counting));
+        ServerCounters(counting)
+    }
+
+    /// Every holder's counts summed, those gone included.
+    fn totals(&self) -> [u64; 6] {
+        let mut sum = self.gone.get();
+        let holders = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        for counting in holders.iter().filter_map(Weak::upgrade) {
+            for (s, n) in sum.iter_mut().zip(counting.tally.get()) {
+                *s += n;
+            }
+        }
+        sum
+    }
 }
 
 impl Drop for ServerSeries {
     fn drop(&mut self) {
-        let mut live = self.families.live.lock().unwrap_or_else(|e| e.into_inner());
+        let f = &self.families;
+        let answered: u64 = self.gone.get()[..Tally::FAILED].iter().sum();
+        f.retired.fetch_add(answered, Relaxed);
+        let mut live = f.live.lock().unwrap_or_else(|e| e.into_inner());
         // A new handle may have been made for the same server meanwhile; it keeps them.
         if live.get(&self.label).is_some_and(|w| w.upgrade().is_some()) {
             return;
         }
         live.remove(&self.label);
-        let f = &self.families;
-        for class in CLASSES {
-            let labels = RequestLabels {
-                server: ServerName(self.label.clone()),
-                class,
-            };
-            if let Some(answered) = f.requests.get(&labels) {
-                f.retired.inc_by(answered.get());
-            }
-            f.requests.remove(&labels);
-        }
         let server = ServerLabels {
             server: ServerName(self.label.clone()),
         };
         f.healthy.remove(&server);
         f.health_check_failures.remove(&server);
-        f.body_failures.remove(&server);
+    }
+}
+
+/// The series alive now, in no particular order (the exposition is sorted afterwards).
+fn live_series(live: &Live) -> Vec<Arc<ServerSeries>> {
+    let live = live.lock().unwrap_or_else(|e| e.into_inner());
+    live.values().filter_map(Weak::upgrade).collect()
+}
+
+/// `roundabout_requests_total`: per server and class, every holder's counts summed; our
+/// own answers under `server=""`.
+#[derive(Debug, Clone)]
+struct RequestCounts {
+    live: Live,
+    own: ServerCounters,
+}
+
+impl EncodeMetric for RequestCounts {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let own: Arc<str> = Arc::from("");
+        let series = live_series(&self.live);
+        let rows = std::iter::once((own, self.own.0.tally.get()))
+            .chain(series.iter().map(|s| (s.label.clone(), s.totals())));
+        for (label, totals) in rows {
+            for (class, n) in CLASSES.into_iter().zip(totals) {
+                let labels = RequestLabels {
+                    server: ServerName(label.clone()),
+                    class,
+                };
+                ConstCounter::new(n).encode(encoder.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// `roundabout_upstream_body_failures_total`: per server, every holder's counts summed.
+#[derive(Debug, Clone)]
+struct BodyFailures(Live);
+
+impl EncodeMetric for BodyFailures {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        for series in live_series(&self.0) {
+            let labels = ServerLabels {
+                server: ServerName(series.label.clone()),
+            };
+            let failed = series.totals()[Tally::FAILED];
+            ConstCounter::new(failed).encode(encoder.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// `roundabout_in_flight_requests`: every worker's own gauge, summed.
+#[derive(Debug, Clone, Default)]
+struct InFlight(Arc<Mutex<Vec<Arc<AtomicI64>>>>);
+
+impl InFlight {
+    fn now(&self) -> i64 {
+        let workers = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        workers.iter().map(|w| w.load(Relaxed)).sum()
+    }
+}
+
+impl EncodeMetric for InFlight {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_gauge(&self.now())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
     }
 }
 
@@ -242,7 +394,7 @@ pub struct Metrics {
     registry: Registry,
     servers: ServerFamilies,
     duration: HeadTimes,
-    in_flight: Gauge<i64, AtomicI64>,
+    in_flight: InFlight,
     rate_limited: Counter,
     access_log_dropped: Counter,
     store_errors: Counter,
@@ -261,11 +413,15 @@ impl Metrics {
     /// Creates and registers every metric under the `roundabout_` prefix.
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("roundabout");
-        let requests = Family::<RequestLabels, Counter>::default();
+        let live = Live::default();
+        let own = ServerCounters::default();
         registry.register(
             "requests",
             "Proxied requests by upstream server and status class (answers of our own: server=\"\")",
-            requests.clone(),
+            RequestCounts {
+                live: live.clone(),
+                own: own.clone(),
+            },
         );
         // 1 ms to about 33 s.
         let duration = HeadTimes::default();
@@ -274,17 +430,16 @@ impl Metrics {
             "Time from the request to its response head (the upstream's, or ours for 4xx/5xx of our own)",
             duration.clone(),
         );
-        let in_flight = Gauge::<i64, AtomicI64>::default();
+        let in_flight = InFlight::default();
         registry.register(
             "in_flight_requests",
             "Requests being proxied now",
             in_flight.clone(),
         );
-        let body_failures = Family::<ServerLabels, Counter>::default();
         registry.register(
             "upstream_body_failures",
             "Response bodies the server ended early (closed, reset, or paused past proxy.timeout); the client's connection was closed without a clean end",
-            body_failures.clone(),
+            BodyFailures(live.clone()),
         );
         let healthy = Family::<ServerLabels, Gauge>::default();
         registry.register(
@@ -323,17 +478,10 @@ impl Metrics {
             fallback.clone(),
         );
         let servers = ServerFamilies {
-            requests,
-            body_failures,
             healthy,
             health_check_failures,
-            live: Arc::default(),
-            retired: Counter::default(),
-        };
-        let own = ServerCounters {
-            counters: Self::counters_in(&servers.requests, &Arc::from("")),
-            failed: Counter::default(),
-            _series: None,
+            live,
+            retired: Arc::default(),
         };
         Self {
             own,
@@ -358,19 +506,9 @@ impl Metrics {
         sorted_series(&text)
     }
 
-    fn counters_in(family: &Family<RequestLabels, Counter>, server: &Arc<str>) -> [Counter; 5] {
-        CLASSES.map(|class| {
-            family
-                .get_or_create(&RequestLabels {
-                    server: ServerName(server.clone()),
-                    class,
-                })
-                .clone()
-        })
-    }
-
-    /// The request counters of `server`, to keep beside it. Every series of the server is
-    /// present from now on (at 0), until the last `ServerCounters` of it is dropped.
+    /// The request counters of `server`, to keep beside it (each worker then takes its own
+    /// with [`ServerCounters::for_worker`]). Every series of the server is present from now
+    /// on (at 0), until the last `ServerCounters` of it is dropped.
     pub fn server_counters(&self, server: &Arc<str>) -> ServerCounters {
         let f = &self.servers;
         let series = {
@@ -381,6 +519,8 @@ impl Metrics {
                     let series = Arc::new(ServerSeries {
                         label: server.clone(),
                         families: f.clone(),
+                        holders: Mutex::default(),
+                        gone: Tally::default(),
                     });
                     live.insert(server.clone(), Arc::downgrade(&series));
                     series
@@ -391,11 +531,7 @@ impl Metrics {
             server: ServerName(server.clone()),
         };
         drop(f.health_check_failures.get_or_create(&labels));
-        ServerCounters {
-            counters: Self::counters_in(&f.requests, server),
-            failed: f.body_failures.get_or_create(&labels).clone(),
-            _series: Some(series),
-        }
+        series.counters()
     }
 
     /// How many servers have series now (removed ones count until they have drained).
@@ -428,13 +564,20 @@ impl Metrics {
     /// A server ended a response body early.
     pub fn upstream_failed(&self, server: Option<&ServerCounters>) {
         if let Some(s) = server {
-            s.failed.inc();
+            s.0.tally.0[Tally::FAILED].fetch_add(1, Relaxed);
         }
     }
 
-    /// A request started (`+1`) or ended (`-1`).
-    pub fn in_flight(&self, delta: i64) {
-        self.in_flight.inc_by(delta);
+    /// A worker's own in-flight gauge (requests started minus ended there), counted in
+    /// `roundabout_in_flight_requests` with every other worker's.
+    pub fn worker_in_flight(&self) -> Arc<AtomicI64> {
+        let gauge = Arc::new(AtomicI64::new(0));
+        self.in_flight
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(gauge.clone());
+        gauge
     }
 
     pub fn set_healthy(&self, server: &Arc<str>, healthy: bool) {
@@ -483,35 +626,13 @@ impl Metrics {
     /// Every counter the status page shows a rate of, read now. Takes the lock of the
     /// server list (not touched per request) and reads atomics; changes nothing.
     pub fn counts(&self) -> Counts {
-        let labels: Vec<Arc<str>> = {
-            let live = self.servers.live.lock().unwrap_or_else(|e| e.into_inner());
-            live.keys().cloned().collect()
-        };
-        let servers = labels
-            .into_iter()
-            .map(|label| {
-                let server = ServerName(label.clone());
-                let mut answers = Answers::default();
-                for class in CLASSES {
-                    let labels = RequestLabels {
-                        server: server.clone(),
-                        class,
-                    };
-                    // `get`, not `get_or_create`: a server gone meanwhile is not brought back.
-                    if let Some(c) = self.servers.requests.get(&labels) {
-                        let n = c.get();
-                        answers.all += n;
-                        if class == "5xx" {
-                            answers.errors += n;
-                        }
-                    }
-                }
-                (label, answers)
-            })
+        let servers = live_series(&self.servers.live)
+            .iter()
+            .map(|series| (series.label.clone(), Answers::of(series.totals())))
             .collect::<HashMap<Arc<str>, Answers>>();
-        let own = self.own.answers();
+        let own = Answers::of(self.own.0.tally.get());
         Counts {
-            requests: self.servers.retired.get()
+            requests: self.servers.retired.load(Relaxed)
                 + own.all
                 + servers.values().map(|a| a.all).sum::<u64>(),
             own,
@@ -520,9 +641,9 @@ impl Metrics {
         }
     }
 
-    /// The current in-flight gauge, for tests and the admin API.
+    /// The current in-flight gauge, for tests and the status page.
     pub fn in_flight_now(&self) -> i64 {
-        self.in_flight.get()
+        self.in_flight.now()
     }
 }
 
@@ -595,6 +716,47 @@ mod tests {
         drop(second);
         assert!(!m.encode().contains("127.0.0.1:5000"), "{}", m.encode());
         assert_eq!(m.servers_tracked(), 0);
+    }
+
+    #[test]
+    fn each_workers_counters_are_its_own_and_summed_when_read_even_after_one_goes() {
+        let m = Metrics::new();
+        let s: Arc<str> = Arc::from("127.0.0.1:5000");
+        let shared = m.server_counters(&s);
+        let (one, two) = (shared.for_worker(), shared.for_worker());
+        assert!(
+            !Arc::ptr_eq(&one.0, &two.0),
+            "no atomic written by two workers"
+        );
+        m.answered(Some(&one), 200);
+        m.answered(Some(&two), 200);
+        m.answered(Some(&two), 503);
+        m.upstream_failed(Some(&one));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="2xx"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="5xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"roundabout_upstream_body_failures_total{server="127.0.0.1:5000"} 1"#),
+            "{text}"
+        );
+        // A worker's copy replaced (a reload): what it counted stays counted.
+        drop(one);
+        assert!(m.encode().contains(r#"class="2xx"} 2"#));
+        assert_eq!(m.counts().servers[&s], Answers { all: 3, errors: 1 });
+
+        let (a, b) = (m.worker_in_flight(), m.worker_in_flight());
+        a.fetch_add(2, Relaxed);
+        b.fetch_sub(1, Relaxed);
+        assert_eq!(m.in_flight_now(), 1);
+        assert!(m.encode().contains("roundabout_in_flight_requests 1\n"));
+        drop((shared, two));
+        assert_eq!(m.counts().requests, 3);
     }
 
     #[test]

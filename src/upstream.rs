@@ -20,8 +20,9 @@ use crate::{
     metrics::{Metrics, ServerCounters},
 };
 
-/// One backend server. Shared as `Arc<Upstream>` between the actors and the handlers;
-/// immutable once built.
+/// One backend server, immutable once built. The HealthActor holds one; each worker's
+/// balancer its own copy ([`Upstream::for_worker`]), shared as `Arc<Upstream>` with that
+/// worker's handlers only.
 #[derive(Debug)]
 pub struct Upstream {
     /// `host:port`, the server's name in logs, metrics and the admin API.
@@ -74,6 +75,19 @@ impl Upstream {
     pub fn with_metrics(mut self, metrics: &Metrics) -> Upstream {
         self.counters = metrics.server_counters(&self.label);
         self
+    }
+
+    /// A copy for one worker: the same server, with that worker's own counters.
+    pub fn for_worker(&self) -> Upstream {
+        Upstream {
+            label: self.label.clone(),
+            url: self.url.clone(),
+            scheme: self.scheme.clone(),
+            authority: self.authority.clone(),
+            host_header: self.host_header.clone(),
+            weight: self.weight,
+            counters: self.counters.for_worker(),
+        }
     }
 
     /// The URL to probe for health: the server's URL with `path`.
