@@ -125,6 +125,10 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // The writer thread writes in batches: the last requests' lines are written before
+        // the process ends (waiting on it off the runtime's thread).
+        let log = self.access_log.clone();
+        let _ = actix_rt::task::spawn_blocking(move || log.flush(Duration::from_secs(1))).await;
     }
 
     /// Reopens the access log file, as SIGUSR1 does (for logrotate).

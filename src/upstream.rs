@@ -80,7 +80,8 @@ impl Upstream {
     /// A copy for one worker: the same server, with that worker's own counters.
     pub fn for_worker(&self) -> Upstream {
         Upstream {
-            label: self.label.clone(),
+            // A string of its own too: the access log clones the label per request.
+            label: Arc::from(&*self.label),
             url: self.url.clone(),
             scheme: self.scheme.clone(),
             authority: self.authority.clone(),

@@ -69,6 +69,8 @@ pub enum Message {
     Reopen,
     /// Write there, so, from now on (a reload); `None`: nowhere.
     Configure(Option<config::AccessLog>),
+    /// Write out every line queued before this, then answer.
+    Flush(mpsc::Sender<()>),
 }
 
 /// The access log of the process: a handle on its writer thread, cheap to clone.
@@ -119,6 +121,13 @@ impl AccessLog {
     /// Asks the writer to reopen its file; waits for room in the queue, never on the disk.
     pub fn reopen(&self) {
         let _ = self.queue.send(Message::Reopen);
+    }
+
+    /// Waits (at most `limit`) until every line handed over so far is written: at a stop,
+    /// so that the last requests' lines are not lost with the process.
+    pub fn flush(&self, limit: Duration) -> bool {
+        let (done, written) = mpsc::channel();
+        self.queue.send(Message::Flush(done)).is_ok() && written.recv_timeout(limit).is_ok()
     }
 
     /// Asks the writer to write elsewhere, or in another format.
@@ -190,5 +199,58 @@ impl Record {
                 _ => None,
             },
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(path: &str) -> Line {
+        Line {
+            time: SystemTime::now(),
+            client: None,
+            request: Some((Method::GET, path.parse().unwrap(), Version::HTTP_11)),
+            status: 200,
+            bytes: 0,
+            referer: None,
+            user_agent: None,
+            upstream: None,
+            upstream_time: None,
+            request_time: Duration::ZERO,
+            request_id: None,
+            failure: None,
+        }
+    }
+
+    #[test]
+    fn a_flush_returns_once_every_line_handed_over_is_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let config = config::AccessLog {
+            file: Some(path.clone()),
+            format: config::AccessLogFormat::default(),
+        };
+        let log = AccessLog::start(Some(config), Arc::new(Metrics::new())).unwrap();
+        let read = || std::fs::read_to_string(&path).unwrap();
+        log.write(line("/first"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !read().contains("GET /first ") {
+            assert!(
+                Instant::now() < deadline,
+                "the first line was never written"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The writer has just written a batch and sleeps before it takes the next: without
+        // the flush, these lines would wait there.
+        for n in 0..100 {
+            log.write(line(&format!("/next/{n}")));
+        }
+        assert!(log.flush(Duration::from_secs(5)));
+        let text = read();
+        for n in 0..100 {
+            assert!(text.contains(&format!("GET /next/{n} ")), "{n} not written");
+        }
     }
 }
