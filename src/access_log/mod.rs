@@ -62,6 +62,26 @@ pub struct Line {
     pub failure: Option<&'static str>,
 }
 
+impl Line {
+    /// A line of these fields, now, with nothing sent and nothing else known.
+    fn bare(client: Option<IpAddr>, request: Option<(Method, Uri, Version)>, status: u16) -> Line {
+        Line {
+            time: SystemTime::now(),
+            client,
+            request,
+            status,
+            bytes: 0,
+            referer: None,
+            user_agent: None,
+            upstream: None,
+            upstream_time: None,
+            request_time: Duration::ZERO,
+            request_id: None,
+            failure: None,
+        }
+    }
+}
+
 /// What the writer thread is asked to do.
 pub enum Message {
     Line(Box<Line>),
@@ -102,20 +122,7 @@ impl AccessLog {
     /// too large: 431): counted as an answer of our own and logged, as nginx logs its 400s.
     pub fn refused(&self, client: Option<IpAddr>, status: u16) {
         self.metrics.answered(None, status);
-        self.write(Line {
-            time: SystemTime::now(),
-            client,
-            request: None,
-            status,
-            bytes: 0,
-            referer: None,
-            user_agent: None,
-            upstream: None,
-            upstream_time: None,
-            request_time: Duration::ZERO,
-            request_id: None,
-            failure: None,
-        });
+        self.write(Line::bare(client, None, status));
     }
 
     /// Asks the writer to reopen its file; waits for room in the queue, never on the disk.
@@ -207,20 +214,8 @@ mod tests {
     use super::*;
 
     fn line(path: &str) -> Line {
-        Line {
-            time: SystemTime::now(),
-            client: None,
-            request: Some((Method::GET, path.parse().unwrap(), Version::HTTP_11)),
-            status: 200,
-            bytes: 0,
-            referer: None,
-            user_agent: None,
-            upstream: None,
-            upstream_time: None,
-            request_time: Duration::ZERO,
-            request_id: None,
-            failure: None,
-        }
+        let request = (Method::GET, path.parse().unwrap(), Version::HTTP_11);
+        Line::bare(None, Some(request), 200)
     }
 
     #[test]
