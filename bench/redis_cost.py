@@ -23,26 +23,22 @@ Standard library only; redis-server on PATH; the server is stopped by its PID.
 
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 HZ = os.sysconf("SC_CLK_TCK")
-SCRIPT = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  ttl = tonumber(ARGV[1])
-end
-return {n, ttl}
-"""
+# The limiter's own script, read from the source, so that what is measured is what ships.
+SCRIPT = re.search(
+    r'WINDOW_SCRIPT: &str = r"(.*?)";',
+    (Path(__file__).resolve().parent.parent / "src/rate_limit/redis.rs").read_text(),
+    re.S,
+).group(1)
 FUNCTION = ("#!lua name=roundabout\nredis.register_function('hit', function(KEYS, ARGV)"
             + SCRIPT + "end)")
 WINDOW_MS = 60000
