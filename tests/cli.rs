@@ -205,41 +205,27 @@ async fn a_1gb_body_passes_both_ways_in_constant_memory() {
 #[actix_rt::test]
 async fn a_dead_server_and_a_dead_redis_are_each_logged_once() {
     let a = Backend::start("a");
-    let log = tempfile::NamedTempFile::new().unwrap();
     let dead_server = dead_url();
     let dead_redis = dead_url().replace("http://", "redis://");
     let port = free_port();
-    let config = config_file(&format!(
-        "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
-         [balancer]\nservers = [\"{}\", \"{dead_server}\"]\n\
-         [health_check]\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
-         [rate_limit]\nredis_url = \"{dead_redis}\"\n[admin]\naddress = \"\"\n\
-         [log]\naccess_log = false\n",
-        a.url()
-    ));
-    let mut child = Command::new(BIN)
-        .args(["--config", config.path().to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log.reopen().unwrap()))
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/");
-    assert!(
-        eventually(Duration::from_secs(10), async || {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await
-    );
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+             [balancer]\nservers = [\"{}\", \"{dead_server}\"]\n\
+             [health_check]\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+             [rate_limit]\nredis_url = \"{dead_redis}\"\n[admin]\naddress = \"\"\n\
+             [log]\naccess_log = false\n",
+            a.url()
+        ),
+    )
+    .await;
+    let url = p.url("/");
     for _ in 0..20 {
         assert_eq!(get(&url).await, (200, "a".to_string()));
     }
     actix_rt::time::sleep(Duration::from_millis(500)).await;
-    let _ = child.kill();
-    let _ = child.wait();
-    let text = std::fs::read_to_string(log.path()).unwrap();
+    let text = p.log();
     let count = |needle: &str| text.lines().filter(|l| l.contains(needle)).count();
     let dead_label = dead_server.trim_start_matches("http://");
     assert_eq!(count(&format!("{dead_label} down")), 1, "{text}");

@@ -2,10 +2,7 @@
 //! breaker that keeps a dead Redis from costing time per request, the recovery, and what
 //! is logged.
 
-use std::{
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use super::*;
 
@@ -117,37 +114,20 @@ async fn with_the_breaker_open_requests_do_not_wait_on_the_dead_store() {
 async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
     let redis = Redis::start();
     let a = Backend::start("a");
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    let text = config_text(
-        &[a.url()],
-        &format!(
-            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 2\n[admin]\naddress = \"\"\n\
-             {}",
-            limiter(&redis.url(), "10s", TRUSTING)
+    let port = free_port();
+    let p = Binary::start(
+        port,
+        &config_text(
+            &[a.url()],
+            &format!(
+                "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 2\n[admin]\naddress = \"\"\n\
+                 {}",
+                limiter(&redis.url(), "10s", TRUSTING)
+            ),
         ),
-    );
-    std::fs::write(config.path(), text).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_roundabout"))
-        .args(["--config", config.path().to_str().unwrap()])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log.reopen().unwrap()))
-        .spawn()
-        .unwrap();
+    )
+    .await;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), async || {
-            tokio::net::TcpStream::connect(addr).await.is_ok()
-        })
-        .await,
-        "the binary listens"
-    );
     let client = client();
     assert_eq!(hit(&client, addr, None).await.remaining(), 4);
 
@@ -162,10 +142,7 @@ async fn an_outage_is_logged_once_when_it_starts_and_once_when_it_ends() {
         let ip = format!("192.0.2.{}", i + 1);
         assert_eq!(hit(&client, addr, Some(&ip)).await.status, 200);
     }
-    let _ = child.kill();
-    let _ = child.wait();
-
-    let text = std::fs::read_to_string(log.path()).unwrap();
+    let text = p.log();
     let lines =
         |needle: &str| -> Vec<&str> { text.lines().filter(|l| l.contains(needle)).collect() };
     let store = format!("redis://127.0.0.1:{} (shared)", redis.port);
