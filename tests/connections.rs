@@ -44,6 +44,16 @@ async fn read_response(s: &mut TcpStream) -> (String, String) {
         .expect("a response within 5 s")
 }
 
+/// Sends a plain `GET /` on `s` and reads its answer, which must be a 200: head and body.
+async fn get_ok(s: &mut TcpStream) -> (String, String) {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, body) = read_response(s).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    (head, body)
+}
+
 /// What a connection gives while `head` is sent one byte every `every`, then nothing:
 /// everything read, whether the server closed, and when the first byte of an answer or the
 /// close came (from the first byte sent). Gives up after `limit`.
@@ -94,11 +104,7 @@ async fn a_head_trickled_on_a_kept_alive_connection_gets_408_and_close() {
     let a = Backend::start("a");
     let lb = balancer(&[a.url()], DEADLINE);
     let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, body) = read_response(&mut s).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (_, body) = get_ok(&mut s).await;
     assert_eq!(body, "a");
 
     let (answer, closed, after) = trickle(
@@ -200,11 +206,7 @@ async fn an_idle_kept_alive_connection_is_closed_after_keepalive_timeout() {
     let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
     // Idle for half the timeout between two requests: kept.
     for _ in 0..2 {
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, _) = read_response(&mut s).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
+        get_ok(&mut s).await;
         actix_rt::time::sleep(Duration::from_millis(500)).await;
     }
     let idle = Instant::now() - Duration::from_millis(500);
@@ -231,11 +233,7 @@ async fn past_max_connections_a_new_connection_waits_until_one_closes() {
     let mut open = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let (head, _) = read_response(&mut s).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
+        get_ok(&mut s).await;
         open.push(s);
     }
 
@@ -265,11 +263,7 @@ async fn keepalive_timeout_zero_closes_each_connection_after_its_answer() {
         "[listen]\naddress = \"127.0.0.1:0\"\nworkers = 1\nkeepalive_timeout = \"0s\"\n",
     );
     let mut s = TcpStream::connect(lb.proxy_addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let (head, _) = read_response(&mut s).await;
-    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (head, _) = get_ok(&mut s).await;
     assert!(head.contains("connection: close"), "{head}");
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
