@@ -146,6 +146,19 @@ impl Browser {
             .unwrap()
     }
 
+    /// Types `token` into the login form and submits it.
+    async fn sign_in(&self, token: &str) {
+        let field = self.client.find(Locator::Id("token")).await.unwrap();
+        field.send_keys(token).await.unwrap();
+        self.client
+            .find(Locator::Css("#login button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
     /// The page's script errors and everything it logged at error level, but failed
     /// requests (a 401 before the token is given is expected).
     async fn errors(&self) -> Vec<String> {
@@ -335,16 +348,7 @@ async fn on_a_phone_with_a_token_the_page_asks_for_it_once_and_adds_a_server() {
     );
     assert!(browser.rows().await.is_empty());
 
-    let token = browser.client.find(Locator::Id("token")).await.unwrap();
-    token.send_keys("wrong").await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.sign_in("wrong").await;
     let refused = eventually(Duration::from_secs(3), async || {
         browser.visible("login").await
             && browser
@@ -360,16 +364,7 @@ async fn on_a_phone_with_a_token_the_page_asks_for_it_once_and_adds_a_server() {
     .await;
     assert!(refused, "a wrong token is refused and asked again");
 
-    let token = browser.client.find(Locator::Id("token")).await.unwrap();
-    token.send_keys("s3cret").await.unwrap();
-    browser
-        .client
-        .find(Locator::Css("#login button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    browser.sign_in("s3cret").await;
     let shown = eventually(Duration::from_secs(3), async || {
         browser.rows().await.len() == 1
     })
