@@ -98,19 +98,26 @@ pub fn upgrade_of(req: &HttpRequest) -> Option<&HeaderValue> {
 /// Removes a message's hop-by-hop headers in place: [`HOP_BY_HOP`] and every header its
 /// `Connection` names. One pass over the map; nothing is copied.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let named: Vec<HeaderName> = connection_options(headers)
+        .filter(|t| names_a_field(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    headers.retain(|name, _| !HOP_BY_HOP.contains(name) && !named.contains(name));
+}
+
+/// The options a message's `Connection` fields list (those that are text), trimmed.
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case("keep-alive")
-                && !t.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
-    headers.retain(|name, _| !HOP_BY_HOP.contains(name) && !named.contains(name));
+        .filter(|t| !t.is_empty())
+}
+
+/// A `Connection` option that names a header field, not only the connection's fate.
+fn names_a_field(option: &str) -> bool {
+    !option.eq_ignore_ascii_case("keep-alive") && !option.eq_ignore_ascii_case("close")
 }
 
 /// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
@@ -123,15 +130,10 @@ pub struct HopByHop<'a> {
 
 impl<'a> HopByHop<'a> {
     pub fn of(headers: &'a HeaderMap) -> Self {
-        let names_more = headers.get_all(header::CONNECTION).any(|v| {
-            v.to_str().map_or(true, |v| {
-                v.split(',').map(str::trim).any(|t| {
-                    !t.is_empty()
-                        && !t.eq_ignore_ascii_case("keep-alive")
-                        && !t.eq_ignore_ascii_case("close")
-                })
-            })
-        });
+        let names_more = headers
+            .get_all(header::CONNECTION)
+            .any(|v| v.to_str().is_err())
+            || connection_options(headers).any(names_a_field);
         Self {
             connection: names_more.then_some(headers),
         }
@@ -141,12 +143,7 @@ impl<'a> HopByHop<'a> {
     pub fn drops(&self, name: &HeaderName) -> bool {
         HOP_BY_HOP.contains(name)
             || self.connection.is_some_and(|headers| {
-                headers.get_all(header::CONNECTION).any(|v| {
-                    v.to_str().is_ok_and(|v| {
-                        v.split(',')
-                            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-                    })
-                })
+                connection_options(headers).any(|t| t.eq_ignore_ascii_case(name.as_str()))
             })
     }
 }
