@@ -176,7 +176,7 @@ pub async fn forward(
                 };
                 send(&req, body, framing, to, &worker, &settings, &client)
                     .await
-                    .map(|reply| (reply, payload))
+                    .map(|reply| (reply, payload, upgrade))
             }
         },
     };
@@ -202,11 +202,11 @@ pub async fn forward(
     };
     let idle = settings.proxy.timeout;
     let mut res = match outcome {
-        Ok((reply, payload)) => {
+        Ok((reply, payload, upgrade)) => {
             record.upstream = Some(reply.lease.upstream().clone());
             record.status = reply.response.status().as_u16();
             record.upstream_time = Some(head_at);
-            match (reply.switched, payload, headers::upgrade_of(&req)) {
+            match (reply.switched, payload, upgrade) {
                 (Some(socket), Some(payload), Some(asked)) => {
                     let asked = asked.clone();
                     let tunnel_idle = settings.proxy.tunnel_idle_timeout;
