@@ -188,7 +188,8 @@ fn switching(protocol: &'static str) -> Scripted {
         vec![
             Step::send(format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {protocol}\r\n\
-                 Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\
+                 Connection: Upgrade\r\nKeep-Alive: timeout=5\r\n\
+                 Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\
                  hello from upstream"
             )),
             Step::Echo,
@@ -227,6 +228,7 @@ async fn a_websocket_upgrade_becomes_a_tunnel_both_ways_held_as_one_request() {
     assert!(lower.contains("upgrade: websocket"), "{head:?}");
     assert!(lower.contains("connection: upgrade"), "{head:?}");
     assert!(lower.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
+    assert!(!lower.contains("keep-alive"), "hop-by-hop: {head:?}");
 
     // Bytes go both ways, unchanged; a 100 KB message crosses whole.
     let message: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();

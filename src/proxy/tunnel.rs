@@ -27,7 +27,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWriteExt as _, ReadBuf, ReadHalf, WriteHalf};
 
-use super::headers::HopByHop;
+use super::headers::strip_hop_by_hop;
 use crate::{
     access_log::{Ending, Record},
     balancer::Lease,
@@ -40,7 +40,7 @@ const READ_SIZE: usize = 16 * 1024;
 /// side (`payload`, the rest of its connection) is copied to the server meanwhile.
 /// `asked` is the request's `Upgrade`, used when the server's 101 does not repeat it.
 pub fn tunnel(
-    res: ClientResponse,
+    mut res: ClientResponse,
     socket: Framed<BoxedSocket, ClientCodec>,
     payload: Payload,
     asked: header::HeaderValue,
@@ -48,21 +48,19 @@ pub fn tunnel(
     idle: Duration,
     record: Record,
 ) -> HttpResponse {
+    // The protocol the server switched to; `Upgrade` itself is hop-by-hop.
+    let protocol = res.headers().get(header::UPGRADE).unwrap_or(&asked).clone();
+    let mut headers = std::mem::take(res.headers_mut());
+    strip_hop_by_hop(&mut headers);
     let mut out = HttpResponseBuilder::new(StatusCode::SWITCHING_PROTOCOLS);
-    let hop = HopByHop::of(res.headers());
-    for (name, value) in res.headers() {
-        if !hop.drops(name) {
-            out.append_header((name.clone(), value.clone()));
-        }
-    }
-    // Sets `Connection: upgrade` and the protocol the server switched to.
-    out.upgrade(res.headers().get(header::UPGRADE).unwrap_or(&asked).clone());
+    // Sets `Connection: upgrade` and `Upgrade`.
+    out.upgrade(protocol);
 
     let parts = socket.into_parts();
     let (read, write) = tokio::io::split(parts.io);
     let activity = Rc::new(Cell::new(Instant::now()));
     let writer = actix_rt::spawn(to_server(payload, write, activity.clone()));
-    out.streaming(TunnelBody {
+    let mut answer = out.streaming(TunnelBody {
         // What the server sent right after its 101, read with the head.
         first: (!parts.read_buf.is_empty()).then(|| parts.read_buf.freeze()),
         read,
@@ -74,7 +72,11 @@ pub fn tunnel(
         _lease: lease,
         record: Some(record),
         bytes: 0,
-    })
+    });
+    for (name, value) in headers {
+        answer.headers_mut().append(name, value);
+    }
+    answer
 }
 
 /// The client's side: its bytes to the server until it closes, then the server's write side
