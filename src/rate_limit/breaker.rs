@@ -85,6 +85,11 @@ pub struct View {
 }
 
 impl View {
+    /// No circuit is open: every check asks the store.
+    pub fn is_clear(&self) -> bool {
+        self.open.is_empty()
+    }
+
     /// Does an open circuit cover a check of `slot` (`None`: not a cluster)?
     pub fn covers(&self, slot: Option<u16>) -> bool {
         // The common case, nothing open, without a look at the slot.

@@ -238,22 +238,18 @@ impl Stores {
     /// `HttpServer::new` factory): the in-process store is the process's one; a Redis
     /// store is a connection of the worker's own, which the breaker's probe also asks.
     pub fn for_worker(&self) -> Arc<dyn Store> {
-        match &self.shared {
-            Shared::Memory(store) => store.clone(),
-            Shared::Redis { client, prefix } => {
-                let store: Arc<dyn Store> = Arc::new(
-                    RedisStore::new(client.clone(), prefix.clone())
-                        .expect("a lazy connection with this configuration is always made"),
-                );
-                self.breaker.watch(&store);
-                store
-            }
+        let store: Arc<dyn Store> = match &self.shared {
+            Shared::Memory(store) => return store.clone(),
+            Shared::Redis { client, prefix } => Arc::new(
+                RedisStore::new(client.clone(), prefix.clone())
+                    .expect("a lazy connection with this configuration is always made"),
+            ),
             Shared::Cluster { client, prefix } => {
-                let store: Arc<dyn Store> = Arc::new(ClusterStore::new(client, prefix.clone()));
-                self.breaker.watch(&store);
-                store
+                Arc::new(ClusterStore::new(client, prefix.clone()))
             }
-        }
+        };
+        self.breaker.watch(&store);
+        store
     }
 
     /// Readies a worker's store on the calling thread (a cluster's: reads its slot table):
@@ -319,17 +315,13 @@ impl RateLimitActor {
     }
 
     /// Turns the store's answer into a verdict; a failure opens the breaker's circuit for
-    /// `slot` (a cluster's) or for the store.
-    fn settle(
-        &mut self,
-        key: ClientKey,
-        slot: Option<u16>,
-        result: Result<Decision, StoreError>,
-    ) -> Verdict {
+    /// the key's slot (a cluster's) or for the store.
+    fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
         match result {
             Ok(d) => self.counted(key, d),
             Err(e) => {
                 self.metrics.store_error();
+                let slot = self.store.slot(key);
                 self.stores.breaker.trip(key, slot, &e, self.on_store_error);
                 self.without_store(key, Instant::now())
             }
@@ -394,19 +386,19 @@ impl Handler<Check> for RateLimitActor {
             }
             self.blocked.remove(&key);
         }
-        let slot = self.store.slot(key);
         self.stores.breaker.refresh(&mut self.view);
-        if self.view.covers(slot) {
+        // The slot (a cluster key formatted and hashed) only when a circuit is open.
+        if !self.view.is_clear() && self.view.covers(self.store.slot(key)) {
             // The store (or the cluster node that holds this key) failed and its probe has
             // not seen it back: not asked, no wait.
             return ActorResponse::reply(self.without_store(key, now));
         }
         match self.store.hit(key, self.limit, self.window, now) {
             // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(key, slot, result)),
+            Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
             Hit::Pending(hit) => ActorResponse::r#async(
                 hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(key, slot, result)),
+                    .map(move |result, act, _| act.settle(key, result)),
             ),
         }
     }
