@@ -135,28 +135,24 @@ impl Writer {
         }
     }
 
+    /// Writes out what waits; the first failure of a run of them is logged, not each.
     fn flush(&mut self) {
-        flush(&mut self.output, &mut self.buf, &mut self.failing);
-    }
-}
-
-/// Writes out `buf`; the first failure of a run of them is logged, not each.
-fn flush(output: &mut Output, buf: &mut Vec<u8>, failing: &mut bool) {
-    if buf.is_empty() {
-        return;
-    }
-    let result = match output {
-        Output::Nowhere => Ok(()),
-        Output::Stderr => io::stderr().lock().write_all(buf),
-        Output::File { file, .. } => file.write_all(buf),
-    };
-    buf.clear();
-    match result {
-        Ok(()) => *failing = false,
-        Err(e) if !*failing => {
-            *failing = true;
-            log::error!("writing the access log: {e}; lines are lost until it works again");
+        if self.buf.is_empty() {
+            return;
         }
-        Err(_) => {}
+        let result = match &mut self.output {
+            Output::Nowhere => Ok(()),
+            Output::Stderr => io::stderr().lock().write_all(&self.buf),
+            Output::File { file, .. } => file.write_all(&self.buf),
+        };
+        self.buf.clear();
+        match result {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                log::error!("writing the access log: {e}; lines are lost until it works again");
+            }
+            Err(_) => {}
+        }
     }
 }
