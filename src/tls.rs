@@ -22,9 +22,6 @@ use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
 };
 
-/// How long a client has to finish its TLS handshake before the connection is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Why a certificate, key or CA file was refused: the file and the problem.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -38,7 +35,7 @@ pub enum TlsError {
 
 impl TlsError {
     /// True when the problem is the key file's (the config error names `listen.tls.key`).
-    pub fn is_key(&self, key: &Path) -> bool {
+    pub(crate) fn is_key(&self, key: &Path) -> bool {
         match self {
             TlsError::Mismatch { .. } => true,
             TlsError::Read { path, .. } | TlsError::Content { path, .. } => path == key,
@@ -51,9 +48,9 @@ impl TlsError {
 pub struct ServerCert {
     pub key: Arc<CertifiedKey>,
     /// Where the chain was read from, for the log.
-    pub cert_path: PathBuf,
+    pub(crate) cert_path: PathBuf,
     /// The leaf's `notAfter`, when it could be read.
-    pub not_after: Option<SystemTime>,
+    pub(crate) not_after: Option<SystemTime>,
 }
 
 impl fmt::Debug for ServerCert {
@@ -109,12 +106,12 @@ impl ServerCert {
     }
 
     /// The expiry date, when the leaf has expired by `now`.
-    pub fn expired_at(&self, now: SystemTime) -> Option<SystemTime> {
+    pub(crate) fn expired_at(&self, now: SystemTime) -> Option<SystemTime> {
         self.not_after.filter(|t| *t < now)
     }
 
     /// Logs a WARN line naming the file and its expiry date when the leaf has expired.
-    pub fn warn_if_expired(&self) {
+    pub(crate) fn warn_if_expired(&self) {
         if let Some(at) = self.expired_at(SystemTime::now()) {
             log::warn!(
                 "listen.tls.cert {}: the certificate expired on {}; clients will refuse it",
@@ -125,7 +122,7 @@ impl ServerCert {
     }
 
     /// True when both hold the same chain.
-    pub fn same_chain(&self, other: &ServerCert) -> bool {
+    pub(crate) fn same_chain(&self, other: &ServerCert) -> bool {
         self.key.cert == other.key.cert
     }
 }
@@ -152,7 +149,7 @@ impl CertStore {
 
     /// New handshakes get `cert` (and no session of the old one); connections already
     /// open keep theirs.
-    pub fn replace(&self, cert: &ServerCert) {
+    pub(crate) fn replace(&self, cert: &ServerCert) {
         *self.key.write().unwrap_or_else(|e| e.into_inner()) = cert.key.clone();
         *self.sessions.write().unwrap_or_else(|e| e.into_inner()) =
             ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
@@ -272,76 +269,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The `notAfter` of an X.509 certificate: Certificate → tbsCertificate → validity, read
-/// with a minimal DER walk (rustls parses certificates but does not expose their dates).
+/// The `notAfter` of an X.509 certificate, `None` when it cannot be parsed (rustls parses
+/// certificates but does not expose their dates).
 fn not_after(cert: &[u8]) -> Option<SystemTime> {
-    let (_, certificate, _) = der(cert)?;
-    let (_, mut tbs, _) = der(certificate)?;
-    // [0] version (optional), serialNumber, signature, issuer, then validity.
-    let (tag, _, rest) = der(tbs)?;
-    if tag == 0xa0 {
-        tbs = rest;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    match u64::try_from(secs) {
+        Ok(after) => SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(after)),
+        Err(_) => SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs())),
     }
-    for _ in 0..3 {
-        tbs = der(tbs)?.2;
-    }
-    let (_, validity, _) = der(tbs)?;
-    let (_, _, validity) = der(validity)?;
-    let (tag, time, _) = der(validity)?;
-    der_time(tag, time)
-}
-
-/// One DER element: (tag, contents, what follows).
-fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        first as usize
-    } else {
-        let n = (first & 0x7f) as usize;
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`) as a time.
-fn der_time(tag: u8, text: &[u8]) -> Option<SystemTime> {
-    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
-    let num = |s: &str| s.parse::<i64>().ok();
-    let (year, rest) = match tag {
-        0x17 if text.len() == 12 => {
-            let yy = num(&text[..2])?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-        }
-        0x18 if text.len() == 14 => (num(&text[..4])?, &text[4..]),
-        _ => return None,
-    };
-    let field = |i: usize| num(&rest[i..i + 2]);
-    let (month, day) = (field(0)?, field(2)?);
-    let secs =
-        days_from_civil(year, month, day) * 86_400 + field(4)? * 3_600 + field(6)? * 60 + field(8)?;
-    if secs >= 0 {
-        SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))
-    } else {
-        SystemTime::UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
