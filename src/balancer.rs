@@ -488,4 +488,60 @@ mod tests {
         });
         assert!(list.begin(&[]).is_some());
     }
+
+    #[actix_rt::test]
+    async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
+        use crate::{
+            config::{Config, HealthCheckSection},
+            health::{HealthActor, Register},
+        };
+        // Nobody listens on port 9: the one probe at start fails, and an hour's interval
+        // keeps the server in rotation meanwhile.
+        let config = Config::from_toml_with_env(
+            "t.toml",
+            "[balancer]\nservers = [\"http://127.0.0.1:9\"]",
+            Some(Default::default()),
+        )
+        .unwrap();
+        let settings = HealthCheckSection {
+            interval: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let health = HealthActor::new(
+            &config.servers,
+            settings,
+            config.upstream_tls,
+            metrics.clone(),
+        )
+        .start();
+        let balancer = BalancerActor::start(
+            strategy::from_config(config::Strategy::RoundRobin),
+            metrics,
+            move |balancer| {
+                health.send(Register {
+                    balancer,
+                    limiter: None,
+                })
+            },
+        );
+        let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
+        drop(balancer.send(NextServer::default()).await.unwrap());
+        assert_eq!(in_flight().await, 0);
+
+        // The request is queued and handled, but whoever asked has gone before reading it.
+        let unread = balancer.send(NextServer::default());
+        for _ in 0..10 {
+            actix_rt::task::yield_now().await;
+        }
+        drop(unread);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while in_flight().await != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the count never ended"
+            );
+            actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
 }

@@ -380,8 +380,6 @@ impl Handler<Balancers> for HealthActor {
 pub struct ServerHealth {
     /// `host:port`.
     pub label: Arc<str>,
-    /// In rotation.
-    pub healthy: bool,
     /// Since when it has been in or out of rotation (or a member).
     pub since: Instant,
     /// The last probe's outcome; `None` until the first has come back.
@@ -405,7 +403,6 @@ impl Handler<Status> for HealthActor {
                     let checks = self.checks.get(&m.upstream.label)?;
                     Some(ServerHealth {
                         label: m.upstream.label.clone(),
-                        healthy: m.healthy,
                         since: checks.since,
                         last: checks.last.clone(),
                     })

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     }
 
     let mut logger = env_logger::Builder::new();
-    logger.filter_level(config.log_level);
+    logger.filter_level(config.log_level());
     // The limiter logs a Redis outage once; the Redis client's own lines would repeat it at
     // every reconnect attempt (RUST_LOG=redis=debug shows them).
     logger.filter_module("redis", log::LevelFilter::Off);
@@ -55,7 +55,10 @@ fn main() -> ExitCode {
         // actix-server's start lines ("starting 1 workers", "Actix runtime found", ...),
         // once per listener, say nothing our own start line does not.
         None => {
-            logger.filter_module("actix_server", config.log_level.min(log::LevelFilter::Warn));
+            logger.filter_module(
+                "actix_server",
+                config.log_level().min(log::LevelFilter::Warn),
+            );
         }
     }
     logger.format_timestamp_millis().init();

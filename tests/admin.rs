@@ -300,46 +300,5 @@ async fn clients_that_reset_mid_request_leave_no_request_counted_in_flight() {
         server_list(&lb).await
     );
     // The gauge agrees.
-    assert_eq!(lb.metrics.in_flight_now(), 0);
-}
-
-#[actix_rt::test]
-async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
-    use actix::Actor as _;
-    use roundabout::{
-        balancer::{BalancerActor, ListServers, NextServer},
-        config::HealthCheckSection,
-        health::{HealthActor, Register},
-        metrics::Metrics,
-        strategy,
-    };
-    let config = config(&[dead_url()], "");
-    let servers = config.servers;
-    let settings = HealthCheckSection {
-        interval: Duration::from_secs(3600),
-        ..Default::default()
-    };
-    let metrics = std::sync::Arc::new(Metrics::new());
-    let health = HealthActor::new(&servers, settings, config.upstream_tls, metrics.clone()).start();
-    let balancer = BalancerActor::start(
-        strategy::from_config(roundabout::config::Strategy::RoundRobin),
-        metrics,
-        move |balancer| {
-            health.send(Register {
-                balancer,
-                limiter: None,
-            })
-        },
-    );
-    let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
-    drop(balancer.send(NextServer::default()).await.unwrap());
-    assert_eq!(in_flight().await, 0);
-
-    // The request is queued and handled, but whoever asked has gone before reading it.
-    let unread = balancer.send(NextServer::default());
-    for _ in 0..10 {
-        actix_rt::task::yield_now().await;
-    }
-    drop(unread);
-    assert!(eventually(Duration::from_secs(1), async || in_flight().await == 0).await);
+    assert_eq!(lb.in_flight(), 0);
 }

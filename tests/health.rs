@@ -11,16 +11,22 @@ use std::{
 };
 
 use common::*;
-use roundabout::admin::servers;
 
-/// Is the server at `url` in rotation, as the balancer reports it?
+/// Is the server at `url` in rotation, as the admin API reports it?
 async fn healthy(lb: &roundabout::Running, url: &str) -> Option<bool> {
-    servers(&lb.health)
+    let admin = lb.admin_addr.expect("the harness starts the admin API");
+    let servers: Vec<serde_json::Value> = client()
+        .get(format!("http://{admin}/servers"))
+        .send()
         .await
         .unwrap()
-        .into_iter()
-        .find(|s| s.url == url)
-        .map(|s| s.healthy)
+        .json()
+        .await
+        .unwrap();
+    servers
+        .iter()
+        .find(|s| s["url"] == url)
+        .and_then(|s| s["healthy"].as_bool())
 }
 
 /// Waits up to `secs` seconds for the server at `url` to be reported `want`; fails if not.

@@ -16,9 +16,10 @@ use serde::Serialize;
 use url::Url;
 
 use super::file::{
-    AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, OnStoreError,
-    ProxySection, RedisUrl, Strategy,
+    AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, ProxySection,
+    Strategy,
 };
+use super::limits::RateLimit;
 use crate::tls::{self, ServerCert};
 
 /// A checked server entry.
@@ -34,34 +35,34 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The plain HTTP listener; `None` when only the TLS one is wanted.
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
     /// The TLS listener and its certificate, read and checked.
-    pub tls: Option<TlsListen>,
+    pub(crate) tls: Option<TlsListen>,
     /// How `https://` servers are verified: the system's roots and `proxy.upstream_ca`.
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub(crate) upstream_tls: Arc<rustls::ClientConfig>,
     /// 0 = one per CPU core.
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// Every request head, first or later on a connection, must arrive within this.
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// An idle kept-alive client connection is closed after this; zero: no keep-alive.
-    pub keepalive_timeout: Duration,
+    pub(crate) keepalive_timeout: Duration,
     /// Open client connections for the whole process (at least 1).
-    pub max_connections: usize,
-    pub strategy: Strategy,
-    pub servers: Vec<ServerConfig>,
-    pub health_check: HealthCheckSection,
-    pub proxy: ProxySection,
-    pub rate_limit: RateLimit,
+    pub(crate) max_connections: usize,
+    pub(crate) strategy: Strategy,
+    pub(crate) servers: Vec<ServerConfig>,
+    pub(crate) health_check: HealthCheckSection,
+    pub(crate) proxy: ProxySection,
+    pub(crate) rate_limit: RateLimit,
     /// `None` disables the admin listener.
-    pub admin: Option<SocketAddr>,
-    pub admin_token: String,
-    pub log_level: log::LevelFilter,
+    pub(crate) admin: Option<SocketAddr>,
+    pub(crate) admin_token: String,
+    pub(crate) log_level: log::LevelFilter,
     /// `None`: no access log.
-    pub access_log: Option<AccessLog>,
+    pub(crate) access_log: Option<AccessLog>,
     /// The file as resolved (after environment overrides), for `--check`.
-    pub resolved: FileConfig,
+    pub(crate) resolved: FileConfig,
     /// Where it was read from; `None` when it was parsed from text.
-    pub source: Option<Source>,
+    pub(crate) source: Option<Source>,
 }
 
 /// The checked `listen.tls_address` and `listen.tls`.
@@ -87,143 +88,10 @@ pub struct AccessLog {
     pub format: AccessLogFormat,
 }
 
-/// The checked `[rate_limit]` section.
-#[derive(Debug, Clone)]
-pub struct RateLimit {
-    pub enabled: bool,
-    pub requests: u64,
-    pub window: Duration,
-    /// `None` = the in-process store.
-    pub redis_url: Option<RedisTarget>,
-    pub key_prefix: String,
-    pub on_store_error: OnStoreError,
-    /// 1..=128: IPv6 clients share one budget per network of this many leading bits.
-    pub ipv6_prefix: u8,
-    pub trusted_proxies: Vec<IpNet>,
-}
+/// A refused value: its dotted key and what is wrong with it.
+pub(super) type KeyError = (String, String);
 
-/// Where the shared counts live: `rate_limit.redis_url`, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RedisTarget {
-    /// One Redis server (or a unix socket).
-    Server(String),
-    /// A Redis Cluster, by its seed nodes (at least one; the others are found from them).
-    Cluster(Vec<String>),
-}
-
-impl RateLimit {
-    /// Where the counts live, for log lines: `redis://host:port (shared)` with any password
-    /// hidden, `redis cluster redis://a:7000,redis://b:7000 (shared)`, or `in-process`.
-    pub fn store_label(&self) -> String {
-        match &self.redis_url {
-            None => "in-process".into(),
-            Some(RedisTarget::Server(url)) => format!("{} (shared)", redact_url(url)),
-            Some(RedisTarget::Cluster(seeds)) => {
-                let seeds: Vec<String> = seeds.iter().map(|u| redact_url(u)).collect();
-                format!("redis cluster {} (shared)", seeds.join(","))
-            }
-        }
-    }
-
-    /// The limiter's part of the start-up line, in config spelling:
-    /// `rate limit 100/60s, store redis://127.0.0.1:6379 (shared), on_store_error = "local"`.
-    pub fn summary(&self) -> String {
-        if !self.enabled {
-            return "rate limit off".into();
-        }
-        let head = format!(
-            "rate limit {}/{}s, store {}",
-            self.requests,
-            self.window.as_secs(),
-            self.store_label()
-        );
-        match self.redis_url {
-            // The in-process store cannot become unreachable: no policy applies.
-            None => head,
-            Some(_) => format!("{head}, on_store_error = \"{}\"", self.on_store_error),
-        }
-    }
-}
-
-/// `url` as it may be logged: a password (in the authority, or as a `pass`/`password`
-/// query parameter of a unix-socket URL) becomes `***`, and a `redis://` URL without a
-/// port shows the default one.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut u) = Url::parse(url) else {
-        return "(unparseable URL)".into();
-    };
-    if u.password().is_some() {
-        let _ = u.set_password(Some("***"));
-    }
-    if u.port().is_none() && matches!(u.scheme(), "redis" | "rediss") && u.host().is_some() {
-        let _ = u.set_port(Some(6379));
-    }
-    if u.query().is_some() {
-        let pairs: Vec<(String, String)> = u
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if matches!(&*k, "pass" | "password") {
-                    "***".into()
-                } else {
-                    v.into_owned()
-                };
-                (k.into_owned(), v)
-            })
-            .collect();
-        u.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    u.to_string()
-}
-
-type KeyError = (String, String);
-
-/// A Redis URL the client can use: `redis://`, `rediss://`, or (not for a cluster's nodes)
-/// a unix socket.
-fn redis_server_url(url: &str, cluster: bool) -> Result<String, String> {
-    let u = Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
-    match u.scheme() {
-        "redis" | "rediss" => Ok(url.to_string()),
-        "unix" | "redis+unix" if !cluster => Ok(url.to_string()),
-        scheme if cluster => Err(format!(
-            "scheme {scheme:?} is not redis:// or rediss:// (a cluster's nodes are reached over TCP)"
-        )),
-        scheme => Err(format!(
-            "scheme {scheme:?} is not redis://, rediss:// or unix://"
-        )),
-    }
-}
-
-/// `rate_limit.redis_url` as a list: a Redis Cluster's seed nodes, which must agree on the
-/// credentials (the cluster client uses one set for every node).
-fn cluster_seeds(seeds: &[String]) -> Result<Vec<String>, KeyError> {
-    if seeds.is_empty() {
-        return Err(key_err(
-            "rate_limit.redis_url",
-            "an empty list names no cluster node (\"\" is the in-process store)",
-        ));
-    }
-    let mut checked: Vec<String> = Vec::with_capacity(seeds.len());
-    for (i, seed) in seeds.iter().enumerate() {
-        let key = format!("rate_limit.redis_url[{i}]");
-        let seed = seed.trim();
-        let url = redis_server_url(seed, true).map_err(|r| key_err(&key, r))?;
-        let credentials = |u: &str| {
-            Url::parse(u)
-                .map(|u| (u.username().to_string(), u.password().map(str::to_string)))
-                .ok()
-        };
-        if i > 0 && credentials(&url) != credentials(&checked[0]) {
-            return Err(key_err(
-                &key,
-                "every cluster node must have the user and password of the first",
-            ));
-        }
-        checked.push(url);
-    }
-    Ok(checked)
-}
-
-fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {
+pub(super) fn key_err(key: impl fmt::Display, reason: impl fmt::Display) -> KeyError {
     (key.to_string(), reason.to_string())
 }
 
@@ -297,40 +165,7 @@ impl FileConfig {
             tls::client_config(upstream_ca).map_err(|e| key_err("proxy.upstream_ca", e))?;
         in_toml_range(self.proxy.max_body_bytes, "proxy.max_body_bytes")?;
 
-        let rl = &self.rate_limit;
-        if rl.requests == 0 {
-            return Err(key_err("rate_limit.requests", "must be at least 1"));
-        }
-        in_toml_range(rl.requests, "rate_limit.requests")?;
-        nonzero(rl.window, "rate_limit.window")?;
-        if rl.window.subsec_nanos() != 0 {
-            return Err(key_err(
-                "rate_limit.window",
-                "must be a whole number of seconds (Retry-After is in seconds)",
-            ));
-        }
-        let redis_url = match &rl.redis_url {
-            RedisUrl::One(url) if url.is_empty() => None,
-            RedisUrl::One(url) => Some(RedisTarget::Server(
-                redis_server_url(url, false).map_err(|r| key_err("rate_limit.redis_url", r))?,
-            )),
-            RedisUrl::Cluster(seeds) => Some(RedisTarget::Cluster(cluster_seeds(seeds)?)),
-        };
-        if rl.key_prefix.is_empty() {
-            return Err(key_err("rate_limit.key_prefix", "must not be empty"));
-        }
-        if !(1..=128).contains(&rl.ipv6_prefix) {
-            return Err(key_err(
-                "rate_limit.ipv6_prefix",
-                format!("{} is not a prefix length from 1 to 128", rl.ipv6_prefix),
-            ));
-        }
-        let mut trusted_proxies = Vec::with_capacity(rl.trusted_proxies.len());
-        for (i, t) in rl.trusted_proxies.iter().enumerate() {
-            let net = parse_net(t.trim())
-                .map_err(|r| key_err(format!("rate_limit.trusted_proxies[{i}]"), r))?;
-            trusted_proxies.push(net);
-        }
+        let rate_limit = self.validate_rate_limit()?;
 
         let admin = if self.admin.address.is_empty() {
             None
@@ -390,16 +225,7 @@ impl FileConfig {
             servers,
             health_check: self.health_check.clone(),
             proxy: self.proxy.clone(),
-            rate_limit: RateLimit {
-                enabled: rl.enabled,
-                requests: rl.requests,
-                window: rl.window,
-                redis_url,
-                key_prefix: rl.key_prefix.clone(),
-                on_store_error: rl.on_store_error,
-                ipv6_prefix: rl.ipv6_prefix,
-                trusted_proxies,
-            },
+            rate_limit,
             admin,
             admin_token: self.admin.token.clone(),
             log_level,
@@ -425,7 +251,7 @@ fn at_most_a_day(d: Duration, key: &str) -> Result<(), KeyError> {
 
 /// A count given as text (the environment, or a quoted value) can exceed what TOML can
 /// write, and `--check` prints the configuration as TOML that must read back the same.
-fn in_toml_range(n: u64, key: &str) -> Result<(), KeyError> {
+pub(super) fn in_toml_range(n: u64, key: &str) -> Result<(), KeyError> {
     if n > i64::MAX as u64 {
         Err(key_err(key, format!("must be at most {}", i64::MAX)))
     } else {
@@ -486,7 +312,7 @@ impl FileConfig {
     }
 }
 
-fn nonzero(d: Duration, key: &str) -> Result<(), KeyError> {
+pub(super) fn nonzero(d: Duration, key: &str) -> Result<(), KeyError> {
     if d.is_zero() {
         Err(key_err(key, "must be greater than zero"))
     } else {
@@ -500,10 +326,21 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// A CIDR, or a bare address meaning just that address.
-pub fn parse_net(s: &str) -> Result<IpNet, String> {
+pub(super) fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is not a CIDR (e.g. \"10.0.0.0/8\") or an IP address"))
+}
+
+/// A server URL's `host:port`, the port written even when it is the scheme's default: the
+/// server's name in logs, metrics and the admin API, and the authority it is sent. (`url`
+/// already writes an IPv6 host in brackets.)
+pub fn authority(url: &Url) -> String {
+    format!(
+        "{}:{}",
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or(80)
+    )
 }
 
 /// Checks a server URL: `http://host:port` or `https://host:port`, no path, query,
@@ -521,11 +358,7 @@ pub fn parse_server_url(s: &str) -> Result<Url, String> {
         return Err(format!("{s:?} must not carry credentials"));
     }
     // The url crate lets through hosts (with `{`, `"`, …) that are no HTTP authority.
-    let authority = format!(
-        "{}:{}",
-        url.host_str().unwrap_or_default(),
-        url.port_or_known_default().unwrap_or(80)
-    );
+    let authority = authority(&url);
     if authority
         .parse::<actix_web::http::uri::Authority>()
         .is_err()
@@ -539,4 +372,22 @@ pub fn parse_server_url(s: &str) -> Result<Url, String> {
         ));
     }
     Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::parse;
+
+    #[test]
+    fn servers_take_plain_and_weighted_forms() {
+        let c = parse(
+            r#"[balancer]
+servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 }]"#,
+        )
+        .unwrap();
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.servers[0].weight, 1);
+        assert_eq!(c.servers[1].weight, 2);
+        assert_eq!(c.servers[1].url.port(), Some(5002));
+    }
 }

@@ -7,7 +7,7 @@
 //! connection of its own) or, with `redis_url = ""`, one in-process map for the whole
 //! process ([`memory::MemoryStore`]).
 //!
-//! A Redis error (down, or a check slower than [`STORE_TIMEOUT`]) opens the process's
+//! A Redis error (down, or a check slower than [`STORE_TIMEOUT`](redis::STORE_TIMEOUT)) opens the process's
 //! [`breaker::Breaker`] (on a Redis Cluster, [`cluster::ClusterStore`], the circuit of the
 //! failed master's slots only): from then until its background probe sees Redis answer
 //! again, no check it covers asks Redis and `on_store_error` answers at once: `local` counts in the process's
@@ -42,10 +42,10 @@ use crate::{
 };
 
 pub use self::{
-    breaker::{Breaker, Shard, View, PROBE_INTERVAL},
+    breaker::{Breaker, Shard, View},
     cluster::ClusterStore,
-    memory::{MemoryStore, MEMORY_STORE_CAP},
-    redis::{RedisStore, STORE_TIMEOUT},
+    memory::MemoryStore,
+    redis::RedisStore,
 };
 
 /// Who a budget belongs to: an IPv4 address, or the IPv6 network of `ipv6_prefix` leading
