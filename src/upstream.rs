@@ -16,7 +16,7 @@ use awc::error::{ConnectError, SendRequestError};
 use url::Url;
 
 use crate::{
-    config::ServerConfig,
+    config::{self, ServerConfig},
     metrics::{Metrics, ServerCounters},
 };
 
@@ -31,7 +31,8 @@ pub struct Upstream {
     pub url: Url,
     /// `http` or `https`, for the upstream request URI.
     pub scheme: Scheme,
-    /// The authority for the upstream request URI; cheap to clone (shared bytes).
+    /// The authority for the upstream request URI; cheap to clone (shared bytes, this
+    /// worker's own: see [`Upstream::for_worker`]).
     pub authority: Authority,
     /// `Host` to send when `proxy.preserve_host = false`.
     pub host_header: HeaderValue,
@@ -45,14 +46,7 @@ impl Upstream {
     /// Builds an upstream from a checked server entry.
     pub fn new(server: &ServerConfig) -> Upstream {
         let url = &server.url;
-        let host = url.host_str().unwrap_or_default();
-        let port = url.port_or_known_default().unwrap_or(80);
-        let host = if host.contains(':') && !host.starts_with('[') {
-            format!("[{host}]")
-        } else {
-            host.to_string()
-        };
-        let label = format!("{host}:{port}");
+        let label = config::authority(url);
         // `label` came from a parsed URL, so it is a valid authority and header value.
         let authority: Authority = label.parse().expect("URL host:port is an authority");
         let host_header = HeaderValue::from_str(&label).expect("URL host:port is a header value");
@@ -84,8 +78,10 @@ impl Upstream {
             label: Arc::from(&*self.label),
             url: self.url.clone(),
             scheme: self.scheme.clone(),
-            authority: self.authority.clone(),
-            host_header: self.host_header.clone(),
+            // Parsed again, not cloned: a clone would share the bytes (and their reference
+            // count, touched per request) with every other worker.
+            authority: self.label.parse().expect("parsed once already"),
+            host_header: HeaderValue::from_str(&self.label).expect("parsed once already"),
             weight: self.weight,
             counters: self.counters.for_worker(),
         }

@@ -9,11 +9,11 @@
 //! `Connection`, in both directions, and any `X-Forwarded-*` the client sent (we set ours).
 //! This module only sequences those steps; it holds no state between requests.
 
-pub mod body;
+mod body;
 pub mod checks;
-pub mod error;
-pub mod headers;
-pub mod tunnel;
+mod error;
+mod headers;
+mod tunnel;
 
 use std::{cell::RefCell, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 
@@ -30,13 +30,14 @@ use awc::{error::SendRequestError, BoxedSocket, UpgradeResponse};
 use ipnet::IpNet;
 use tokio::sync::watch;
 
+pub use self::error::ProxyError;
+pub(crate) use self::headers::client_ip;
 use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
     headers::{rate_limit_headers, upstream_headers, upstream_uri, X_REQUEST_ID},
     tunnel::tunnel,
 };
-pub use self::{error::ProxyError, headers::client_ip};
 use crate::{
     access_log::{AccessEntry, Ending, Record, Sink, CLIENT_CLOSED},
     balancer::{BalancerActor, Lease, NextServer},
@@ -49,7 +50,7 @@ use crate::{
 /// What the hot path reads of the configuration, in the form it needs. Published by
 /// `lib.rs` at start and on every reload; each worker keeps its own copy.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub proxy: ProxySection,
     pub trusted_proxies: Vec<IpNet>,
     /// `Retry-After` for 503 "no healthy server": the health interval, whole seconds, ≥ 1.
@@ -78,8 +79,22 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// A copy for one worker, its header values copied rather than cloned: a clone would
+    /// share their bytes, and the reference count that each request's clone touches, with
+    /// every other worker.
+    fn for_worker(&self) -> Settings {
+        let own = |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).expect("was a value");
+        Settings {
+            retry_after_no_server: own(&self.retry_after_no_server),
+            ratelimit_policy: self.ratelimit_policy.as_ref().map(own),
+            ..self.clone()
+        }
+    }
+}
+
 /// One worker's handles: its balancer and limiter (same thread), its settings and client.
-pub struct Worker {
+pub(crate) struct Worker {
     balancer: Addr<BalancerActor>,
     limiter: Addr<RateLimitActor>,
     health: Addr<HealthActor>,
@@ -114,7 +129,7 @@ impl Worker {
             health,
             sink: Rc::new(sink),
             updates: RefCell::new(updates),
-            current: RefCell::new((Rc::new((*settings).clone()), client)),
+            current: RefCell::new((Rc::new(settings.for_worker()), client)),
         }
     }
 
@@ -131,7 +146,7 @@ impl Worker {
                 current.1 =
                     upstream::client(new.proxy.connect_timeout, None, new.upstream_tls.clone());
             }
-            current.0 = Rc::new((*new).clone());
+            current.0 = Rc::new(new.for_worker());
         }
         let current = self.current.borrow();
         (current.0.clone(), current.1.clone())
@@ -139,7 +154,7 @@ impl Worker {
 }
 
 /// The proxy handler: every request on `listen.address` comes here.
-pub async fn forward(
+pub(crate) async fn forward(
     req: HttpRequest,
     payload: web::Payload,
     worker: web::Data<Worker>,
