@@ -173,7 +173,7 @@ mod tests {
         assert_eq!(c.listen.map(|a| a.port()), Some(9999));
         assert_eq!(c.rate_limit.redis_url, None);
         assert_eq!(c.proxy.retries, 5);
-        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.default_pool().servers.len(), 2);
         assert_eq!(c.admin_token, "007", "text stays text");
         assert_eq!(c.rate_limit.key_prefix, "12345678901234567890123");
         assert!(!c.rate_limit.enabled);

@@ -3,7 +3,7 @@
 //! values whose serde errors would speak Rust (enums, durations); nothing here checks a
 //! value's meaning, which is [`validate`](super::validate)'s job.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use serde::{
     de::{self, IntoDeserializer as _},
@@ -102,6 +102,10 @@ pub struct FileConfig {
     pub rate_limit: RateLimitSection,
     pub admin: AdminSection,
     pub log: LogSection,
+    /// Pools beside `[balancer]` (the pool `default`), by name.
+    pub pools: BTreeMap<String, PoolSection>,
+    /// `[[routes]]`, in file order.
+    pub routes: Vec<RouteSection>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -157,7 +161,113 @@ pub struct BalancerSection {
     pub servers: Vec<FileServer>,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[pools.NAME]`: `[balancer]`'s keys, and the health checks and proxy timeouts of this
+/// pool where they differ from `[health_check]` and `[proxy]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSection {
+    #[serde(deserialize_with = "one_of")]
+    pub strategy: Strategy,
+    pub servers: Vec<FileServer>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyOverrides>,
+}
+
+/// A pool's `health_check` table: any `[health_check]` key, for this pool only.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheckOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+}
+
+/// A pool's `proxy` table: the `[proxy]` keys that may differ per pool.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyOverrides {
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// One `[[routes]]` entry as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteSection {
+    /// Default `route-N`, N its position from 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// A `[pools]` name, or `default` (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    pub strip_prefix: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RouteRateLimit>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRulesSection>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRulesSection>,
+    pub redirect_https: bool,
+}
+
+/// A route's `rate_limit`: `false`, or a budget of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "expected false or a table { requests = N, window = \"1s\" }"
+)]
+pub enum RouteRateLimit {
+    Switch(bool),
+    Budget(RouteBudget),
+}
+
+/// A route's own budget; `window` defaults to `rate_limit.window`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBudget {
+    pub requests: u64,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window: Option<Duration>,
+}
+
+/// A route's `request_headers` or `response_headers`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeaderRulesSection {
+    /// Replaced (or added), name → value.
+    pub set: BTreeMap<String, String>,
+    /// Dropped.
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthCheckSection {
     pub path: String,
@@ -403,5 +513,23 @@ mod duration {
         fn visit_f64<E: de::Error>(self, n: f64) -> Result<Duration, E> {
             Self::unitless(format_args!("the number {n}"))
         }
+    }
+}
+
+/// As [`duration`], for a key that may be left out.
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
     }
 }

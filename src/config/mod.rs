@@ -19,6 +19,8 @@
 mod env;
 mod file;
 mod limits;
+mod pools;
+mod routes;
 mod validate;
 mod words;
 
@@ -36,6 +38,8 @@ pub(crate) use file::{
     Strategy,
 };
 pub(crate) use limits::{redact_url, RateLimit, RedisTarget};
+pub(crate) use pools::{PoolConfig, PoolProxy, DEFAULT_POOL};
+pub(crate) use routes::{HeaderRules, RouteConfig, RouteLimit};
 pub use validate::Config;
 pub(crate) use validate::{authority, parse_server_url, AccessLog, ServerConfig, Source};
 
@@ -121,7 +125,7 @@ impl Config {
                 reason: one_line(&e.to_string()),
             })?;
         let raw: FileConfig = serde_path_to_error::deserialize(merged).map_err(|e| {
-            let key = e.path().to_string();
+            let key = routes_from_one(e.path().to_string());
             let reason = one_line(&in_words(e.inner()));
             if key == "." || key.is_empty() {
                 ConfigError::Source {
@@ -134,6 +138,11 @@ impl Config {
         })?;
         raw.validate()
             .map_err(|(key, reason)| key_error(key, reason))
+    }
+
+    /// The default pool: `[balancer]`.
+    pub(crate) fn default_pool(&self) -> &PoolConfig {
+        &self.pools[0]
     }
 
     /// The log level of `log.level`.
@@ -159,6 +168,21 @@ impl Config {
     }
 }
 
+/// `routes[i]` in a serde path counts from 0; the SPEC's `routes[N]` from 1, as the
+/// default name `route-N` does.
+fn routes_from_one(key: String) -> String {
+    let Some(rest) = key.strip_prefix("routes[") else {
+        return key;
+    };
+    match rest.split_once(']') {
+        Some((n, tail)) => match n.parse::<usize>() {
+            Ok(n) => format!("routes[{}]{tail}", n + 1),
+            Err(_) => key,
+        },
+        None => key,
+    }
+}
+
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
@@ -174,7 +198,10 @@ pub(super) mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.listen, Some("127.0.0.1:8000".parse().unwrap()));
         assert!(c.tls.is_none());
-        assert_eq!(c.health_check.interval, Duration::from_secs(2));
+        assert_eq!(
+            c.default_pool().health_check.interval,
+            Duration::from_secs(2)
+        );
         assert_eq!(c.proxy.retries, 2);
         assert_eq!(c.rate_limit.requests, 100);
         assert_eq!(

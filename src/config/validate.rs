@@ -15,11 +15,8 @@ use ipnet::IpNet;
 use serde::Serialize;
 use url::Url;
 
-use super::file::{
-    AccessLogFormat, AccessLogTarget, FileConfig, FileServer, HealthCheckSection, ProxySection,
-    Strategy,
-};
-use super::limits::RateLimit;
+use super::file::{AccessLogFormat, AccessLogTarget, FileConfig, ProxySection};
+use super::{limits::RateLimit, pools::PoolConfig, routes::RouteConfig};
 use crate::tls::{self, ServerCert};
 
 /// A checked server entry.
@@ -48,9 +45,10 @@ pub struct Config {
     pub(crate) keepalive_timeout: Duration,
     /// Open client connections for the whole process (at least 1).
     pub(crate) max_connections: usize,
-    pub(crate) strategy: Strategy,
-    pub(crate) servers: Vec<ServerConfig>,
-    pub(crate) health_check: HealthCheckSection,
+    /// The default pool (`[balancer]`) first, then `[pools.*]` by name.
+    pub(crate) pools: Vec<PoolConfig>,
+    /// `[[routes]]`, in file order.
+    pub(crate) routes: Vec<RouteConfig>,
     pub(crate) proxy: ProxySection,
     pub(crate) rate_limit: RateLimit,
     /// `None` disables the admin listener.
@@ -113,49 +111,6 @@ impl FileConfig {
         }
         in_toml_range(self.listen.max_connections as u64, "listen.max_connections")?;
 
-        let mut servers = Vec::with_capacity(self.balancer.servers.len());
-        for (i, s) in self.balancer.servers.iter().enumerate() {
-            let (url, weight) = match s {
-                FileServer::Url(u) => (u.as_str(), 1),
-                FileServer::Weighted(w) => (w.url.as_str(), w.weight),
-            };
-            let key = format!("balancer.servers[{i}]");
-            let url = parse_server_url(url).map_err(|r| key_err(format!("{key}.url"), r))?;
-            if weight == 0 {
-                return Err(key_err(format!("{key}.weight"), "must be at least 1"));
-            }
-            if servers.iter().any(|s: &ServerConfig| s.url == url) {
-                return Err(key_err(key, format!("{url} is listed twice")));
-            }
-            servers.push(ServerConfig { url, weight });
-        }
-
-        let hc = &self.health_check;
-        if !hc.path.starts_with('/') {
-            return Err(key_err("health_check.path", "must start with '/'"));
-        }
-        if hc
-            .path
-            .parse::<actix_web::http::uri::PathAndQuery>()
-            .is_err()
-        {
-            return Err(key_err("health_check.path", "is not a valid request path"));
-        }
-        nonzero(hc.interval, "health_check.interval")?;
-        nonzero(hc.timeout, "health_check.timeout")?;
-        if hc.unhealthy_threshold == 0 {
-            return Err(key_err(
-                "health_check.unhealthy_threshold",
-                "must be at least 1",
-            ));
-        }
-        if hc.healthy_threshold == 0 {
-            return Err(key_err(
-                "health_check.healthy_threshold",
-                "must be at least 1",
-            ));
-        }
-
         nonzero(self.proxy.connect_timeout, "proxy.connect_timeout")?;
         nonzero(self.proxy.timeout, "proxy.timeout")?;
         nonzero(self.proxy.tunnel_idle_timeout, "proxy.tunnel_idle_timeout")?;
@@ -166,6 +121,8 @@ impl FileConfig {
         in_toml_range(self.proxy.max_body_bytes, "proxy.max_body_bytes")?;
 
         let rate_limit = self.validate_rate_limit()?;
+        let pools = self.validate_pools()?;
+        let routes = self.validate_routes(&pools, tls.is_some())?;
 
         let admin = if self.admin.address.is_empty() {
             None
@@ -221,9 +178,8 @@ impl FileConfig {
             header_timeout: self.listen.header_timeout,
             keepalive_timeout: self.listen.keepalive_timeout,
             max_connections: self.listen.max_connections,
-            strategy: self.balancer.strategy,
-            servers,
-            health_check: self.health_check.clone(),
+            pools,
+            routes,
             proxy: self.proxy.clone(),
             rate_limit,
             admin,
@@ -385,9 +341,9 @@ mod tests {
 servers = ["http://127.0.0.1:5000", { url = "http://127.0.0.1:5002", weight = 2 }]"#,
         )
         .unwrap();
-        assert_eq!(c.servers.len(), 2);
-        assert_eq!(c.servers[0].weight, 1);
-        assert_eq!(c.servers[1].weight, 2);
-        assert_eq!(c.servers[1].url.port(), Some(5002));
+        assert_eq!(c.default_pool().servers.len(), 2);
+        assert_eq!(c.default_pool().servers[0].weight, 1);
+        assert_eq!(c.default_pool().servers[1].weight, 2);
+        assert_eq!(c.default_pool().servers[1].url.port(), Some(5002));
     }
 }

@@ -58,9 +58,10 @@ pub struct Circuit {
     /// The cluster slots it covers; empty: every check (one Redis, or a cluster whose slot
     /// table is not known).
     slots: Vec<RangeInclusive<u16>>,
-    /// A client whose check failed in it: the probe asks about that key, which a cluster
-    /// routes where that client's checks go.
+    /// A client whose check failed in it, and the route whose budget it counted in: the
+    /// probe asks about that key, which a cluster routes where that client's checks go.
     key: ClientKey,
+    scope: Option<Arc<str>>,
     /// The store, or the cluster node, as logged.
     label: String,
     since: Instant,
@@ -159,6 +160,7 @@ impl Breaker {
     pub fn trip(
         self: &Arc<Self>,
         key: ClientKey,
+        scope: Option<Arc<str>>,
         slot: Option<u16>,
         error: &StoreError,
         policy: OnStoreError,
@@ -173,6 +175,7 @@ impl Breaker {
             let circuit = Arc::new(Circuit {
                 slots,
                 key,
+                scope,
                 label,
                 since: Instant::now(),
                 rounds: if slot.is_some() { 2 } else { 1 },
@@ -233,7 +236,7 @@ impl Breaker {
                 .collect();
             let pings = stores
                 .iter()
-                .filter_map(|s| s.ping(circuit.key))
+                .filter_map(|s| s.ping(circuit.key, circuit.scope.as_deref()))
                 .map(|ping| actix_rt::time::timeout(PROBE_INTERVAL, ping));
             let answered = join_all(pings)
                 .await
@@ -297,11 +300,15 @@ mod tests {
     }
 
     impl Store for Flaky {
-        fn hit(&self, _: ClientKey, _: u64, _: Duration, _: Instant) -> Hit {
+        fn hit(&self, _: ClientKey, _: Option<&str>, _: u64, _: Duration, _: Instant) -> Hit {
             unreachable!("the breaker only pings")
         }
 
-        fn ping(&self, _: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+        fn ping(
+            &self,
+            _: ClientKey,
+            _: Option<&str>,
+        ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
             self.pings.fetch_add(1, Ordering::SeqCst);
             let up = self.up.load(Ordering::SeqCst);
             Some(
@@ -318,7 +325,7 @@ mod tests {
     }
 
     fn key() -> ClientKey {
-        ClientKey::new("192.0.2.1".parse().unwrap(), 64)
+        ClientKey::new("192.0.2.1".parse().unwrap(), 64, 0)
     }
 
     fn breaker(store: &Arc<Flaky>) -> Arc<Breaker> {
@@ -337,7 +344,7 @@ mod tests {
         assert!(!breaker.is_open() && !view.covers(None));
         for _ in 0..50 {
             let error = StoreError::Timeout(PROBE_INTERVAL);
-            breaker.trip(key(), None, &error, OnStoreError::Local);
+            breaker.trip(key(), None, None, &error, OnStoreError::Local);
         }
         assert!(breaker.is_open());
         assert!(!view.covers(None), "a view is a copy");
@@ -380,9 +387,9 @@ mod tests {
             },
         ]);
         let error = StoreError::Timeout(PROBE_INTERVAL);
-        breaker.trip(key(), Some(100), &error, OnStoreError::Local);
+        breaker.trip(key(), None, Some(100), &error, OnStoreError::Local);
         // Another slot of the same master: the same circuit, not a second one.
-        breaker.trip(key(), Some(16100), &error, OnStoreError::Local);
+        breaker.trip(key(), None, Some(16100), &error, OnStoreError::Local);
         let mut view = View::default();
         breaker.refresh(&mut view);
         assert_eq!(view.open.len(), 1);
@@ -395,7 +402,7 @@ mod tests {
         }
 
         // The other master fails too: its own circuit.
-        breaker.trip(key(), Some(9000), &error, OnStoreError::Local);
+        breaker.trip(key(), None, Some(9000), &error, OnStoreError::Local);
         breaker.refresh(&mut view);
         assert_eq!(view.open.len(), 2);
         assert!(view.covers(Some(5461)));
@@ -426,7 +433,7 @@ mod tests {
         let store = Arc::new(Flaky::default());
         let breaker = breaker(&store);
         let error = StoreError::Timeout(PROBE_INTERVAL);
-        breaker.trip(key(), Some(100), &error, OnStoreError::Local);
+        breaker.trip(key(), None, Some(100), &error, OnStoreError::Local);
         let mut view = View::default();
         breaker.refresh(&mut view);
         assert!(view.covers(Some(100)) && view.covers(Some(9000)));

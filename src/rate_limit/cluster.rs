@@ -70,26 +70,37 @@ impl ClusterStore {
 }
 
 impl Store for ClusterStore {
-    fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
+    fn hit(
+        &self,
+        client: ClientKey,
+        scope: Option<&str>,
+        limit: u64,
+        window: Duration,
+        _now: Instant,
+    ) -> Hit {
         check(
             self.conn.clone(),
             self.script.clone(),
-            key(&self.prefix, client),
+            key(&self.prefix, scope, client),
             limit,
             window,
         )
     }
 
-    fn slot(&self, client: ClientKey) -> Option<u16> {
-        Some(slot(key(&self.prefix, client).as_bytes()))
+    fn slot(&self, client: ClientKey, scope: Option<&str>) -> Option<u16> {
+        Some(slot(key(&self.prefix, scope, client).as_bytes()))
     }
 
     /// `PTTL` of the client's key: a read that only the master serving its slot answers (a
     /// replica, before it has taken over, answers MOVED to the master that is away), sent
     /// through this worker's client exactly as its checks are.
-    fn ping(&self, client: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    fn ping(
+        &self,
+        client: ClientKey,
+        scope: Option<&str>,
+    ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         let mut conn = self.conn.clone();
-        let key = key(&self.prefix, client);
+        let key = key(&self.prefix, scope, client);
         Some(on(&self.runtime, Ok(()), async move {
             redis::cmd("PTTL")
                 .arg(key)

@@ -32,9 +32,10 @@ const SHARDS: usize = 16;
 /// memory a flood of clients took is given back when their windows end.
 const SHRINK_FROM: usize = 1024;
 
-/// A client as the store keys it: its address (IPv4 as IPv4-mapped IPv6) in two words,
-/// 16 bytes with no padding, where an `IpAddr` takes 17 and pads the entry to 24.
-type Packed = (u64, u64);
+/// A client as the store keys it: its address (IPv4 as IPv4-mapped IPv6) in two words
+/// and its budget (0: the default; a route's own), 20 bytes where an `IpAddr` and the
+/// budget would pad to 24.
+type Packed = (u64, u64, u32);
 
 /// The in-process store: one per process, shared by every worker.
 ///
@@ -188,7 +189,14 @@ fn nanos(d: Duration) -> u64 {
 }
 
 impl Store for MemoryStore {
-    fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit {
+    fn hit(
+        &self,
+        key: ClientKey,
+        _scope: Option<&str>,
+        limit: u64,
+        window: Duration,
+        now: Instant,
+    ) -> Hit {
         Hit::Ready(Ok(self.count(key, limit, window, now)))
     }
 }
@@ -200,11 +208,15 @@ mod tests {
     use super::*;
 
     fn key(ip: &str) -> ClientKey {
-        ClientKey::new(ip.parse().unwrap(), 64)
+        ClientKey::new(ip.parse().unwrap(), 64, 0)
     }
 
     fn v4(i: u32) -> ClientKey {
-        ClientKey::new(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 64)
+        ClientKey::new(
+            IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
+            64,
+            0,
+        )
     }
 
     #[test]

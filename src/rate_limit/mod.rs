@@ -57,15 +57,19 @@ pub struct ClientKey {
     net: Ipv6Addr,
     /// 0 for IPv4, else the IPv6 prefix length.
     prefix: u8,
+    /// Whose budget: 0 for `[rate_limit]`'s, else a route's ([`budget_id`]).
+    budget: u32,
 }
 
 impl ClientKey {
-    /// `ip`'s key: an IPv4-mapped IPv6 address counts as the IPv4 address it carries.
-    pub fn new(ip: IpAddr, ipv6_prefix: u8) -> Self {
+    /// `ip`'s key in the budget `budget` (0: the default one): an IPv4-mapped IPv6
+    /// address counts as the IPv4 address it carries.
+    pub fn new(ip: IpAddr, ipv6_prefix: u8, budget: u32) -> Self {
         match ip.to_canonical() {
             IpAddr::V4(v4) => ClientKey {
                 net: v4.to_ipv6_mapped(),
                 prefix: 0,
+                budget,
             },
             IpAddr::V6(v6) => {
                 let prefix = ipv6_prefix.clamp(1, 128);
@@ -73,16 +77,17 @@ impl ClientKey {
                 ClientKey {
                     net: Ipv6Addr::from(u128::from(v6) & mask),
                     prefix,
+                    budget,
                 }
             }
         }
     }
 
-    /// The key in 16 bytes, for the in-process store. IPv4 keys are IPv4-mapped and no
+    /// The key in 20 bytes, for the in-process store. IPv4 keys are IPv4-mapped and no
     /// IPv6 key is (those addresses are taken as IPv4), so the two never meet.
-    pub(crate) fn packed(self) -> (u64, u64) {
+    pub(crate) fn packed(self) -> (u64, u64, u32) {
         let bits = u128::from(self.net);
-        ((bits >> 64) as u64, bits as u64)
+        ((bits >> 64) as u64, bits as u64, self.budget)
     }
 }
 
@@ -155,19 +160,32 @@ pub enum Hit {
 /// Where the counts are kept: the in-process store (one per process, shared by every
 /// worker's actor) or a worker's own connection to Redis.
 pub trait Store: Send + Sync {
-    /// Counts one request of `key` at `now` in its current window.
-    fn hit(&self, key: ClientKey, limit: u64, window: Duration, now: Instant) -> Hit;
+    /// Counts one request of `key` at `now` in its current window. `scope` is the route
+    /// whose budget `key` counts in (`None`: the default budget); a Redis store keys it
+    /// `key_prefix:ROUTE:IP`.
+    fn hit(
+        &self,
+        key: ClientKey,
+        scope: Option<&str>,
+        limit: u64,
+        window: Duration,
+        now: Instant,
+    ) -> Hit;
 
     /// The Redis Cluster slot `key`'s count lives in (which circuit of the breaker its
     /// checks go through); `None`: not a cluster.
-    fn slot(&self, _key: ClientKey) -> Option<u16> {
+    fn slot(&self, _key: ClientKey, _scope: Option<&str>) -> Option<u16> {
         None
     }
 
     /// Asks whether the store answers for `key` (opening its connection if need be): at
     /// start, and from the breaker's probe, which runs on the system arbiter (hence
     /// `Send`). `None`: it cannot fail.
-    fn ping(&self, _key: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    fn ping(
+        &self,
+        _key: ClientKey,
+        _scope: Option<&str>,
+    ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         None
     }
 
@@ -257,13 +275,13 @@ impl Stores {
     /// before the first request.
     pub async fn warm_up(self, store: Arc<dyn Store>, policy: OnStoreError) {
         // No client's key: the probe of an outage found here asks about 0.0.0.0's.
-        let key = ClientKey::new(Ipv4Addr::UNSPECIFIED.into(), 64);
+        let key = ClientKey::new(Ipv4Addr::UNSPECIFIED.into(), 64, 0);
         let breaker = self.breaker.clone();
         let ready = match store.shards() {
             Some(read) => read
                 .map(move |shards| shards.map(|shards| breaker.set_shards(shards)))
                 .boxed(),
-            None => match store.ping(key) {
+            None => match store.ping(key, None) {
                 Some(ping) => ping,
                 None => return,
             },
@@ -273,7 +291,7 @@ impl Stores {
             Ok(Err(e)) => e,
             Err(_) => StoreError::Timeout(WARM_UP_TIMEOUT),
         };
-        self.breaker.trip(key, None, &failed, policy);
+        self.breaker.trip(key, None, None, &failed, policy);
     }
 }
 
@@ -316,16 +334,29 @@ impl RateLimitActor {
 
     /// Turns the store's answer into a verdict; a failure opens the breaker's circuit for
     /// the key's slot (a cluster's) or for the store.
-    fn settle(&mut self, key: ClientKey, result: Result<Decision, StoreError>) -> Verdict {
+    fn settle(
+        &mut self,
+        key: ClientKey,
+        budget: Option<&Budget>,
+        result: Result<Decision, StoreError>,
+    ) -> Verdict {
         match result {
             Ok(d) => self.counted(key, d),
             Err(e) => {
                 self.metrics.store_error();
-                let slot = self.store.slot(key);
-                self.stores.breaker.trip(key, slot, &e, self.on_store_error);
-                self.without_store(key, Instant::now())
+                let scope = budget.map(|b| b.name.clone());
+                let slot = self.store.slot(key, scope.as_deref());
+                self.stores
+                    .breaker
+                    .trip(key, scope, slot, &e, self.on_store_error);
+                self.without_store(key, budget, Instant::now())
             }
         }
+    }
+
+    /// The limit and window `budget` counts by: its own, or the default ones.
+    fn terms(&self, budget: Option<&Budget>) -> (u64, Duration) {
+        budget.map_or((self.limit, self.window), |b| (b.requests, b.window))
     }
 
     /// A counted answer; a client found over budget is remembered.
@@ -338,14 +369,12 @@ impl RateLimitActor {
     }
 
     /// What `on_store_error` answers while the store is not asked.
-    fn without_store(&mut self, key: ClientKey, now: Instant) -> Verdict {
+    fn without_store(&mut self, key: ClientKey, budget: Option<&Budget>, now: Instant) -> Verdict {
         match self.on_store_error {
             OnStoreError::Local => {
                 self.metrics.fallback();
-                let d = self
-                    .stores
-                    .fallback
-                    .count(key, self.limit, self.window, now);
+                let (limit, window) = self.terms(budget);
+                let d = self.stores.fallback.count(key, limit, window, now);
                 self.counted(key, d)
             }
             OnStoreError::Allow => Verdict::Uncounted,
@@ -366,39 +395,69 @@ impl Actor for RateLimitActor {
     }
 }
 
-/// May this client IP send one more request?
+/// May this client IP send one more request, in `budget` (`None`: `[rate_limit]`'s)?
 #[derive(Debug, Message)]
 #[rtype(result = "Verdict")]
 pub struct Check {
     pub ip: IpAddr,
+    pub budget: Option<Budget>,
+}
+
+/// A route's own budget, as a check carries it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// Tells the route's counts apart in the in-process stores ([`budget_id`]).
+    pub id: u32,
+    /// The route's name: its Redis key is `key_prefix:NAME:IP`.
+    pub name: Arc<str>,
+    pub requests: u64,
+    pub window: Duration,
+}
+
+/// The number of the budget of the route named `name`, given out on its first use (when
+/// a configuration is loaded, never per request); 0 is `[rate_limit]`'s budget. By name,
+/// so a reload that reorders the routes keeps each one's counts.
+pub fn budget_id(name: &str) -> u32 {
+    static NAMES: std::sync::Mutex<Vec<Box<str>>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    let i = match names.iter().position(|n| &**n == name) {
+        Some(i) => i,
+        None => {
+            names.push(name.into());
+            names.len() - 1
+        }
+    };
+    u32::try_from(i + 1).expect("fewer than 4 billion route names")
 }
 
 impl Handler<Check> for RateLimitActor {
     type Result = ActorResponse<Self, Verdict>;
 
-    fn handle(&mut self, Check { ip }: Check, _: &mut Self::Context) -> Self::Result {
-        let key = ClientKey::new(ip, self.ipv6_prefix);
+    fn handle(&mut self, Check { ip, budget }: Check, _: &mut Self::Context) -> Self::Result {
+        let key = ClientKey::new(ip, self.ipv6_prefix, budget.as_ref().map_or(0, |b| b.id));
+        let (limit, window) = self.terms(budget.as_ref());
         let now = Instant::now();
         if let Some(&until) = self.blocked.get(&key) {
             if until > now {
-                let d = Decision::from_count(self.limit + 1, self.limit, until - now);
+                let d = Decision::from_count(limit + 1, limit, until - now);
                 return ActorResponse::reply(Verdict::Counted(d));
             }
             self.blocked.remove(&key);
         }
         self.stores.breaker.refresh(&mut self.view);
+        let scope = budget.as_ref().map(|b| &*b.name);
         // The slot (a cluster key formatted and hashed) only when a circuit is open.
-        if !self.view.is_clear() && self.view.covers(self.store.slot(key)) {
+        if !self.view.is_clear() && self.view.covers(self.store.slot(key, scope)) {
             // The store (or the cluster node that holds this key) failed and its probe has
             // not seen it back: not asked, no wait.
-            return ActorResponse::reply(self.without_store(key, now));
+            return ActorResponse::reply(self.without_store(key, budget.as_ref(), now));
         }
-        match self.store.hit(key, self.limit, self.window, now) {
+        match self.store.hit(key, scope, limit, window, now) {
             // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(key, result)),
+            Hit::Ready(result) => ActorResponse::reply(self.settle(key, budget.as_ref(), result)),
             Hit::Pending(hit) => ActorResponse::r#async(
                 hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(key, result)),
+                    .map(move |result, act, _| act.settle(key, budget.as_ref(), result)),
             ),
         }
     }
@@ -413,11 +472,9 @@ impl Handler<Reconfigure> for RateLimitActor {
     type Result = ();
 
     fn handle(&mut self, Reconfigure(config): Reconfigure, _: &mut Self::Context) {
-        // Blocks were decided under the old limit, window and keys.
-        let new = (config.requests, config.window, config.ipv6_prefix);
-        if new != (self.limit, self.window, self.ipv6_prefix) {
-            self.blocked.clear();
-        }
+        // Blocks were decided under the old limits, windows and keys (the routes' budgets
+        // may have changed too).
+        self.blocked.clear();
         self.limit = config.requests;
         self.window = config.window;
         self.ipv6_prefix = config.ipv6_prefix;
@@ -439,7 +496,7 @@ mod tests {
     }
 
     fn key(ip: &str, prefix: u8) -> String {
-        ClientKey::new(ip.parse().unwrap(), prefix).to_string()
+        ClientKey::new(ip.parse().unwrap(), prefix, 0).to_string()
     }
 
     #[test]
@@ -455,11 +512,11 @@ mod tests {
         assert_eq!(key("2001:db8:1:2:3:4:5:6", 48), "2001:db8:1::/48");
         assert_eq!(key("2001:db8::1", 128), "2001:db8::1/128");
         assert_eq!(key("::1", 64), "::/64");
-        let a = ClientKey::new("2001:db8::1".parse().unwrap(), 64);
-        let b = ClientKey::new("2001:db8::2".parse().unwrap(), 64);
+        let a = ClientKey::new("2001:db8::1".parse().unwrap(), 64, 0);
+        let b = ClientKey::new("2001:db8::2".parse().unwrap(), 64, 0);
         assert_eq!((a, a.packed()), (b, b.packed()));
-        let v4 = ClientKey::new("0.0.0.1".parse().unwrap(), 96);
-        let v6 = ClientKey::new("::1".parse().unwrap(), 128);
+        let v4 = ClientKey::new("0.0.0.1".parse().unwrap(), 96, 0);
+        let v6 = ClientKey::new("::1".parse().unwrap(), 128, 0);
         assert_ne!(v4.packed(), v6.packed());
     }
 }

@@ -68,11 +68,18 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    fn hit(&self, client: ClientKey, limit: u64, window: Duration, _now: Instant) -> Hit {
+    fn hit(
+        &self,
+        client: ClientKey,
+        scope: Option<&str>,
+        limit: u64,
+        window: Duration,
+        _now: Instant,
+    ) -> Hit {
         check(
             self.conn.clone(),
             self.script.clone(),
-            key(&self.prefix, client),
+            key(&self.prefix, scope, client),
             limit,
             window,
         )
@@ -80,7 +87,11 @@ impl Store for RedisStore {
 
     /// PING over the checks' own connection: an answer means the connection the checks
     /// use is up again (the probe's PING is what makes it reconnect while none are sent).
-    fn ping(&self, _key: ClientKey) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
+    fn ping(
+        &self,
+        _key: ClientKey,
+        _scope: Option<&str>,
+    ) -> Option<BoxFuture<'static, Result<(), StoreError>>> {
         let mut conn = self.conn.clone();
         Some(on(&self.runtime, Ok(()), async move {
             redis::cmd("PING")
@@ -92,9 +103,13 @@ impl Store for RedisStore {
     }
 }
 
-/// The Redis key of a client's count: `key_prefix:IP`.
-pub(super) fn key(prefix: &str, client: ClientKey) -> String {
-    format!("{prefix}:{client}")
+/// The Redis key of a client's count: `key_prefix:IP`, or in a route's own budget
+/// `key_prefix:ROUTE:IP`.
+pub(super) fn key(prefix: &str, scope: Option<&str>, client: ClientKey) -> String {
+    match scope {
+        None => format!("{prefix}:{client}"),
+        Some(route) => format!("{prefix}:{route}:{client}"),
+    }
 }
 
 /// One check of `key` over `conn` (one Redis, or a cluster client): the window script,
