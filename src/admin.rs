@@ -1,13 +1,18 @@
-//! The admin API on `admin.address`: runtime server management, health and metrics.
+//! The admin API on `admin.address`: the pools and their servers (changed at runtime), the
+//! routes, health and metrics.
 //!
 //! The handlers own nothing: membership changes go to the
 //! [`HealthActor`], which broadcasts them to every worker's
-//! balancer; `GET /servers` asks each balancer for its view and sums in-flight counts.
+//! balancer; `GET /pools/{pool}/servers` asks each balancer for its view and sums in-flight
+//! counts. `/servers` is `/pools/default/servers`.
 //! With `admin.token` set, every call but `/healthz` needs `Authorization: Bearer TOKEN`,
 //! compared in constant time. The status page (`status.rs`) is served beside these calls
 //! and uses [`authorize`] and [`server_views`]; this module knows nothing of it.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use actix::Addr;
 use actix_web::{
@@ -19,10 +24,11 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     balancer::{ListServers, ServerView},
-    config::{default_weight, parse_server_url, ServerConfig},
-    health::{AddServer, Balancers, HealthActor, RemoveServer},
+    config::{default_weight, parse_server_url, Config, ServerConfig, DEFAULT_POOL},
+    health::{AddServer, Balancers, HealthActor, ListPools, RemoveServer},
     metrics::Metrics,
     registry::MembershipError,
+    upstream::PoolId,
 };
 
 /// What the admin handlers share.
@@ -31,6 +37,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Empty: no token needed.
     pub token: String,
+    /// The running configuration (a reload replaces it), for `GET /routes`.
+    pub config: Arc<Mutex<Config>>,
 }
 
 /// An admin call that failed; answered as `{"error": "..."}`.
@@ -72,7 +80,9 @@ impl From<MembershipError> for AdminError {
     fn from(e: MembershipError) -> Self {
         match e {
             MembershipError::Duplicate(_) => AdminError::Conflict(e.to_string()),
-            MembershipError::Unknown(_) => AdminError::NotFound(e.to_string()),
+            MembershipError::Unknown(_) | MembershipError::UnknownPool(_) => {
+                AdminError::NotFound(e.to_string())
+            }
         }
     }
 }
@@ -96,13 +106,31 @@ struct NewServer {
     weight: u32,
 }
 
+/// A pool and its servers, as `GET /pools` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolInfo {
+    pub strategy: &'static str,
+    pub servers: Vec<ServerInfo>,
+    /// Gone from the configuration: its servers drain, then it goes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}
+
 /// Registers the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/metrics", web::get().to(metrics))
-        .route("/servers", web::get().to(list_servers))
-        .route("/servers", web::post().to(add_server))
-        .route("/servers/{server}", web::delete().to(remove_server))
+        .route("/servers", web::get().to(list_default_servers))
+        .route("/servers", web::post().to(add_default_server))
+        .route("/servers/{server}", web::delete().to(remove_default_server))
+        .route("/pools", web::get().to(list_pools))
+        .route("/pools/{pool}/servers", web::get().to(list_servers))
+        .route("/pools/{pool}/servers", web::post().to(add_server))
+        .route(
+            "/pools/{pool}/servers/{server}",
+            web::delete().to(remove_server),
+        )
+        .route("/routes", web::get().to(list_routes))
         .default_service(web::to(|| async {
             AdminError::NotFound("no such admin call".into()).error_response()
         }));
@@ -168,23 +196,24 @@ async fn metrics(
         .body(state.metrics.encode()))
 }
 
-/// Every server as the workers see it, once: in-flight counts summed, healthy when every
-/// worker has it in rotation, draining when any worker drains it.
+/// Every server of every pool as the workers see it, once: in-flight counts summed,
+/// healthy when every worker has it in rotation, draining when any worker drains it.
 pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>, AdminError> {
     let balancers = health
         .send(Balancers)
         .await
         .map_err(|_| AdminError::Unavailable)?;
     let mut out: Vec<ServerView> = Vec::new();
-    // Label → index in `out`: every worker lists every server.
-    let mut seen: HashMap<Arc<str>, usize> = HashMap::new();
+    // (pool, label) → index in `out`: every worker lists every server.
+    let mut seen: HashMap<(PoolId, Arc<str>), usize> = HashMap::new();
     for b in balancers {
         // A worker that has stopped no longer has a view to give.
         let Ok(views) = b.send(ListServers).await else {
             continue;
         };
         for v in views {
-            match seen.get(&v.upstream.label) {
+            let key = (v.upstream.pool, v.upstream.label.clone());
+            match seen.get(&key) {
                 Some(&i) => {
                     let s = &mut out[i];
                     s.in_flight += v.in_flight;
@@ -192,7 +221,7 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
                     s.healthy &= v.healthy;
                 }
                 None => {
-                    seen.insert(v.upstream.label.clone(), out.len());
+                    seen.insert(key, out.len());
                     out.push(v);
                 }
             }
@@ -201,31 +230,130 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
     Ok(out)
 }
 
-/// Every server with its health, summed in-flight count, and draining state.
-pub async fn servers(health: &Addr<HealthActor>) -> Result<Vec<ServerInfo>, AdminError> {
-    Ok(server_views(health)
-        .await?
-        .into_iter()
-        .map(|v| ServerInfo {
+impl ServerInfo {
+    fn of(v: &ServerView) -> Self {
+        ServerInfo {
             url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
             weight: v.upstream.weight,
             healthy: v.healthy,
             in_flight: v.in_flight,
             draining: v.draining,
-        })
+        }
+    }
+}
+
+/// The pool named `name`, as the registry has it now; 404 for a pool it does not have.
+async fn known_pool(health: &Addr<HealthActor>, name: &str) -> Result<PoolId, AdminError> {
+    let pools = health
+        .send(ListPools)
+        .await
+        .map_err(|_| AdminError::Unavailable)?;
+    pools
+        .iter()
+        .find(|p| &*p.name == name && !p.retired)
+        .map(|p| p.id)
+        .ok_or_else(|| AdminError::NotFound(format!("no pool {name}")))
+}
+
+/// Every server of `pool` with its health, summed in-flight count, and draining state.
+async fn servers(health: &Addr<HealthActor>, pool: PoolId) -> Result<Vec<ServerInfo>, AdminError> {
+    Ok(server_views(health)
+        .await?
+        .iter()
+        .filter(|v| v.upstream.pool == pool)
+        .map(ServerInfo::of)
         .collect())
 }
 
-async fn list_servers(
+async fn list_default_servers(
     req: HttpRequest,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, AdminError> {
     authorize(&req, &state)?;
-    Ok(HttpResponse::Ok().json(servers(&state.health).await?))
+    Ok(HttpResponse::Ok().json(servers(&state.health, PoolId::DEFAULT).await?))
+}
+
+async fn list_servers(
+    req: HttpRequest,
+    pool: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    let pool = known_pool(&state.health, &pool).await?;
+    Ok(HttpResponse::Ok().json(servers(&state.health, pool).await?))
+}
+
+async fn list_pools(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    let pools = state
+        .health
+        .send(ListPools)
+        .await
+        .map_err(|_| AdminError::Unavailable)?;
+    let views = server_views(&state.health).await?;
+    // A JSON object in name order; `default` is a name like the others there.
+    let out: BTreeMap<&str, PoolInfo> = pools
+        .iter()
+        .map(|p| {
+            let servers = views
+                .iter()
+                .filter(|v| v.upstream.pool == p.id)
+                .map(ServerInfo::of)
+                .collect();
+            let info = PoolInfo {
+                strategy: p.strategy.name(),
+                servers,
+                draining: p.retired,
+            };
+            (&*p.name, info)
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+async fn list_routes(
+    req: HttpRequest,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    authorize(&req, &state)?;
+    let config = state.config.lock().unwrap_or_else(|e| e.into_inner());
+    let routes: Vec<serde_json::Value> = config
+        .routes
+        .iter()
+        .map(|r| {
+            // As written, with the name and pool filled in as they apply.
+            let mut v = serde_json::to_value(&r.written).unwrap_or_default();
+            v["name"] = serde_json::Value::from(&*r.name);
+            v["pool"] = serde_json::Value::from(&*r.pool);
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(routes))
+}
+
+async fn add_default_server(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    added(req, DEFAULT_POOL.into(), body, state).await
 }
 
 async fn add_server(
     req: HttpRequest,
+    pool: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    added(req, pool.into_inner(), body, state).await
+}
+
+async fn added(
+    req: HttpRequest,
+    pool: String,
     body: web::Bytes,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, AdminError> {
@@ -240,6 +368,7 @@ async fn add_server(
     let upstream = state
         .health
         .send(AddServer {
+            pool,
             server: ServerConfig { url, weight },
             by: caller(&req),
         })
@@ -254,16 +383,35 @@ async fn add_server(
     }))
 }
 
+async fn remove_default_server(
+    req: HttpRequest,
+    server: web::Path<String>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    removed(req, DEFAULT_POOL.into(), server.into_inner(), state).await
+}
+
 async fn remove_server(
     req: HttpRequest,
-    path: web::Path<String>,
+    path: web::Path<(String, String)>,
+    state: web::Data<AdminState>,
+) -> Result<HttpResponse, AdminError> {
+    let (pool, server) = path.into_inner();
+    removed(req, pool, server, state).await
+}
+
+async fn removed(
+    req: HttpRequest,
+    pool: String,
+    server: String,
     state: web::Data<AdminState>,
 ) -> Result<HttpResponse, AdminError> {
     authorize(&req, &state)?;
     state
         .health
         .send(RemoveServer {
-            label: path.into_inner(),
+            pool,
+            label: server,
             by: caller(&req),
         })
         .await

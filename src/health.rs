@@ -1,9 +1,10 @@
 //! `HealthActor`: one per process, the single owner of health truth and of the
 //! [`Registry`].
 //!
-//! Every `health_check.interval` it probes every server with `GET url + path`, all at once,
-//! each bounded by `health_check.timeout`, so a hung server never delays another's check or
-//! the next round. Results, and the passive failures the handlers report when they cannot
+//! Every pool's `health_check.interval` it probes every server of that pool with
+//! `GET url + path`, all at once, each bounded by the pool's `health_check.timeout`, so a
+//! hung server never delays another's check or the next round. A server in two pools is
+//! probed and counted in each. Results, and the passive failures the handlers report when they cannot
 //! connect, go through [`HealthState`] (HAProxy's rise/fall): a server changes state only
 //! after `unhealthy_threshold` failures or `healthy_threshold` passes in a row. Every change
 //! is logged once and put in the registry, which broadcasts it to the workers. Runtime
@@ -21,13 +22,18 @@ use actix::prelude::*;
 use actix_web::http::StatusCode;
 
 use crate::{
-    balancer::{BalancerHandles, ListServers, ServerEvent},
-    config::{HealthCheckSection, ServerConfig, Strategy},
+    balancer::{BalancerHandles, ListServers, PoolSpec, ServerEvent},
+    config::{HealthCheckSection, PoolConfig, ServerConfig},
     metrics::Metrics,
     rate_limit::Reconfigure,
     registry::{Changes, MembershipError, Registry, WorkerHandles},
-    upstream::{self, describe, Upstream},
+    upstream::{self, describe, PoolId, Upstream},
 };
+
+/// How long a pool gone from the file keeps serving the requests that a route table read
+/// before the reload sent to it (their limiter check may still be under way), before its
+/// servers are removed and drain.
+const RETIRE_GRACE: Duration = Duration::from_secs(5);
 
 /// The user agent of health checks.
 const USER_AGENT: &str = concat!("roundabout-health/", env!("CARGO_PKG_VERSION"));
@@ -110,84 +116,128 @@ pub struct LastCheck {
     pub latency: Duration,
 }
 
+/// One pool's checks: its settings, and the timer of its rounds.
+struct PoolChecks {
+    settings: HealthCheckSection,
+    rounds: Option<SpawnHandle>,
+}
+
+/// A member's key: its pool and label.
+type Key = (PoolId, Arc<str>);
+
 /// The process-wide health checker; owner of the server registry.
 pub struct HealthActor {
     registry: Registry,
-    /// By label, for every member of the registry.
-    checks: HashMap<Arc<str>, Checks>,
-    settings: HealthCheckSection,
+    /// By pool and label, for every member of the registry.
+    checks: HashMap<Key, Checks>,
+    /// By pool, for every pool of the registry.
+    pools: HashMap<PoolId, PoolChecks>,
     metrics: Arc<Metrics>,
     /// Built in `started`: `awc::Client` is not `Send`, and this actor's thread is its home.
     client: Option<awc::Client>,
     /// How `https://` servers are verified (probes go over HTTPS to them).
     upstream_tls: Arc<rustls::ClientConfig>,
-    /// The timer of the probe rounds, replaced when the interval changes.
-    rounds: Option<SpawnHandle>,
+}
+
+/// A pool as the registry announces it.
+fn spec(pool: &PoolConfig, retired: bool) -> PoolSpec {
+    PoolSpec {
+        id: PoolId::of(&pool.name),
+        name: pool.name.clone(),
+        strategy: pool.strategy,
+        retired,
+    }
 }
 
 impl HealthActor {
-    /// A registry over the configured servers, all in rotation.
+    /// A registry over the configured pools and their servers, all in rotation.
     pub fn new(
-        servers: &[ServerConfig],
-        settings: HealthCheckSection,
+        pools: &[PoolConfig],
         upstream_tls: Arc<rustls::ClientConfig>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let upstreams: Vec<Arc<Upstream>> = servers
+        let mut checks = HashMap::new();
+        let mut members = Vec::with_capacity(pools.len());
+        for pool in pools {
+            let servers: Vec<Arc<Upstream>> = pool
+                .servers
+                .iter()
+                .map(|s| Arc::new(Upstream::new(&pool.name, s).with_metrics(&metrics)))
+                .collect();
+            for u in &servers {
+                metrics.set_healthy(&key_of(u), true);
+                checks.insert(
+                    (u.pool, u.label.clone()),
+                    Checks::new(HealthState::default()),
+                );
+            }
+            members.push((spec(pool, false), servers));
+        }
+        let pools = pools
             .iter()
-            .map(|s| Arc::new(Upstream::new(s).with_metrics(&metrics)))
-            .collect();
-        let checks = upstreams
-            .iter()
-            .map(|u| {
-                metrics.set_healthy(&u.label, true);
-                (u.label.clone(), Checks::new(HealthState::default()))
+            .map(|p| {
+                let checks = PoolChecks {
+                    settings: p.health_check.clone(),
+                    rounds: None,
+                };
+                (PoolId::of(&p.name), checks)
             })
             .collect();
         Self {
-            registry: Registry::new(upstreams),
+            registry: Registry::new(members),
             checks,
-            settings,
+            pools,
             metrics,
             client: None,
             upstream_tls,
-            rounds: None,
         }
     }
 
+    /// The client probes go out with: no cap on connecting of its own (each probe is held
+    /// to its pool's timeout as a whole).
     fn new_client(&self) -> awc::Client {
-        upstream::client(
-            self.settings.timeout,
-            Some(USER_AGENT),
-            self.upstream_tls.clone(),
-        )
+        let longest = self
+            .pools
+            .values()
+            .map(|p| p.settings.timeout)
+            .max()
+            .unwrap_or(Duration::from_secs(1));
+        upstream::client(longest, Some(USER_AGENT), self.upstream_tls.clone())
     }
 
-    /// Probes now, then every `interval`.
-    fn schedule(&mut self, ctx: &mut Context<Self>) {
-        if let Some(rounds) = self.rounds.take() {
+    /// Probes `pool` now, then every interval of its.
+    fn schedule(&mut self, pool: PoolId, ctx: &mut Context<Self>) {
+        let Some(checks) = self.pools.get_mut(&pool) else {
+            return;
+        };
+        if let Some(rounds) = checks.rounds.take() {
             ctx.cancel_future(rounds);
         }
-        self.probe_all(ctx);
-        self.rounds = Some(ctx.run_interval(self.settings.interval, |act, ctx| act.probe_all(ctx)));
+        let interval = checks.settings.interval;
+        self.probe_pool(pool, ctx);
+        let rounds = ctx.run_interval(interval, move |act, ctx| act.probe_pool(pool, ctx));
+        if let Some(checks) = self.pools.get_mut(&pool) {
+            checks.rounds = Some(rounds);
+        }
     }
 
     fn track(&mut self, upstream: &Upstream, state: HealthState, healthy: bool) {
         self.checks
-            .insert(upstream.label.clone(), Checks::new(state));
-        self.metrics.set_healthy(&upstream.label, healthy);
+            .insert((upstream.pool, upstream.label.clone()), Checks::new(state));
+        self.metrics.set_healthy(&key_of(upstream), healthy);
     }
 
     fn untrack(&mut self, upstream: &Upstream) {
-        self.checks.remove(&upstream.label);
-        self.metrics.forget_server(&upstream.label);
+        self.checks.remove(&(upstream.pool, upstream.label.clone()));
+        self.metrics.forget_server(&key_of(upstream));
     }
 
-    fn probe_all(&mut self, ctx: &mut Context<Self>) {
+    fn probe_pool(&mut self, pool: PoolId, ctx: &mut Context<Self>) {
         let all: Vec<Arc<Upstream>> = self
             .registry
             .members()
             .iter()
+            .filter(|m| m.upstream.pool == pool)
             .map(|m| m.upstream.clone())
             .collect();
         for upstream in all {
@@ -197,18 +247,22 @@ impl HealthActor {
 
     fn probe(&mut self, upstream: Arc<Upstream>, ctx: &mut Context<Self>) {
         let Some(client) = &self.client else { return };
-        let Some(checks) = self.checks.get_mut(&upstream.label) else {
+        let Some(settings) = self.pools.get(&upstream.pool).map(|p| &p.settings) else {
+            return;
+        };
+        let key = (upstream.pool, upstream.label.clone());
+        let Some(checks) = self.checks.get_mut(&key) else {
             return;
         };
         if checks.probing {
             return;
         }
         checks.probing = true;
+        let timeout = settings.timeout;
         let request = client
-            .get(upstream.health_url(&self.settings.path))
-            .timeout(self.settings.timeout)
+            .get(upstream.health_url(&settings.path))
+            .timeout(timeout)
             .send();
-        let timeout = self.settings.timeout;
         ctx.spawn(
             async move {
                 let sent = Instant::now();
@@ -222,8 +276,8 @@ impl HealthActor {
                 (upstream, outcome, sent.elapsed())
             }
             .into_actor(self)
-            .map(|(upstream, outcome, latency), act, _| {
-                if let Some(checks) = act.checks.get_mut(&upstream.label) {
+            .map(move |(upstream, outcome, latency), act, _| {
+                if let Some(checks) = act.checks.get_mut(&key) {
                     checks.probing = false;
                     let (Ok(result) | Err(result)) = &outcome;
                     checks.last = Some(LastCheck {
@@ -240,21 +294,22 @@ impl HealthActor {
 
     /// Counts one result for `upstream` (a probe or a passive report) and applies a change.
     fn observe(&mut self, upstream: &Upstream, outcome: Result<String, String>) {
-        let (rise, fall) = (
-            self.settings.healthy_threshold,
-            self.settings.unhealthy_threshold,
-        );
+        let Some(settings) = self.pools.get(&upstream.pool).map(|p| &p.settings) else {
+            return;
+        };
+        let (rise, fall) = (settings.healthy_threshold, settings.unhealthy_threshold);
         // A report on a server removed meanwhile is dropped.
         let (Some(member), Some(checks)) = (
-            self.registry.get(&upstream.label),
-            self.checks.get_mut(&upstream.label),
+            self.registry.get(upstream.pool, &upstream.label),
+            self.checks
+                .get_mut(&(upstream.pool, upstream.label.clone())),
         ) else {
             return;
         };
-        let label = member.upstream.label.clone();
+        let name = member.upstream.to_string();
         let ok = outcome.is_ok();
         if !ok {
-            self.metrics.health_check_failed(&label);
+            self.metrics.health_check_failed(&key_of(upstream));
         }
         let first = checks.state.probation;
         let Some(healthy) = checks.state.observe(member.healthy, ok, rise, fall) else {
@@ -263,19 +318,42 @@ impl HealthActor {
         checks.since = Instant::now();
         // Counts in words: a bare "(1/2)" reads as a threshold not yet met.
         match outcome {
-            Ok(reason) if first => log::info!("{label} up: {reason} (first check passed)"),
+            Ok(reason) if first => log::info!("{name} up: {reason} (first check passed)"),
             Ok(reason) => log::info!(
-                "{label} up: {reason} ({}/{rise} checks passed)",
+                "{name} up: {reason} ({}/{rise} checks passed)",
                 checks.state.passes.min(rise)
             ),
             Err(reason) => log::warn!(
-                "{label} down: {reason} ({}/{fall} checks failed)",
+                "{name} down: {reason} ({}/{fall} checks failed)",
                 checks.state.failures.min(fall)
             ),
         }
-        self.metrics.set_healthy(&label, healthy);
-        self.registry.set_healthy(&label, healthy);
+        self.metrics.set_healthy(&key_of(upstream), healthy);
+        self.registry
+            .set_healthy(upstream.pool, &upstream.label, healthy);
     }
+
+    /// The retired pool's grace is over: its servers are removed and drain.
+    fn forget_pool(&mut self, pool: PoolId, ctx: &mut Context<Self>) {
+        let removed = self.registry.forget(pool);
+        if self.registry.pools().iter().any(|p| p.id == pool) {
+            // Brought back by a later reload.
+            return;
+        }
+        for member in &removed {
+            self.untrack(&member.upstream);
+        }
+        if let Some(checks) = self.pools.remove(&pool) {
+            if let Some(rounds) = checks.rounds {
+                ctx.cancel_future(rounds);
+            }
+        }
+    }
+}
+
+/// A server's name in the metrics: its pool's and its own.
+fn key_of(u: &Upstream) -> (Arc<str>, Arc<str>) {
+    (u.pool_name.clone(), u.label.clone())
 }
 
 /// A status in 200..=399 passes, as in HAProxy's default `http-check expect`.
@@ -289,7 +367,10 @@ impl Actor for HealthActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.client = Some(self.new_client());
         // First round now, so a server that is down at start leaves rotation soon.
-        self.schedule(ctx);
+        let pools: Vec<PoolId> = self.pools.keys().copied().collect();
+        for pool in pools {
+            self.schedule(pool, ctx);
+        }
     }
 }
 
@@ -308,20 +389,17 @@ impl Handler<Register> for HealthActor {
         MessageResult(self.registry.join(WorkerHandles {
             events: msg.balancer.events,
             list: msg.balancer.list,
-            rebalance: msg.balancer.rebalance,
             limiter: msg.limiter,
         }))
     }
 }
 
-/// A reloaded config file's part for the registry and the workers: the servers it lists,
-/// the health settings, the strategy (`None`: unchanged) and the limiter's live keys.
+/// A reloaded config file's part for the registry and the workers: the pools with their
+/// servers and health settings, and the limiter's live keys.
 #[derive(Message)]
 #[rtype(result = "Changes")]
 pub struct Reload {
-    pub servers: Vec<ServerConfig>,
-    pub health_check: HealthCheckSection,
-    pub strategy: Option<Strategy>,
+    pub pools: Vec<PoolConfig>,
     pub limiter: Reconfigure,
     /// The verification of `https://` servers, read again with the file.
     pub upstream_tls: Arc<rustls::ClientConfig>,
@@ -331,32 +409,68 @@ impl Handler<Reload> for HealthActor {
     type Result = MessageResult<Reload>;
 
     fn handle(&mut self, msg: Reload, ctx: &mut Self::Context) -> Self::Result {
-        let servers = msg
-            .servers
+        let pools = msg
+            .pools
             .iter()
-            .map(|s| Arc::new(Upstream::new(s).with_metrics(&self.metrics)))
+            .map(|p| {
+                let servers = p
+                    .servers
+                    .iter()
+                    .map(|s| Arc::new(Upstream::new(&p.name, s).with_metrics(&self.metrics)))
+                    .collect();
+                (spec(p, false), servers)
+            })
             .collect();
-        let changes = self.registry.reload(servers);
+        let changes = self.registry.reload(pools);
         for upstream in &changes.added {
             self.track(upstream, HealthState::default(), true);
         }
         for upstream in &changes.removed {
             self.untrack(upstream);
         }
-        if let Some(strategy) = msg.strategy {
-            self.registry.rebalance(strategy);
+        for &pool in &changes.pools_retired {
+            ctx.run_later(RETIRE_GRACE, move |act, ctx| act.forget_pool(pool, ctx));
         }
         self.registry.reconfigure_limiters(&msg.limiter);
 
-        let old = std::mem::replace(&mut self.settings, msg.health_check);
         // A new CA file, or the same one read again: probes use it from now on.
         let tls_changed = !Arc::ptr_eq(&self.upstream_tls, &msg.upstream_tls);
         self.upstream_tls = msg.upstream_tls;
-        if old.timeout != self.settings.timeout || tls_changed {
-            self.client = Some(self.new_client());
+        let mut new_client = tls_changed;
+        for pool in &msg.pools {
+            let id = PoolId::of(&pool.name);
+            let added_here = changes.added.iter().any(|u| u.pool == id);
+            let old = self.pools.insert(
+                id,
+                PoolChecks {
+                    settings: pool.health_check.clone(),
+                    rounds: None,
+                },
+            );
+            let (rounds, reschedule) = match old {
+                Some(old) => {
+                    new_client |= old.settings.timeout != pool.health_check.timeout;
+                    let again = old.settings.interval != pool.health_check.interval || added_here;
+                    (old.rounds, again)
+                }
+                None => {
+                    new_client = true;
+                    (None, true)
+                }
+            };
+            if let Some(checks) = self.pools.get_mut(&id) {
+                checks.rounds = rounds;
+            }
+            if reschedule {
+                if new_client {
+                    self.client = Some(self.new_client());
+                    new_client = false;
+                }
+                self.schedule(id, ctx);
+            }
         }
-        if old.interval != self.settings.interval || !changes.added.is_empty() {
-            self.schedule(ctx);
+        if new_client {
+            self.client = Some(self.new_client());
         }
         MessageResult(changes)
     }
@@ -378,6 +492,7 @@ impl Handler<Balancers> for HealthActor {
 /// One member's health as the status page shows it.
 #[derive(Debug, Clone)]
 pub struct ServerHealth {
+    pub pool: PoolId,
     /// `host:port`.
     pub label: Arc<str>,
     /// Since when it has been in or out of rotation (or a member).
@@ -400,8 +515,11 @@ impl Handler<Status> for HealthActor {
                 .members()
                 .iter()
                 .filter_map(|m| {
-                    let checks = self.checks.get(&m.upstream.label)?;
+                    let checks = self
+                        .checks
+                        .get(&(m.upstream.pool, m.upstream.label.clone()))?;
                     Some(ServerHealth {
+                        pool: m.upstream.pool,
                         label: m.upstream.label.clone(),
                         since: checks.since,
                         last: checks.last.clone(),
@@ -428,10 +546,13 @@ impl Handler<ConnectFailed> for HealthActor {
     }
 }
 
-/// Adds a server at runtime: out of rotation until its first passed check, probed at once.
+/// Adds a server to a pool at runtime: out of rotation until its first passed check,
+/// probed at once.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Arc<Upstream>, MembershipError>")]
 pub struct AddServer {
+    /// The pool's name.
+    pub pool: String,
     pub server: ServerConfig,
     /// Who asked, for the log: the caller's address.
     pub by: String,
@@ -441,11 +562,13 @@ impl Handler<AddServer> for HealthActor {
     type Result = Result<Arc<Upstream>, MembershipError>;
 
     fn handle(&mut self, msg: AddServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = Arc::new(Upstream::new(&msg.server).with_metrics(&self.metrics));
+        let Some(pool) = self.registry.pool(&msg.pool) else {
+            return Err(MembershipError::UnknownPool(msg.pool));
+        };
+        let upstream = Arc::new(Upstream::new(&pool.name, &msg.server).with_metrics(&self.metrics));
         self.registry.add(upstream.clone())?;
         log::info!(
-            "{} added (weight {}) by {}, waiting for its first check",
-            upstream.label,
+            "{upstream} added (weight {}) by {}, waiting for its first check",
             upstream.weight,
             msg.by
         );
@@ -455,10 +578,12 @@ impl Handler<AddServer> for HealthActor {
     }
 }
 
-/// Removes a server at runtime, by `host:port`; the balancers drain it.
+/// Removes a server from a pool at runtime, by `host:port`; the balancers drain it.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<(), MembershipError>")]
 pub struct RemoveServer {
+    /// The pool's name.
+    pub pool: String,
     /// `host:port`.
     pub label: String,
     /// Who asked, for the log: the caller's address.
@@ -469,10 +594,27 @@ impl Handler<RemoveServer> for HealthActor {
     type Result = Result<(), MembershipError>;
 
     fn handle(&mut self, msg: RemoveServer, _: &mut Self::Context) -> Self::Result {
-        let removed = self.registry.remove(&msg.label)?;
+        let Some(pool) = self.registry.pool(&msg.pool).map(|p| p.id) else {
+            return Err(MembershipError::UnknownPool(msg.pool));
+        };
+        let removed = self.registry.remove(pool, &msg.label)?;
         self.untrack(&removed.upstream);
-        log::info!("{} removed by {}, draining", msg.label, msg.by);
+        log::info!("{} removed by {}, draining", removed.upstream, msg.by);
         Ok(())
+    }
+}
+
+/// Asks for the pools, `default` first; those a reload retired are marked so until their
+/// servers have gone.
+#[derive(Debug, Message)]
+#[rtype(result = "Vec<PoolSpec>")]
+pub struct ListPools;
+
+impl Handler<ListPools> for HealthActor {
+    type Result = MessageResult<ListPools>;
+
+    fn handle(&mut self, _: ListPools, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.registry.pools().to_vec())
     }
 }
 

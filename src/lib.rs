@@ -1,27 +1,33 @@
 //! roundabout: a small HTTP (layer 7) load balancer, built as an actor system on actix.
 //!
 //! # The path of a request
-//! handler ([`proxy::forward`]) → framing checks → client IP → [`rate_limit::RateLimitActor`]
-//! (this worker's) → [`balancer::BalancerActor`] (this worker's) → `awc` to the upstream →
-//! the answer streamed back. The actors on that path live on the handler's own worker
-//! thread, so asking them never crosses a thread (DESIGN.md).
+//! handler ([`proxy::forward`]) → framing checks → the phases over one per-request context:
+//! **route** (the [`routing`] table: which pool) → **limit** ([`rate_limit::RateLimitActor`],
+//! this worker's) → **pick** ([`balancer::BalancerActor`], this worker's, in the pool) →
+//! **rewrite** the upstream request → `awc` → **respond** (streamed back) → **log**. The
+//! actors on that path live on the handler's own worker thread, so asking them never
+//! crosses a thread (DESIGN.md).
 //!
 //! # Layout
 //! - [`config`]: TOML + environment → `FileConfig` → validated [`config::Config`].
 //! - [`proxy`]: the hot path, in `proxy/mod.rs` top to bottom; beside it what is refused
-//!   (`checks`), which headers cross (`headers`), how bodies stream (`body`) and what each
-//!   failure answers (`error`).
-//! - [`balancer`]: `BalancerActor`, one per worker: server list, cursor, in-flight counts,
-//!   and the [`balancer::Lease`] each request holds.
+//!   (`checks`), which headers cross (`headers`), how bodies stream (`body`), what each
+//!   failure answers (`error`) and what it reads of the configuration (`settings`).
+//! - [`routing`]: the route table (hosts, path prefixes, headers, methods → pools), data
+//!   swapped as a whole on reload.
+//! - [`balancer`]: `BalancerActor`, one per worker: every pool's server list, cursor and
+//!   in-flight counts, and the [`balancer::Lease`] each request holds.
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
-//! - [`registry`]: who the servers are and which are in rotation; the workers' recipients.
+//! - [`registry`]: the pools, who the servers are and which are in rotation; the workers'
+//!   recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
 //! - [`rate_limit`]: `RateLimitActor`, one per worker, over Redis or a Redis Cluster (the
 //!   worker's own connection, behind a breaker, with an in-process fallback) or an
-//!   in-process store.
-//! - [`upstream`]: a server as the hot path sees it, and the one `awc` client builder.
+//!   in-process store; the default budget and each route's own.
+//! - [`upstream`]: a server as the hot path sees it (its identity is pool and server), and
+//!   the one `awc` client builder.
 //! - [`access_log`]: one line per request, when its body is done.
-//! - [`admin`]: the admin API (servers, metrics, healthz).
+//! - [`admin`]: the admin API (pools, servers, routes, metrics, healthz).
 //! - [`status`]: the status page beside it (`GET /`, `GET /status.json`): reads only.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
 //! - [`tls`]: rustls: the listener's certificate (swapped on reload), `https://` servers.
@@ -47,6 +53,7 @@ pub mod proxy;
 mod rate_limit;
 mod registry;
 mod reload;
+mod routing;
 mod status;
 mod strategy;
 pub mod tls;
@@ -189,7 +196,6 @@ pub fn start(config: Config) -> io::Result<Running> {
             format!("rate_limit.redis_url: {e}"),
         )
     })?;
-    let (settings, updates) = watch::channel(Arc::new(Settings::new(&config)));
     let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
@@ -212,7 +218,8 @@ pub fn start(config: Config) -> io::Result<Running> {
         .as_ref()
         .map(|l| l.local_addr())
         .transpose()?;
-    if config.servers.is_empty() {
+    let (settings, updates) = watch::channel(Arc::new(Settings::new(&config, tls_addr)));
+    if config.default_pool().servers.is_empty() {
         // Not an error (servers can come at runtime), but a new user's first 503s need a why.
         match admin_addr {
             Some(a) => log::warn!(
@@ -226,16 +233,16 @@ pub fn start(config: Config) -> io::Result<Running> {
         }
     }
 
-    let health = HealthActor::new(
-        &config.servers,
-        config.health_check.clone(),
-        config.upstream_tls.clone(),
-        metrics.clone(),
-    )
-    .start();
+    let health =
+        HealthActor::new(&config.pools, config.upstream_tls.clone(), metrics.clone()).start();
 
-    let strategy = config.strategy;
     let rate_limit = config.rate_limit.clone();
+    // A route's own budget counts whatever `rate_limit.enabled` says.
+    let limiting = rate_limit.enabled
+        || config
+            .routes
+            .iter()
+            .any(|r| matches!(r.limit, routing::RouteLimit::Own { .. }));
     let running_config = Arc::new(Mutex::new(config.clone()));
     let status_breaker = stores.breaker.clone();
     let factory_health = health.clone();
@@ -263,7 +270,7 @@ pub fn start(config: Config) -> io::Result<Running> {
                 .default_service(web::to(proxy::forward));
         }
         let store = stores.for_worker();
-        if rate_limit.enabled {
+        if limiting {
             actix_rt::spawn(
                 stores
                     .clone()
@@ -275,16 +282,12 @@ pub fn start(config: Config) -> io::Result<Running> {
                 .start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
-        let balancer = BalancerActor::start(
-            strategy::from_config(strategy),
-            factory_metrics.clone(),
-            move |balancer| {
-                registry.send(Register {
-                    balancer,
-                    limiter: limiter_handle,
-                })
-            },
-        );
+        let balancer = BalancerActor::start(factory_metrics.clone(), move |balancer| {
+            registry.send(Register {
+                balancer,
+                limiter: limiter_handle,
+            })
+        });
         let worker = web::Data::new(Worker::new(
             balancer,
             limiter,
@@ -342,6 +345,7 @@ pub fn start(config: Config) -> io::Result<Running> {
                 health: health.clone(),
                 metrics: metrics.clone(),
                 token: config.admin_token.clone(),
+                config: running_config.clone(),
             });
             let status = Arc::new(StatusState::new(
                 running_config.clone(),
@@ -369,15 +373,23 @@ pub fn start(config: Config) -> io::Result<Running> {
     };
 
     log::info!(
-        "roundabout {} listening on {} ({} servers, {}); {}{}",
+        "roundabout {} listening on {} ({}, {}{}); {}{}",
         env!("CARGO_PKG_VERSION"),
         match (config.listen.map(|_| proxy_addr), tls_addr) {
             (Some(plain), Some(tls)) => format!("{plain} and {tls} (TLS)"),
             (Some(plain), None) => plain.to_string(),
             (None, _) => format!("{proxy_addr} (TLS)"),
         },
-        config.servers.len(),
-        config.strategy.name(),
+        plural(config.default_pool().servers.len(), "server"),
+        config.default_pool().strategy.name(),
+        match (config.pools.len() - 1, config.routes.len()) {
+            (0, 0) => String::new(),
+            (pools, routes) => format!(
+                "; {} more, {}",
+                plural(pools, "pool"),
+                plural(routes, "route")
+            ),
+        },
         config.rate_limit.summary(),
         admin_addr.map_or_else(String::new, |a| format!("; admin on {a}")),
     );
@@ -395,6 +407,15 @@ pub fn start(config: Config) -> io::Result<Running> {
         access_log,
         config: running_config,
     })
+}
+
+/// `n thing` or `n things`.
+fn plural(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
 }
 
 /// The number of proxy workers: `listen.workers`, or one per core as actix-server counts

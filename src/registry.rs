@@ -1,19 +1,23 @@
-//! The server registry: who is a member, whether each member is in rotation, and the
-//! recipients of every worker, to which each change is broadcast.
+//! The server registry: the pools, who is a member of each, whether each member is in
+//! rotation, and the recipients of every worker, to which each change is broadcast.
 //!
-//! A plain struct, owned by the HealthActor (the single writer); it knows the workers'
-//! actors only as `Recipient`s of the messages they handle. It decides nothing about health
-//! (that is the rise/fall counting in `health.rs`) and never probes a server.
+//! A server's identity is (pool, `host:port`): a URL listed in two pools is two members,
+//! probed and counted apart. A plain struct, owned by the HealthActor (the single writer);
+//! it knows the workers' actors only as `Recipient`s of the messages they handle. It
+//! decides nothing about health (that is the rise/fall counting in `health.rs`) and never
+//! probes a server.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use actix::Recipient;
 
 use crate::{
-    balancer::{ListServers, Rebalance, ServerEvent},
-    config::Strategy,
+    balancer::{ListServers, PoolSpec, ServerEvent},
     rate_limit::Reconfigure,
-    upstream::Upstream,
+    upstream::{PoolId, Upstream},
 };
 
 /// One registered server.
@@ -36,6 +40,12 @@ pub struct Changes {
     pub removed: Vec<Arc<Upstream>>,
     /// Still in the file with another weight.
     pub reweighted: Vec<Arc<Upstream>>,
+    /// Pools new in the file.
+    pub pools_added: Vec<Arc<str>>,
+    /// Pools gone from the file: retired now, their servers removed after a grace.
+    pub pools_retired: Vec<PoolId>,
+    /// Pools whose strategy changed, with the new one's name.
+    pub strategies: Vec<(Arc<str>, &'static str)>,
 }
 
 /// What a worker registers: where to send server changes, where to ask for its view, and
@@ -43,7 +53,6 @@ pub struct Changes {
 pub struct WorkerHandles {
     pub events: Recipient<ServerEvent>,
     pub list: Recipient<ListServers>,
-    pub rebalance: Recipient<Rebalance>,
     pub limiter: Option<Recipient<Reconfigure>>,
 }
 
@@ -54,35 +63,46 @@ pub enum MembershipError {
     Duplicate(String),
     #[error("no server {0}")]
     Unknown(String),
+    #[error("no pool {0}")]
+    UnknownPool(String),
 }
 
-/// The members, in the order they were configured or added, and the workers.
+/// A member's key: its pool and label.
+type Key = (PoolId, Arc<str>);
+
+/// The pools, their members in the order they were configured or added, and the workers.
 #[derive(Default)]
 pub struct Registry {
+    /// The pools as the balancers know them: `default` first, then by name.
+    pools: Vec<PoolSpec>,
     members: Vec<Member>,
-    /// Label → index in `members`.
-    index: HashMap<Arc<str>, usize>,
+    /// (pool, label) → index in `members`.
+    index: HashMap<Key, usize>,
     workers: Vec<WorkerHandles>,
 }
 
 impl Registry {
-    /// A registry of `servers`, all in rotation (servers from the config file are, until
-    /// checks say otherwise).
-    pub fn new(servers: impl IntoIterator<Item = Arc<Upstream>>) -> Self {
+    /// A registry of `pools`, with their servers all in rotation (servers from the config
+    /// file are, until checks say otherwise).
+    pub fn new(pools: impl IntoIterator<Item = (PoolSpec, Vec<Arc<Upstream>>)>) -> Self {
         let mut registry = Self::default();
-        for upstream in servers {
-            registry.insert(Member {
-                upstream,
-                healthy: true,
-                from_file: true,
-            });
+        for (spec, servers) in pools {
+            registry.pools.push(spec);
+            for upstream in servers {
+                registry.insert(Member {
+                    upstream,
+                    healthy: true,
+                    from_file: true,
+                });
+            }
         }
         registry
     }
 
     fn insert(&mut self, member: Member) {
+        let u = &member.upstream;
         self.index
-            .insert(member.upstream.label.clone(), self.members.len());
+            .insert((u.pool, u.label.clone()), self.members.len());
         self.members.push(member);
     }
 
@@ -91,19 +111,33 @@ impl Registry {
         &self.members
     }
 
-    /// The member named `label` (`host:port`).
-    pub fn get(&self, label: &str) -> Option<&Member> {
-        self.index.get(label).map(|&i| &self.members[i])
+    /// The pools, `default` first.
+    pub fn pools(&self) -> &[PoolSpec] {
+        &self.pools
     }
 
-    /// The whole list with each member's health, as a worker needs it at start.
+    /// The pool named `name`, unless it is retired.
+    pub fn pool(&self, name: &str) -> Option<&PoolSpec> {
+        self.pools.iter().find(|p| &*p.name == name && !p.retired)
+    }
+
+    /// The member named `label` (`host:port`) in `pool`.
+    pub fn get(&self, pool: PoolId, label: &str) -> Option<&Member> {
+        self.index
+            .get(&(pool, Arc::from(label)))
+            .map(|&i| &self.members[i])
+    }
+
+    /// Every pool, and every member with its health, as a worker needs them at start.
     pub fn snapshot(&self) -> ServerEvent {
-        ServerEvent::Snapshot(
-            self.members
+        ServerEvent::Snapshot {
+            pools: self.pools.clone(),
+            servers: self
+                .members
                 .iter()
                 .map(|m| (m.upstream.clone(), m.healthy))
                 .collect(),
-        )
+        }
     }
 
     /// A worker joins the broadcast; the answer is the current list.
@@ -114,7 +148,17 @@ impl Registry {
 
     /// Adds a member out of rotation (a server added at runtime waits for its first check).
     pub fn add(&mut self, upstream: Arc<Upstream>) -> Result<(), MembershipError> {
-        if self.index.contains_key(&upstream.label) {
+        if !self
+            .pools
+            .iter()
+            .any(|p| p.id == upstream.pool && !p.retired)
+        {
+            return Err(MembershipError::UnknownPool(upstream.pool_name.to_string()));
+        }
+        if self
+            .index
+            .contains_key(&(upstream.pool, upstream.label.clone()))
+        {
             return Err(MembershipError::Duplicate(upstream.label.to_string()));
         }
         self.insert(Member {
@@ -130,28 +174,28 @@ impl Registry {
     }
 
     /// Removes a member; the workers drain it.
-    pub fn remove(&mut self, label: &str) -> Result<Member, MembershipError> {
+    pub fn remove(&mut self, pool: PoolId, label: &str) -> Result<Member, MembershipError> {
+        let key = (pool, Arc::from(label));
         let i = self
             .index
-            .get(label)
-            .copied()
+            .remove(&key)
             .ok_or_else(|| MembershipError::Unknown(label.to_string()))?;
         let removed = self.members.remove(i);
-        self.index.remove(label);
         for slot in self.index.values_mut() {
             if *slot > i {
                 *slot -= 1;
             }
         }
         self.broadcast(ServerEvent::Removed {
+            pool,
             label: removed.upstream.label.clone(),
         });
         Ok(removed)
     }
 
     /// Puts a member in or out of rotation and tells the workers; false when it already was.
-    pub fn set_healthy(&mut self, label: &str, healthy: bool) -> bool {
-        let Some(&i) = self.index.get(label) else {
+    pub fn set_healthy(&mut self, pool: PoolId, label: &str, healthy: bool) -> bool {
+        let Some(&i) = self.index.get(&(pool, Arc::from(label))) else {
             return false;
         };
         let member = &mut self.members[i];
@@ -160,62 +204,111 @@ impl Registry {
         }
         member.healthy = healthy;
         let label = member.upstream.label.clone();
-        self.broadcast(ServerEvent::Health { label, healthy });
+        self.broadcast(ServerEvent::Health {
+            pool,
+            label,
+            healthy,
+        });
         true
     }
 
-    /// Applies the servers of a reloaded config file: new ones join in rotation, ones gone
-    /// from the file drain (servers added through the admin API stay), a new weight applies
-    /// at once.
-    pub fn reload(&mut self, servers: Vec<Arc<Upstream>>) -> Changes {
+    /// Applies the pools of a reloaded config file: new pools are made, strategies change,
+    /// pools gone from the file are retired (their servers go with [`Registry::forget`]);
+    /// in each pool new servers join in rotation, servers gone from the file drain
+    /// (servers added through the admin API stay), a new weight applies at once.
+    pub fn reload(&mut self, pools: Vec<(PoolSpec, Vec<Arc<Upstream>>)>) -> Changes {
         let mut changes = Changes::default();
-        let listed: std::collections::HashSet<Arc<str>> =
-            servers.iter().map(|u| u.label.clone()).collect();
-        for upstream in servers {
-            match self.index.get(&upstream.label) {
-                Some(&i) => {
-                    let member = &mut self.members[i];
-                    member.from_file = true;
-                    if member.upstream.weight != upstream.weight {
-                        member.upstream = upstream.clone();
-                        changes.reweighted.push(upstream.clone());
-                        self.broadcast(ServerEvent::Reweighted { upstream });
-                    }
+        let listed: HashSet<PoolId> = pools.iter().map(|(p, _)| p.id).collect();
+        let mut specs: Vec<PoolSpec> = Vec::with_capacity(pools.len());
+        for (spec, _) in &pools {
+            match self.pools.iter().find(|p| p.id == spec.id) {
+                None => changes.pools_added.push(spec.name.clone()),
+                Some(old) if old.strategy != spec.strategy => changes
+                    .strategies
+                    .push((spec.name.clone(), spec.strategy.name())),
+                Some(_) => {}
+            }
+            specs.push(spec.clone());
+        }
+        for old in &self.pools {
+            if !listed.contains(&old.id) {
+                if !old.retired {
+                    changes.pools_retired.push(old.id);
                 }
-                None => {
-                    self.insert(Member {
-                        upstream: upstream.clone(),
-                        healthy: true,
-                        from_file: true,
-                    });
-                    changes.added.push(upstream.clone());
-                    self.broadcast(ServerEvent::Added {
-                        upstream,
-                        healthy: true,
-                    });
-                }
+                specs.push(PoolSpec {
+                    retired: true,
+                    ..old.clone()
+                });
             }
         }
-        let gone: Vec<Arc<str>> = self
-            .members
-            .iter()
-            .filter(|m| m.from_file && !listed.contains(&m.upstream.label))
-            .map(|m| m.upstream.label.clone())
-            .collect();
-        for label in gone {
-            if let Ok(member) = self.remove(&label) {
-                changes.removed.push(member.upstream);
+        // The pools first: a server added below goes to a pool the balancers have.
+        self.pools = specs;
+        self.broadcast(ServerEvent::Pools(self.pools.clone()));
+
+        for (spec, servers) in pools {
+            let names: HashSet<Arc<str>> = servers.iter().map(|u| u.label.clone()).collect();
+            for upstream in servers {
+                match self.index.get(&(spec.id, upstream.label.clone())) {
+                    Some(&i) => {
+                        let member = &mut self.members[i];
+                        member.from_file = true;
+                        if member.upstream.weight != upstream.weight {
+                            member.upstream = upstream.clone();
+                            changes.reweighted.push(upstream.clone());
+                            self.broadcast(ServerEvent::Reweighted { upstream });
+                        }
+                    }
+                    None => {
+                        self.insert(Member {
+                            upstream: upstream.clone(),
+                            healthy: true,
+                            from_file: true,
+                        });
+                        changes.added.push(upstream.clone());
+                        self.broadcast(ServerEvent::Added {
+                            upstream,
+                            healthy: true,
+                        });
+                    }
+                }
+            }
+            let gone: Vec<Arc<str>> = self
+                .members
+                .iter()
+                .filter(|m| {
+                    m.upstream.pool == spec.id && m.from_file && !names.contains(&m.upstream.label)
+                })
+                .map(|m| m.upstream.label.clone())
+                .collect();
+            for label in gone {
+                if let Ok(member) = self.remove(spec.id, &label) {
+                    changes.removed.push(member.upstream);
+                }
             }
         }
         changes
     }
 
-    /// Every live worker's balancer changes strategy.
-    pub fn rebalance(&mut self, strategy: Strategy) {
-        self.forget_stopped();
-        for w in &self.workers {
-            w.rebalance.do_send(Rebalance(strategy));
+    /// A retired pool goes: its members are removed (they drain) and it leaves the list
+    /// once the workers have no requests on them. Nothing happens to a pool that a later
+    /// reload brought back meanwhile.
+    pub fn forget(&mut self, pool: PoolId) -> Vec<Member> {
+        if !self.pools.iter().any(|p| p.id == pool && p.retired) {
+            return Vec::new();
         }
+        let labels: Vec<Arc<str>> = self
+            .members
+            .iter()
+            .filter(|m| m.upstream.pool == pool)
+            .map(|m| m.upstream.label.clone())
+            .collect();
+        let removed = labels
+            .iter()
+            .filter_map(|label| self.remove(pool, label).ok())
+            .collect();
+        self.pools.retain(|p| p.id != pool);
+        self.broadcast(ServerEvent::Pools(self.pools.clone()));
+        removed
     }
 
     /// Every live worker's limiter takes new settings.
@@ -248,22 +341,45 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ServerConfig;
+    use crate::config::{ServerConfig, Strategy};
 
     fn upstream(port: u16) -> Arc<Upstream> {
         Upstream::local(port)
     }
 
+    fn weighted(pool: &str, port: u16, weight: u32) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            pool,
+            &ServerConfig {
+                url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+                weight,
+            },
+        ))
+    }
+
+    fn spec(name: &str) -> PoolSpec {
+        PoolSpec {
+            id: PoolId::of(name),
+            name: name.into(),
+            strategy: Strategy::RoundRobin,
+            retired: false,
+        }
+    }
+
+    fn one_pool(servers: Vec<Arc<Upstream>>) -> Registry {
+        Registry::new([(spec("default"), servers)])
+    }
+
     fn labels(r: &Registry) -> Vec<String> {
         r.members()
             .iter()
-            .map(|m| m.upstream.label.to_string())
+            .map(|m| format!("{}/{}", m.upstream.pool_name, m.upstream.label))
             .collect()
     }
 
     #[test]
     fn configured_servers_start_in_rotation_and_added_ones_out_of_it() {
-        let mut r = Registry::new([upstream(1), upstream(2)]);
+        let mut r = one_pool(vec![upstream(1), upstream(2)]);
         r.add(upstream(3)).unwrap();
         let healthy: Vec<bool> = r.members().iter().map(|m| m.healthy).collect();
         assert_eq!(healthy, [true, true, false]);
@@ -271,66 +387,120 @@ mod tests {
             r.add(upstream(3)),
             Err(MembershipError::Duplicate(_))
         ));
+        assert!(matches!(
+            r.add(weighted("reg-nowhere", 3, 1)),
+            Err(MembershipError::UnknownPool(_))
+        ));
     }
 
     #[test]
     fn removing_a_member_keeps_the_others_findable_by_label() {
-        let mut r = Registry::new([upstream(1), upstream(2), upstream(3)]);
-        r.remove("127.0.0.1:1").unwrap();
-        assert_eq!(labels(&r), ["127.0.0.1:2", "127.0.0.1:3"]);
+        let d = PoolId::DEFAULT;
+        let mut r = one_pool(vec![upstream(1), upstream(2), upstream(3)]);
+        r.remove(d, "127.0.0.1:1").unwrap();
+        assert_eq!(labels(&r), ["default/127.0.0.1:2", "default/127.0.0.1:3"]);
         assert_eq!(
-            &*r.get("127.0.0.1:3").unwrap().upstream.label,
+            &*r.get(d, "127.0.0.1:3").unwrap().upstream.label,
             "127.0.0.1:3"
         );
-        assert!(r.get("127.0.0.1:1").is_none());
+        assert!(r.get(d, "127.0.0.1:1").is_none());
         assert!(matches!(
-            r.remove("127.0.0.1:1"),
+            r.remove(d, "127.0.0.1:1"),
             Err(MembershipError::Unknown(_))
         ));
     }
 
     #[test]
     fn a_reload_adds_removes_and_reweights_file_servers_and_keeps_admin_ones() {
-        let mut r = Registry::new([upstream(1), upstream(2)]);
+        let d = PoolId::DEFAULT;
+        let mut r = one_pool(vec![upstream(1), upstream(2)]);
         r.add(upstream(3)).unwrap();
-        let heavy = Arc::new(Upstream::new(&ServerConfig {
-            url: "http://127.0.0.1:2".parse().unwrap(),
-            weight: 5,
-        }));
-        let changes = r.reload(vec![heavy, upstream(4)]);
+        let changes = r.reload(vec![(
+            spec("default"),
+            vec![weighted("default", 2, 5), upstream(4)],
+        )]);
         let names = |v: &[Arc<Upstream>]| v.iter().map(|u| u.label.to_string()).collect::<Vec<_>>();
         assert_eq!(names(&changes.added), ["127.0.0.1:4"]);
         assert_eq!(names(&changes.removed), ["127.0.0.1:1"]);
         assert_eq!(names(&changes.reweighted), ["127.0.0.1:2"]);
-        assert_eq!(labels(&r), ["127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]);
-        assert_eq!(r.get("127.0.0.1:2").unwrap().upstream.weight, 5);
+        assert_eq!(
+            labels(&r),
+            [
+                "default/127.0.0.1:2",
+                "default/127.0.0.1:3",
+                "default/127.0.0.1:4"
+            ]
+        );
+        assert_eq!(r.get(d, "127.0.0.1:2").unwrap().upstream.weight, 5);
         assert!(
-            r.get("127.0.0.1:4").unwrap().healthy,
+            r.get(d, "127.0.0.1:4").unwrap().healthy,
             "a file server starts in rotation"
         );
         // The same file again changes nothing; the admin-added server is never removed.
-        let again = r.reload(vec![
-            Arc::new(Upstream::new(&ServerConfig {
-                url: "http://127.0.0.1:2".parse().unwrap(),
-                weight: 5,
-            })),
-            upstream(4),
-        ]);
+        let again = r.reload(vec![(
+            spec("default"),
+            vec![weighted("default", 2, 5), upstream(4)],
+        )]);
         assert!(again.added.is_empty() && again.removed.is_empty() && again.reweighted.is_empty());
-        assert!(r.get("127.0.0.1:3").is_some());
+        assert!(r.get(d, "127.0.0.1:3").is_some());
+    }
+
+    #[test]
+    fn one_url_in_two_pools_is_two_members_and_a_pool_gone_is_retired_then_forgotten() {
+        let api = PoolId::of("reg-api");
+        let mut r = Registry::new([
+            (spec("default"), vec![upstream(1)]),
+            (spec("reg-api"), vec![weighted("reg-api", 1, 1)]),
+        ]);
+        assert!(r.set_healthy(api, "127.0.0.1:1", false));
+        assert!(
+            r.get(PoolId::DEFAULT, "127.0.0.1:1").unwrap().healthy,
+            "counted apart"
+        );
+        let changes = r.reload(vec![(spec("default"), vec![upstream(1)])]);
+        assert_eq!(changes.pools_retired, [api]);
+        assert!(r.pools().iter().any(|p| p.id == api && p.retired));
+        assert!(r.pool("reg-api").is_none(), "not offered to the admin API");
+        assert!(
+            r.get(api, "127.0.0.1:1").is_some(),
+            "still serving an older route table"
+        );
+        assert_eq!(r.forget(api).len(), 1);
+        assert!(r.get(api, "127.0.0.1:1").is_none());
+        assert_eq!(r.pools().len(), 1);
+    }
+
+    #[test]
+    fn a_pool_retired_and_brought_back_before_it_was_forgotten_stays() {
+        let mut r = Registry::new([
+            (spec("default"), vec![]),
+            (spec("reg-back"), vec![weighted("reg-back", 1, 1)]),
+        ]);
+        r.reload(vec![(spec("default"), vec![])]);
+        let changes = r.reload(vec![
+            (spec("default"), vec![]),
+            (spec("reg-back"), vec![weighted("reg-back", 1, 1)]),
+        ]);
+        assert!(changes.pools_added.is_empty() && changes.added.is_empty());
+        assert!(r.forget(PoolId::of("reg-back")).is_empty());
+        assert!(r.pool("reg-back").is_some());
     }
 
     #[test]
     fn set_healthy_reports_only_a_change() {
-        let mut r = Registry::new([upstream(1)]);
-        assert!(!r.set_healthy("127.0.0.1:1", true));
-        assert!(r.set_healthy("127.0.0.1:1", false));
-        assert!(!r.get("127.0.0.1:1").unwrap().healthy);
-        assert!(!r.set_healthy("127.0.0.1:9", false), "unknown: no change");
-        let ServerEvent::Snapshot(list) = r.snapshot() else {
+        let d = PoolId::DEFAULT;
+        let mut r = one_pool(vec![upstream(1)]);
+        assert!(!r.set_healthy(d, "127.0.0.1:1", true));
+        assert!(r.set_healthy(d, "127.0.0.1:1", false));
+        assert!(!r.get(d, "127.0.0.1:1").unwrap().healthy);
+        assert!(
+            !r.set_healthy(d, "127.0.0.1:9", false),
+            "unknown: no change"
+        );
+        let ServerEvent::Snapshot { servers, .. } = r.snapshot() else {
             panic!("a snapshot")
         };
-        assert_eq!(list.len(), 1);
-        assert!(!list[0].1);
+        assert_eq!(servers.len(), 1);
+        assert!(!servers[0].1);
     }
 }

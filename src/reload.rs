@@ -91,14 +91,16 @@ pub async fn apply(
         log::warn!("reload ({by}): {key} changed; it takes effect at the next restart");
     }
     let reload = Reload {
-        servers: next.servers.clone(),
-        health_check: next.health_check.clone(),
-        strategy: (next.strategy != current.strategy).then_some(next.strategy),
+        pools: next.pools.clone(),
         limiter: Reconfigure(next.rate_limit.clone()),
         upstream_tls: next.upstream_tls.clone(),
     };
+    // The registry first: a pool new in the file is in every balancer before a route
+    // table that names it is published. One gone from the file is retired, and keeps
+    // serving requests the old table sent to it for a grace, then drains.
     let changes = health.send(reload).await.unwrap_or_default();
-    settings.send_replace(Arc::new(Settings::new(next)));
+    let tls = settings.borrow().tls_port;
+    settings.send_replace(Arc::new(Settings::with_tls_port(next, tls)));
     // RUST_LOG, when set, wins over the file (as at start).
     if std::env::var_os("RUST_LOG").is_none() {
         log::set_max_level(next.log_level);
@@ -106,11 +108,24 @@ pub async fn apply(
 
     let labels = |list: &[Arc<crate::upstream::Upstream>]| {
         list.iter()
-            .map(|u| u.label.to_string())
+            .map(|u| u.to_string())
             .collect::<Vec<_>>()
             .join(", ")
     };
     let mut done = Vec::new();
+    if !changes.pools_added.is_empty() {
+        let names: Vec<&str> = changes.pools_added.iter().map(|n| &**n).collect();
+        done.push(format!("new pool {}", names.join(", ")));
+    }
+    let retired: Vec<&str> = current
+        .pools
+        .iter()
+        .filter(|p| !next.pools.iter().any(|n| n.name == p.name))
+        .map(|p| &*p.name)
+        .collect();
+    if !retired.is_empty() {
+        done.push(format!("pool {} gone (draining)", retired.join(", ")));
+    }
     if !changes.added.is_empty() {
         done.push(format!("added {}", labels(&changes.added)));
     }
@@ -120,11 +135,17 @@ pub async fn apply(
     if !changes.reweighted.is_empty() {
         done.push(format!("new weight for {}", labels(&changes.reweighted)));
     }
-    if next.strategy != current.strategy {
-        done.push(format!(
-            "strategy {}",
-            next.resolved.balancer.strategy.name()
-        ));
+    for (pool, strategy) in &changes.strategies {
+        done.push(format!("pool {pool}: strategy {strategy}"));
+    }
+    if current.routes.len() != next.routes.len()
+        || current
+            .routes
+            .iter()
+            .zip(&next.routes)
+            .any(|(a, b)| a.written != b.written)
+    {
+        done.push(format!("{} routes", next.routes.len()));
     }
     if done.is_empty() {
         done.push("no server changes".into());

@@ -21,9 +21,9 @@ use serde::Serialize;
 use crate::{
     admin::{authorize, server_views, AdminError, AdminState},
     balancer::ServerView,
-    config::Config,
+    config::{Config, HealthCheckSection},
     health::{ServerHealth, Status},
-    metrics::{Answers, Counts, Metrics},
+    metrics::{Answers, Counts, Metrics, ServerKey},
     rate_limit::Breaker,
 };
 
@@ -126,8 +126,12 @@ impl Samples {
 struct Report {
     version: &'static str,
     uptime_seconds: f64,
+    /// The default pool's.
     strategy: &'static str,
+    /// The default pool's.
     health_check: HealthCheckReport,
+    /// Every pool, `default` first.
+    pools: Vec<PoolReport>,
     /// The span the request rates and error rates cover: 10 s once the process is that old.
     rates_over_seconds: f64,
     totals: Totals,
@@ -140,6 +144,23 @@ struct HealthCheckReport {
     interval_seconds: f64,
     unhealthy_threshold: u32,
     healthy_threshold: u32,
+}
+
+impl HealthCheckReport {
+    fn of(hc: &HealthCheckSection) -> Self {
+        HealthCheckReport {
+            interval_seconds: hc.interval.as_secs_f64(),
+            unhealthy_threshold: hc.unhealthy_threshold,
+            healthy_threshold: hc.healthy_threshold,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PoolReport {
+    name: String,
+    strategy: &'static str,
+    health_check: HealthCheckReport,
 }
 
 #[derive(Debug, Serialize)]
@@ -170,6 +191,8 @@ struct LimiterReport {
 
 #[derive(Debug, Serialize)]
 struct ServerReport {
+    /// The pool it serves in.
+    pool: String,
     url: String,
     /// `host:port`: what `DELETE /servers/{host:port}` takes.
     label: String,
@@ -259,8 +282,8 @@ fn report(
     };
     let (over, then) = &rate_base;
     // A server with no sample then is younger than the span: it started from zero.
-    let since = |label: &str, now: Answers| {
-        let before = then.servers.get(label).copied().unwrap_or_default();
+    let since = |key: &ServerKey, now: Answers| {
+        let before = then.servers.get(key).copied().unwrap_or_default();
         Answers {
             all: now.all.saturating_sub(before.all),
             errors: now.errors.saturating_sub(before.errors),
@@ -271,12 +294,13 @@ fn report(
         .into_iter()
         .map(|v| {
             let label = &v.upstream.label;
-            let delta = since(
-                label,
-                counts.servers.get(label).copied().unwrap_or_default(),
-            );
-            let checks = health.iter().find(|h| h.label == *label);
+            let key = (v.upstream.pool_name.clone(), label.clone());
+            let delta = since(&key, counts.servers.get(&key).copied().unwrap_or_default());
+            let checks = health
+                .iter()
+                .find(|h| h.label == *label && h.pool == v.upstream.pool);
             ServerReport {
+                pool: v.upstream.pool_name.to_string(),
                 url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
@@ -308,7 +332,7 @@ fn report(
         + counts
             .servers
             .iter()
-            .map(|(label, now)| since(label, *now).errors)
+            .map(|(key, now)| since(key, *now).errors)
             .sum::<u64>();
     let (limited_over, limited_then) = &limited_base;
 
@@ -317,12 +341,17 @@ fn report(
     Report {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: now.saturating_duration_since(state.started).as_secs_f64(),
-        strategy: config.strategy.name(),
-        health_check: HealthCheckReport {
-            interval_seconds: config.health_check.interval.as_secs_f64(),
-            unhealthy_threshold: config.health_check.unhealthy_threshold,
-            healthy_threshold: config.health_check.healthy_threshold,
-        },
+        strategy: config.default_pool().strategy.name(),
+        health_check: HealthCheckReport::of(&config.default_pool().health_check),
+        pools: config
+            .pools
+            .iter()
+            .map(|p| PoolReport {
+                name: p.name.to_string(),
+                strategy: p.strategy.name(),
+                health_check: HealthCheckReport::of(&p.health_check),
+            })
+            .collect(),
         rates_over_seconds: over.as_secs_f64(),
         totals: Totals {
             requests: counts.requests,

@@ -254,10 +254,13 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &weight)| Slot {
-                upstream: Arc::new(Upstream::new(&ServerConfig {
-                    url: url::Url::parse(&format!("http://127.0.0.1:{}", 5000 + i)).unwrap(),
-                    weight,
-                })),
+                upstream: Arc::new(Upstream::new(
+                    "default",
+                    &ServerConfig {
+                        url: url::Url::parse(&format!("http://127.0.0.1:{}", 5000 + i)).unwrap(),
+                        weight,
+                    },
+                )),
                 healthy: true,
                 draining: false,
                 in_flight: 0,

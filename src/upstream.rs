@@ -6,7 +6,11 @@
 //! [`describe`] turns its errors into the words the logs use. Nothing here chooses a server
 //! or keeps state about one.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use actix_web::http::{
     header::HeaderValue,
@@ -16,15 +20,52 @@ use awc::error::{ConnectError, SendRequestError};
 use url::Url;
 
 use crate::{
-    config::{self, ServerConfig},
+    config::{self, ServerConfig, DEFAULT_POOL},
     metrics::{Metrics, ServerCounters},
 };
+
+/// A pool, by number: the same number for the same name for the whole life of the process
+/// (reloads included), so that the hot path indexes and compares numbers, never names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId(u32);
+
+impl PoolId {
+    /// `[balancer]`, the pool named `default`.
+    pub const DEFAULT: PoolId = PoolId(0);
+
+    /// The number of the pool named `name`, given out on its first use. Called when a
+    /// configuration is loaded or a pool named in the admin API, never per request.
+    pub fn of(name: &str) -> PoolId {
+        static NAMES: Mutex<Vec<Box<str>>> = Mutex::new(Vec::new());
+        let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        if names.is_empty() {
+            names.push(DEFAULT_POOL.into());
+        }
+        let i = match names.iter().position(|n| &**n == name) {
+            Some(i) => i,
+            None => {
+                names.push(name.into());
+                names.len() - 1
+            }
+        };
+        PoolId(u32::try_from(i).expect("fewer than 4 billion pool names"))
+    }
+
+    /// The number, as an index into per-pool tables.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
 
 /// One backend server, immutable once built. The HealthActor holds one; each worker's
 /// balancer its own copy ([`Upstream::for_worker`]), shared as `Arc<Upstream>` with that
 /// worker's handlers only.
 #[derive(Debug)]
 pub struct Upstream {
+    /// The pool it serves in: a server listed in two pools is two `Upstream`s.
+    pub pool: PoolId,
+    /// The pool's name, for logs, metrics and the admin API.
+    pub pool_name: Arc<str>,
     /// `host:port`, the server's name in logs, metrics and the admin API.
     pub label: Arc<str>,
     /// The URL as configured (`http://host:port/` or `https://…`).
@@ -43,8 +84,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Builds an upstream from a checked server entry.
-    pub fn new(server: &ServerConfig) -> Upstream {
+    /// Builds an upstream of the pool `pool` from a checked server entry.
+    pub fn new(pool: &str, server: &ServerConfig) -> Upstream {
         let url = &server.url;
         let label = config::authority(url);
         // `label` came from a parsed URL, so it is a valid authority and header value.
@@ -55,6 +96,8 @@ impl Upstream {
             _ => Scheme::HTTP,
         };
         Upstream {
+            pool: PoolId::of(pool),
+            pool_name: pool.into(),
             label: label.into(),
             url: url.clone(),
             scheme,
@@ -67,14 +110,16 @@ impl Upstream {
 
     /// The same upstream, counting its requests in `metrics`.
     pub fn with_metrics(mut self, metrics: &Metrics) -> Upstream {
-        self.counters = metrics.server_counters(&self.label);
+        self.counters = metrics.server_counters(&self.pool_name, &self.label);
         self
     }
 
     /// A copy for one worker: the same server, with that worker's own counters.
     pub fn for_worker(&self) -> Upstream {
         Upstream {
-            // A string of its own too: the access log clones the label per request.
+            pool: self.pool,
+            // Strings of its own too: the access log clones them per request.
+            pool_name: Arc::from(&*self.pool_name),
             label: Arc::from(&*self.label),
             url: self.url.clone(),
             scheme: self.scheme.clone(),
@@ -97,16 +142,25 @@ impl Upstream {
 impl Upstream {
     /// `http://127.0.0.1:port`, weight 1: a server for unit tests.
     pub fn local(port: u16) -> Arc<Upstream> {
-        Arc::new(Upstream::new(&ServerConfig {
-            url: format!("http://127.0.0.1:{port}").parse().expect("a URL"),
-            weight: 1,
-        }))
+        Arc::new(Upstream::new(
+            DEFAULT_POOL,
+            &ServerConfig {
+                url: format!("http://127.0.0.1:{port}").parse().expect("a URL"),
+                weight: 1,
+            },
+        ))
     }
 }
 
 impl fmt::Display for Upstream {
+    /// As logs name it: `host:port`, and its pool unless it is the default one
+    /// (`10.0.0.7:8080 (pool api)`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.label)
+        if self.pool == PoolId::DEFAULT {
+            f.write_str(&self.label)
+        } else {
+            write!(f, "{} (pool {})", self.label, self.pool_name)
+        }
     }
 }
 
@@ -162,21 +216,30 @@ mod tests {
 
     #[test]
     fn label_is_host_and_port_even_when_the_port_is_implicit() {
-        let u = Upstream::new(&ServerConfig {
-            url: Url::parse("http://example.test").unwrap(),
-            weight: 1,
-        });
+        let u = Upstream::new(
+            DEFAULT_POOL,
+            &ServerConfig {
+                url: Url::parse("http://example.test").unwrap(),
+                weight: 1,
+            },
+        );
         assert_eq!(&*u.label, "example.test:80");
-        let v6 = Upstream::new(&ServerConfig {
-            url: Url::parse("http://[::1]:5000").unwrap(),
-            weight: 3,
-        });
+        let v6 = Upstream::new(
+            DEFAULT_POOL,
+            &ServerConfig {
+                url: Url::parse("http://[::1]:5000").unwrap(),
+                weight: 3,
+            },
+        );
         assert_eq!(&*v6.label, "[::1]:5000");
         assert_eq!(v6.authority.as_str(), "[::1]:5000");
-        let tls = Upstream::new(&ServerConfig {
-            url: Url::parse("https://example.test").unwrap(),
-            weight: 1,
-        });
+        let tls = Upstream::new(
+            DEFAULT_POOL,
+            &ServerConfig {
+                url: Url::parse("https://example.test").unwrap(),
+                weight: 1,
+            },
+        );
         assert_eq!(&*tls.label, "example.test:443");
         assert_eq!(tls.health_url("/h"), "https://example.test:443/h");
     }

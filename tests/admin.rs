@@ -245,7 +245,7 @@ async fn metrics_count_traffic_and_show_health() {
     let lb = balancer(&urls(&[&a, &b]), "");
     let url = format!("http://{}/", lb.proxy_addr);
     let series = format!(
-        "roundabout_requests_total{{server=\"{}\",class=\"2xx\"}}",
+        "roundabout_requests_total{{pool=\"default\",server=\"{}\",class=\"2xx\"}}",
         a.addr
     );
     let before = metric(&admin(&lb, "GET", "/metrics", None, None).await.1, &series);
@@ -257,7 +257,10 @@ async fn metrics_count_traffic_and_show_health() {
     assert_eq!(metric(&text, &series) - before, 2.0, "{text}");
     assert!(metric(&text, "roundabout_request_duration_seconds_count") >= 4.0);
     assert!(text.contains("roundabout_in_flight_requests"));
-    let health = format!("roundabout_server_healthy{{server=\"{}\"}}", b.addr);
+    let health = format!(
+        "roundabout_server_healthy{{pool=\"default\",server=\"{}\"}}",
+        b.addr
+    );
     assert_eq!(metric(&text, &health), 1.0);
 
     b.stop().await;
@@ -270,7 +273,7 @@ async fn metrics_count_traffic_and_show_health() {
     );
     let text = admin(&lb, "GET", "/metrics", None, None).await.1;
     let failures = format!(
-        "roundabout_health_check_failures_total{{server=\"{}\"}}",
+        "roundabout_health_check_failures_total{{pool=\"default\",server=\"{}\"}}",
         b.addr
     );
     assert!(metric(&text, &failures) >= 2.0, "{text}");

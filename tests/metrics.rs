@@ -90,8 +90,8 @@ async fn metrics_are_openmetrics_that_a_real_parser_reads_with_every_series_from
     }
     let label = a.addr.to_string();
     for series in [
-        format!("roundabout_requests_total{{server=\"{label}\",class=\"2xx\"}} 0"),
-        format!("roundabout_health_check_failures_total{{server=\"{label}\"}} 0"),
+        format!("roundabout_requests_total{{pool=\"default\",server=\"{label}\",class=\"2xx\"}} 0"),
+        format!("roundabout_health_check_failures_total{{pool=\"default\",server=\"{label}\"}} 0"),
         "roundabout_rate_limited_total 0".to_string(),
     ] {
         assert!(

@@ -430,3 +430,91 @@ async fn on_a_phone_with_a_token_the_page_asks_for_it_once_and_adds_a_server() {
     assert_eq!(browser.errors().await, Vec::<String>::new());
     browser.close().await;
 }
+
+#[actix_rt::test]
+async fn rows_are_grouped_by_pool_under_its_name_and_a_server_joins_the_pool_chosen() {
+    let (a, b, c) = Backend::abc();
+    let extra = format!(
+        "[pools.api]\nstrategy = \"least_requests\"\nservers = [\"{}\", \"{}\"]\n\
+         [[routes]]\nhost = \"api.test\"\npool = \"api\"\n",
+        a.url(),
+        b.url()
+    );
+    let lb = balancer(&[a.url()], &extra);
+    let browser = Browser::desktop().await;
+    let admin = lb.admin_addr.unwrap();
+    browser
+        .client
+        .goto(&format!("http://{admin}/"))
+        .await
+        .unwrap();
+    // [(pool, server or "" for the pool's own row, text)] in page order.
+    let table = async || -> Vec<(String, String, String)> {
+        let rows = browser
+            .client
+            .execute(
+                "return [...document.querySelectorAll('#servers tbody tr')].map(tr =>
+                   [tr.dataset.pool || '', tr.dataset.server || '', tr.textContent]);",
+                vec![],
+            )
+            .await
+            .unwrap();
+        serde_json::from_value(rows).unwrap()
+    };
+    let grouped = eventually(Duration::from_secs(5), async || {
+        let t = table().await;
+        t.len() == 5 && t.iter().filter(|r| r.1.is_empty()).count() == 2
+    })
+    .await;
+    assert!(grouped, "{:?}", table().await);
+    let t = table().await;
+    let order: Vec<(&str, &str)> = t.iter().map(|r| (r.0.as_str(), r.1.as_str())).collect();
+    let (la, lb_) = (label(&a), label(&b));
+    assert_eq!(
+        order,
+        [
+            ("default", ""),
+            ("default", la.as_str()),
+            ("api", ""),
+            ("api", la.as_str()),
+            ("api", lb_.as_str())
+        ]
+    );
+    assert!(
+        t[2].2.contains("pool api") && t[2].2.contains("least requests"),
+        "{:?}",
+        t[2]
+    );
+
+    // Add c to the api pool from the form.
+    browser
+        .client
+        .find(Locator::Id("add-url"))
+        .await
+        .unwrap()
+        .send_keys(&c.url())
+        .await
+        .unwrap();
+    browser
+        .client
+        .execute("document.getElementById('add-pool').value = 'api';", vec![])
+        .await
+        .unwrap();
+    browser
+        .client
+        .find(Locator::Css("#add button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let joined = eventually(Duration::from_secs(5), async || {
+        let t = table().await;
+        t.iter().any(|r| r.0 == "api" && r.1 == label(&c))
+            && !t.iter().any(|r| r.0 == "default" && r.1 == label(&c))
+    })
+    .await;
+    assert!(joined, "c is in the api pool only: {:?}", table().await);
+    assert_eq!(browser.errors().await, Vec::<String>::new());
+    browser.close().await;
+}

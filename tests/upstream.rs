@@ -123,7 +123,9 @@ async fn a_chunked_body_cut_before_the_last_chunk_ends_the_client_connection_unc
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_upstream_body_failures_total{{server=\"{label}\"}}")
+            &format!(
+                "roundabout_upstream_body_failures_total{{pool=\"default\",server=\"{label}\"}}"
+            )
         ),
         1.0
     );
@@ -131,14 +133,16 @@ async fn a_chunked_body_cut_before_the_last_chunk_ends_the_client_connection_unc
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_server_healthy{{server=\"{label}\"}}")
+            &format!("roundabout_server_healthy{{pool=\"default\",server=\"{label}\"}}")
         ),
         1.0
     );
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_health_check_failures_total{{server=\"{label}\"}}")
+            &format!(
+                "roundabout_health_check_failures_total{{pool=\"default\",server=\"{label}\"}}"
+            )
         ),
         0.0
     );
@@ -355,7 +359,7 @@ async fn a_client_that_leaves_mid_download_is_counted_as_499_and_the_server_not_
             let text = metrics_of(&lb).await;
             metric(
                 &text,
-                &format!("roundabout_requests_total{{server=\"{label}\",class=\"4xx\"}}"),
+                &format!("roundabout_requests_total{{pool=\"default\",server=\"{label}\",class=\"4xx\"}}"),
             ) == 1.0
         })
         .await,
@@ -366,21 +370,25 @@ async fn a_client_that_leaves_mid_download_is_counted_as_499_and_the_server_not_
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_requests_total{{server=\"{label}\",class=\"2xx\"}}")
+            &format!(
+                "roundabout_requests_total{{pool=\"default\",server=\"{label}\",class=\"2xx\"}}"
+            )
         ),
         0.0
     );
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_upstream_body_failures_total{{server=\"{label}\"}}")
+            &format!(
+                "roundabout_upstream_body_failures_total{{pool=\"default\",server=\"{label}\"}}"
+            )
         ),
         0.0
     );
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_server_healthy{{server=\"{label}\"}}")
+            &format!("roundabout_server_healthy{{pool=\"default\",server=\"{label}\"}}")
         ),
         1.0
     );
@@ -402,7 +410,7 @@ async fn a_client_that_leaves_mid_upload_is_counted_as_499_not_502() {
         eventually(Duration::from_secs(3), async || {
             metric(
                 &metrics_of(&lb).await,
-                "roundabout_requests_total{server=\"\",class=\"4xx\"}",
+                "roundabout_requests_total{pool=\"\",server=\"\",class=\"4xx\"}",
             ) == 1.0
         })
         .await,
@@ -413,7 +421,7 @@ async fn a_client_that_leaves_mid_upload_is_counted_as_499_not_502() {
     assert_eq!(
         metric(
             &text,
-            "roundabout_requests_total{server=\"\",class=\"5xx\"}"
+            "roundabout_requests_total{pool=\"\",server=\"\",class=\"5xx\"}"
         ),
         0.0
     );
@@ -421,7 +429,7 @@ async fn a_client_that_leaves_mid_upload_is_counted_as_499_not_502() {
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_server_healthy{{server=\"{label}\"}}")
+            &format!("roundabout_server_healthy{{pool=\"default\",server=\"{label}\"}}")
         ),
         1.0
     );
@@ -470,7 +478,9 @@ async fn a_client_that_stops_reading_loses_its_connection_and_frees_the_upstream
     assert_eq!(
         metric(
             &text,
-            &format!("roundabout_requests_total{{server=\"{label}\",class=\"4xx\"}}")
+            &format!(
+                "roundabout_requests_total{{pool=\"default\",server=\"{label}\",class=\"4xx\"}}"
+            )
         ),
         1.0,
         "counted as 499"

@@ -87,6 +87,8 @@ struct JsonLine<'a> {
     bytes: u64,
     referer: Option<String>,
     user_agent: Option<String>,
+    pool: Option<&'a str>,
+    route: Option<&'a str>,
     upstream: Option<&'a str>,
     upstream_time: Option<f64>,
     request_time: f64,
@@ -109,6 +111,8 @@ fn json(l: &Line, out: &mut Vec<u8>) {
         bytes: l.bytes,
         referer: text(&l.referer),
         user_agent: text(&l.user_agent),
+        pool: l.pool.as_deref(),
+        route: l.route.as_deref(),
         upstream: l.upstream.as_deref(),
         upstream_time: l.upstream_time.map(|t| t.as_secs_f64()),
         request_time: l.request_time.as_secs_f64(),
@@ -221,6 +225,8 @@ mod tests {
             referer: None,
             user_agent: Some(HeaderValue::from_static("curl/8.1 \"x\"")),
             upstream: Some(Arc::from("127.0.0.1:5001")),
+            pool: Some(Arc::from("api")),
+            route: Some(Arc::from("api-v1")),
             upstream_time: Some(Duration::from_micros(2_400)),
             request_time: Duration::from_micros(3_100),
             request_id: Some(HeaderValue::from_static("abc")),
@@ -276,6 +282,8 @@ mod tests {
         assert_eq!(v["user_agent"], "curl/8.1 \"x\"");
         assert_eq!(v["referer"], serde_json::Value::Null);
         assert_eq!(v["upstream"], "127.0.0.1:5001");
+        assert_eq!(v["pool"], "api");
+        assert_eq!(v["route"], "api-v1");
         assert_eq!(v["request_id"], "abc");
         assert!((v["request_time"].as_f64().unwrap() - 0.0031).abs() < 1e-9);
     }

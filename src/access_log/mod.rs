@@ -53,6 +53,10 @@ pub struct Line {
     pub user_agent: Option<HeaderValue>,
     /// The server's `host:port`.
     pub upstream: Option<Arc<str>>,
+    /// The pool the request went to (`None` for a request refused before it was read).
+    pub pool: Option<Arc<str>>,
+    /// The route that took it; `None`: no route (the default pool).
+    pub route: Option<Arc<str>>,
     /// From the request to the server's response head.
     pub upstream_time: Option<Duration>,
     /// From the request to the end of the answer.
@@ -74,6 +78,8 @@ impl Line {
             referer: None,
             user_agent: None,
             upstream: None,
+            pool: None,
+            route: None,
             upstream_time: None,
             request_time: Duration::ZERO,
             request_id: None,
@@ -165,8 +171,12 @@ pub struct Sink {
 /// One exchange, to be counted and logged when it ends.
 pub struct Record {
     pub sink: Rc<Sink>,
-    /// The server that answered; `None` for answers of our own.
+    /// The server that answered, or for an answer of our own the last one tried.
     pub upstream: Option<Arc<Upstream>>,
+    /// The answer is our own (502, 503, …): counted as such, whatever `upstream` says.
+    ours: bool,
+    pub pool: Option<Arc<str>>,
+    pub route: Option<Arc<str>>,
     /// The status sent (or about to be).
     pub status: u16,
     pub started: Instant,
@@ -177,13 +187,37 @@ pub struct Record {
 }
 
 impl Record {
+    /// The record of a request that starts now, for `sink`; the phases fill it in.
+    pub fn new(sink: Rc<Sink>, started: Instant, entry: Option<AccessEntry>) -> Self {
+        Record {
+            sink,
+            upstream: None,
+            ours: false,
+            pool: None,
+            route: None,
+            status: 0,
+            started,
+            upstream_time: None,
+            entry,
+        }
+    }
+
+    /// The answer is our own: counted under `server=""` even when `upstream` names the
+    /// server last tried (which the log shows).
+    pub fn own_answer(&mut self) {
+        self.ours = true;
+    }
+
     /// Counts and logs the exchange: `bytes` of body were sent, and it ended so.
     pub fn finish(self, bytes: u64, ending: Ending) {
         let status = match ending {
             Ending::ClientGone => CLIENT_CLOSED,
             _ => self.status,
         };
-        let counters = self.upstream.as_ref().map(|u| &u.counters);
+        let counters = match self.ours {
+            true => None,
+            false => self.upstream.as_ref().map(|u| &u.counters),
+        };
         self.sink.metrics.answered(counters, status);
         if let Ending::UpstreamFailed(_) = ending {
             self.sink.metrics.upstream_failed(counters);
@@ -198,6 +232,8 @@ impl Record {
             referer: e.referer,
             user_agent: e.user_agent,
             upstream: self.upstream.map(|u| u.label.clone()),
+            pool: self.pool,
+            route: self.route,
             upstream_time: self.upstream_time,
             request_time: self.started.elapsed(),
             request_id: e.request_id,

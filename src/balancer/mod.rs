@@ -1,4 +1,5 @@
-//! `BalancerActor`: one per worker thread, owner of that worker's server list and cursor.
+//! `BalancerActor`: one per worker thread, owner of that worker's server lists (one per
+//! pool) and their cursors.
 //!
 //! It is started inside the `HttpServer::new` factory, so it runs on the same arbiter as the
 //! handlers that ask it for a server: a `send().await` to it never crosses a thread (see
@@ -6,11 +7,12 @@
 //! [`ServerEvent`]s it is sent, from whoever it joined at start (the HealthActor, wired in
 //! `lib.rs`; this module knows nothing of it), and it keeps the in-flight count of every
 //! server from [`NextServer`] and the [`Lease`]s it hands out. The logic is the plain
-//! [`ServerList`]; the actor is a thin shell around it. It must not block, and must not
-//! share its list with another thread.
+//! [`Pools`] of [`ServerList`](list::ServerList)s (`list.rs`); the actor is a thin shell
+//! around it. It must not block, and must not share its lists with another thread.
+
+mod list;
 
 use std::{
-    collections::HashMap,
     future::Future,
     sync::{
         atomic::{AtomicI64, Ordering::Relaxed},
@@ -20,173 +22,17 @@ use std::{
 
 use actix::prelude::*;
 
+use self::list::Pools;
 use crate::{
     config,
     metrics::Metrics,
-    strategy::{self, Slot, Strategy},
-    upstream::Upstream,
+    upstream::{PoolId, Upstream},
 };
 
-/// A worker's servers, their health as last broadcast, and the strategy's cursor.
-pub struct ServerList {
-    slots: Vec<Slot>,
-    /// Label → index in `slots`; rebuilt whenever the list changes shape. Read on every
-    /// request's end: a fast hash.
-    index: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
-    strategy: Box<dyn Strategy>,
-}
-
-impl ServerList {
-    /// An empty list balanced by `strategy`.
-    pub fn new(strategy: Box<dyn Strategy>) -> Self {
-        Self {
-            slots: Vec::new(),
-            index: HashMap::default(),
-            strategy,
-        }
-    }
-
-    fn position(&self, label: &str) -> Option<usize> {
-        self.index.get(label).copied()
-    }
-
-    /// After an insertion or removal: indices moved, the strategy's cursor follows.
-    fn reshaped(&mut self) {
-        self.index = self
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.upstream.label.clone(), i))
-            .collect();
-        self.strategy.resize(&self.slots);
-    }
-
-    /// Applies a change broadcast by the registry.
-    pub fn apply(&mut self, event: ServerEvent) {
-        match event {
-            ServerEvent::Snapshot(servers) => {
-                // Keep the in-flight counts of servers that stay, so their ends still balance.
-                let mut next: Vec<Slot> = servers
-                    .into_iter()
-                    .map(|(upstream, healthy)| {
-                        let in_flight = self
-                            .position(&upstream.label)
-                            .map_or(0, |i| self.slots[i].in_flight);
-                        Slot {
-                            upstream,
-                            healthy,
-                            draining: false,
-                            in_flight,
-                        }
-                    })
-                    .collect();
-                let listed: std::collections::HashSet<Arc<str>> =
-                    next.iter().map(|s| s.upstream.label.clone()).collect();
-                for old in self.slots.drain(..) {
-                    if old.in_flight > 0 && !listed.contains(&old.upstream.label) {
-                        next.push(Slot {
-                            draining: true,
-                            ..old
-                        });
-                    }
-                }
-                self.slots = next;
-                self.reshaped();
-            }
-            ServerEvent::Health { label, healthy } => {
-                if let Some(i) = self.position(&label) {
-                    self.slots[i].healthy = healthy;
-                }
-            }
-            ServerEvent::Added { upstream, healthy } => match self.position(&upstream.label) {
-                // Re-added while still draining: it simply stays.
-                Some(i) => {
-                    let slot = &mut self.slots[i];
-                    slot.upstream = upstream;
-                    slot.healthy = healthy;
-                    slot.draining = false;
-                }
-                None => {
-                    self.slots.push(Slot {
-                        upstream,
-                        healthy,
-                        draining: false,
-                        in_flight: 0,
-                    });
-                    self.reshaped();
-                }
-            },
-            ServerEvent::Reweighted { upstream } => {
-                if let Some(i) = self.position(&upstream.label) {
-                    self.slots[i].upstream = upstream;
-                    // nginx starts the weighted scores again when the peers change.
-                    self.strategy.resize(&self.slots);
-                }
-            }
-            ServerEvent::Removed { label } => {
-                if let Some(i) = self.position(&label) {
-                    if self.slots[i].in_flight == 0 {
-                        self.slots.remove(i);
-                        self.reshaped();
-                    } else {
-                        self.slots[i].draining = true;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Chooses the server for a request, skipping those in `tried`, and counts the request
-    /// in flight there.
-    pub fn begin(&mut self, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
-        let slots = &self.slots;
-        let usable = |i: usize| {
-            let s = &slots[i];
-            s.healthy && !s.draining && !tried.iter().any(|t| t.label == s.upstream.label)
-        };
-        let i = self.strategy.pick(slots, &usable)?;
-        let slot = &mut self.slots[i];
-        slot.in_flight += 1;
-        Some(slot.upstream.clone())
-    }
-
-    /// A request on `label` ended; a draining server goes once its last one has.
-    pub fn end(&mut self, label: &str) {
-        // By label, not by `Arc`: a server removed and added back while this request was in
-        // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
-        if let Some(i) = self.position(label) {
-            let slot = &mut self.slots[i];
-            slot.in_flight = slot.in_flight.saturating_sub(1);
-            if slot.draining && slot.in_flight == 0 {
-                self.slots.remove(i);
-                self.reshaped();
-            }
-        }
-    }
-
-    /// Balances by `strategy` from now on.
-    pub fn set_strategy(&mut self, mut strategy: Box<dyn Strategy>) {
-        strategy.resize(&self.slots);
-        self.strategy = strategy;
-    }
-
-    /// This worker's view of every server, draining ones included.
-    pub fn views(&self) -> Vec<ServerView> {
-        self.slots
-            .iter()
-            .map(|s| ServerView {
-                upstream: s.upstream.clone(),
-                healthy: s.healthy,
-                draining: s.draining,
-                in_flight: s.in_flight,
-            })
-            .collect()
-    }
-}
-
-/// The worker-local balancer: a [`ServerList`] behind a mailbox.
+/// The worker-local balancer: every pool's [`ServerList`](list::ServerList) behind a
+/// mailbox.
 pub struct BalancerActor {
-    list: ServerList,
+    pools: Pools,
     /// This worker's share of the in-flight gauge (only this worker writes it).
     in_flight: Arc<AtomicI64>,
 }
@@ -195,11 +41,7 @@ impl BalancerActor {
     /// Starts a balancer on the current arbiter. `join` is given the balancer's recipients
     /// and answers with the current server list; until that answer arrives the balancer
     /// holds every other message back, so no request sees an empty list at start.
-    pub fn start<F>(
-        strategy: Box<dyn Strategy>,
-        metrics: Arc<Metrics>,
-        join: impl FnOnce(BalancerHandles) -> F,
-    ) -> Addr<Self>
+    pub fn start<F>(metrics: Arc<Metrics>, join: impl FnOnce(BalancerHandles) -> F) -> Addr<Self>
     where
         F: Future<Output = Result<ServerEvent, MailboxError>> + 'static,
     {
@@ -207,19 +49,18 @@ impl BalancerActor {
             let address = ctx.address();
             let joined = join(BalancerHandles {
                 events: address.clone().recipient(),
-                list: address.clone().recipient(),
-                rebalance: address.recipient(),
+                list: address.recipient(),
             });
             // `wait` is used only here, at start-up.
             ctx.wait(
                 actix::fut::wrap_future::<_, Self>(joined).map(|snapshot, act, _| {
                     if let Ok(snapshot) = snapshot {
-                        act.list.apply(snapshot.for_worker());
+                        act.pools.apply(snapshot.for_worker());
                     }
                 }),
             );
             BalancerActor {
-                list: ServerList::new(strategy),
+                pools: Pools::default(),
                 in_flight: metrics.worker_in_flight(),
             }
         })
@@ -234,12 +75,13 @@ impl Actor for BalancerActor {
 pub struct BalancerHandles {
     pub events: Recipient<ServerEvent>,
     pub list: Recipient<ListServers>,
-    pub rebalance: Recipient<Rebalance>,
 }
 
-/// Asks for the server the next request goes to; the answer is a [`Lease`] on it.
-#[derive(Debug, Default)]
+/// Asks for the server of `pool` the next request goes to; the answer is a [`Lease`] on it.
+#[derive(Debug)]
 pub struct NextServer {
+    /// The pool the request was routed to.
+    pub pool: PoolId,
     /// Servers this request already failed to reach; they are not chosen again.
     pub tried: Vec<Arc<Upstream>>,
 }
@@ -277,7 +119,7 @@ impl Handler<NextServer> for BalancerActor {
     type Result = Option<Lease>;
 
     fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = self.list.begin(&msg.tried)?;
+        let upstream = self.pools.begin(msg.pool, &msg.tried)?;
         self.in_flight.fetch_add(1, Relaxed);
         Some(Lease {
             upstream,
@@ -296,27 +138,48 @@ impl Handler<RequestEnded> for BalancerActor {
 
     fn handle(&mut self, RequestEnded(upstream): RequestEnded, _: &mut Self::Context) {
         self.in_flight.fetch_sub(1, Relaxed);
-        self.list.end(&upstream.label);
+        self.pools.end(&upstream);
     }
+}
+
+/// A pool as the registry announces it to the balancers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    pub id: PoolId,
+    pub name: Arc<str>,
+    pub strategy: config::Strategy,
+    /// Gone from the configuration: its servers show as draining, and requests that an
+    /// older route table sent to it are still served, until the registry removes them.
+    pub retired: bool,
 }
 
 /// A change in the server set, broadcast by the registry to every worker's balancer.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum ServerEvent {
-    /// The whole list with each server's health; replaces what the balancer had.
-    Snapshot(Vec<(Arc<Upstream>, bool)>),
+    /// Every pool and every server with its health; replaces what the balancer had.
+    Snapshot {
+        pools: Vec<PoolSpec>,
+        servers: Vec<(Arc<Upstream>, bool)>,
+    },
+    /// The pools now (a reload): new ones start empty, strategies apply, one not listed
+    /// drains and goes.
+    Pools(Vec<PoolSpec>),
     /// A server went in or out of rotation.
-    Health { label: Arc<str>, healthy: bool },
-    /// A server was added at runtime.
+    Health {
+        pool: PoolId,
+        label: Arc<str>,
+        healthy: bool,
+    },
+    /// A server was added at runtime (its pool is the upstream's).
     Added {
         upstream: Arc<Upstream>,
         healthy: bool,
     },
     /// A server's weight changed (a reload).
     Reweighted { upstream: Arc<Upstream> },
-    /// A server was removed at runtime: no new requests; gone once its in-flight ones end.
-    Removed { label: Arc<str> },
+    /// A server was removed: no new requests; gone once its in-flight ones end.
+    Removed { pool: PoolId, label: Arc<str> },
 }
 
 impl ServerEvent {
@@ -325,9 +188,10 @@ impl ServerEvent {
     fn for_worker(self) -> ServerEvent {
         let own = |u: Arc<Upstream>| Arc::new(u.for_worker());
         match self {
-            ServerEvent::Snapshot(servers) => {
-                ServerEvent::Snapshot(servers.into_iter().map(|(u, h)| (own(u), h)).collect())
-            }
+            ServerEvent::Snapshot { pools, servers } => ServerEvent::Snapshot {
+                pools,
+                servers: servers.into_iter().map(|(u, h)| (own(u), h)).collect(),
+            },
             ServerEvent::Added { upstream, healthy } => ServerEvent::Added {
                 upstream: own(upstream),
                 healthy,
@@ -340,24 +204,11 @@ impl ServerEvent {
     }
 }
 
-/// Balance by another strategy from now on (a reload).
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "()")]
-pub struct Rebalance(pub config::Strategy);
-
-impl Handler<Rebalance> for BalancerActor {
-    type Result = ();
-
-    fn handle(&mut self, Rebalance(kind): Rebalance, _: &mut Self::Context) {
-        self.list.set_strategy(strategy::from_config(kind));
-    }
-}
-
 impl Handler<ServerEvent> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, event: ServerEvent, _: &mut Self::Context) {
-        self.list.apply(event.for_worker());
+        self.pools.apply(event.for_worker());
     }
 }
 
@@ -370,7 +221,7 @@ pub struct ServerView {
     pub in_flight: u32,
 }
 
-/// Asks for this worker's view of every server (draining ones included).
+/// Asks for this worker's view of every server of every pool (draining ones included).
 #[derive(Debug, Message)]
 #[rtype(result = "Vec<ServerView>")]
 pub struct ListServers;
@@ -379,115 +230,13 @@ impl Handler<ListServers> for BalancerActor {
     type Result = MessageResult<ListServers>;
 
     fn handle(&mut self, _: ListServers, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.list.views())
+        MessageResult(self.pools.views())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::strategy::RoundRobin;
-
-    fn upstream(port: u16) -> Arc<Upstream> {
-        Upstream::local(port)
-    }
-
-    fn list_of(ports: &[u16]) -> ServerList {
-        let mut list = ServerList::new(Box::new(RoundRobin::default()));
-        list.apply(ServerEvent::Snapshot(
-            ports.iter().map(|&p| (upstream(p), true)).collect(),
-        ));
-        list
-    }
-
-    fn ports(list: &ServerList) -> Vec<u16> {
-        list.views()
-            .iter()
-            .map(|v| v.upstream.url.port().unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn requests_go_round_and_skip_the_servers_already_tried() {
-        let mut list = list_of(&[1, 2, 3]);
-        let picked: Vec<u16> = (0..4)
-            .map(|_| list.begin(&[]).unwrap().url.port().unwrap())
-            .collect();
-        assert_eq!(picked, [1, 2, 3, 1]);
-        let tried = [upstream(2)];
-        assert_eq!(list.begin(&tried).unwrap().url.port(), Some(3));
-    }
-
-    #[test]
-    fn a_removed_server_drains_and_goes_with_its_last_request() {
-        let mut list = list_of(&[1, 2]);
-        let first = list.begin(&[]).unwrap();
-        list.apply(ServerEvent::Removed {
-            label: first.label.clone(),
-        });
-        assert_eq!(
-            ports(&list),
-            [1, 2],
-            "still listed while a request is in flight"
-        );
-        assert!(list.views()[0].draining);
-        assert_eq!(
-            list.begin(&[]).unwrap().url.port(),
-            Some(2),
-            "no new requests"
-        );
-        list.end(&first.label);
-        assert_eq!(ports(&list), [2]);
-    }
-
-    #[test]
-    fn a_snapshot_keeps_the_counts_of_servers_that_stay_and_drains_those_that_leave() {
-        let mut list = list_of(&[1, 2]);
-        let one = list.begin(&[]).unwrap();
-        let two = list.begin(&[]).unwrap();
-        list.apply(ServerEvent::Snapshot(vec![(upstream(2), true)]));
-        let views = list.views();
-        assert_eq!(ports(&list), [2, 1]);
-        assert_eq!((views[0].in_flight, views[0].draining), (1, false));
-        assert_eq!((views[1].in_flight, views[1].draining), (1, true));
-        list.end(&one.label);
-        list.end(&two.label);
-        assert_eq!(ports(&list), [2]);
-        assert_eq!(list.views()[0].in_flight, 0);
-    }
-
-    #[test]
-    fn a_server_re_added_while_draining_stays_in_rotation() {
-        let mut list = list_of(&[1]);
-        let lease = list.begin(&[]).unwrap();
-        list.apply(ServerEvent::Removed {
-            label: lease.label.clone(),
-        });
-        list.apply(ServerEvent::Added {
-            upstream: upstream(1),
-            healthy: true,
-        });
-        list.end(&lease.label);
-        assert_eq!(ports(&list), [1]);
-        assert!(!list.views()[0].draining);
-        assert!(list.begin(&[]).is_some());
-    }
-
-    #[test]
-    fn an_unhealthy_server_gets_nothing_until_it_is_back() {
-        let mut list = list_of(&[1]);
-        let label = upstream(1).label.clone();
-        list.apply(ServerEvent::Health {
-            label: label.clone(),
-            healthy: false,
-        });
-        assert!(list.begin(&[]).is_none());
-        list.apply(ServerEvent::Health {
-            label,
-            healthy: true,
-        });
-        assert!(list.begin(&[]).is_some());
-    }
 
     #[actix_rt::test]
     async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
@@ -503,34 +252,29 @@ mod tests {
             Some(Default::default()),
         )
         .unwrap();
-        let settings = HealthCheckSection {
+        let mut pools = config.pools.clone();
+        pools[0].health_check = HealthCheckSection {
             interval: std::time::Duration::from_secs(3600),
             ..Default::default()
         };
         let metrics = Arc::new(Metrics::new());
-        let health = HealthActor::new(
-            &config.servers,
-            settings,
-            config.upstream_tls,
-            metrics.clone(),
-        )
-        .start();
-        let balancer = BalancerActor::start(
-            strategy::from_config(config::Strategy::RoundRobin),
-            metrics,
-            move |balancer| {
-                health.send(Register {
-                    balancer,
-                    limiter: None,
-                })
-            },
-        );
+        let health = HealthActor::new(&pools, config.upstream_tls, metrics.clone()).start();
+        let balancer = BalancerActor::start(metrics, move |balancer| {
+            health.send(Register {
+                balancer,
+                limiter: None,
+            })
+        });
+        let next = || NextServer {
+            pool: PoolId::DEFAULT,
+            tried: Vec::new(),
+        };
         let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
-        drop(balancer.send(NextServer::default()).await.unwrap());
+        drop(balancer.send(next()).await.unwrap());
         assert_eq!(in_flight().await, 0);
 
         // The request is queued and handled, but whoever asked has gone before reading it.
-        let unread = balancer.send(NextServer::default());
+        let unread = balancer.send(next());
         for _ in 0..10 {
             actix_rt::task::yield_now().await;
         }

@@ -22,7 +22,7 @@ use self::{
     workers::{HeadTimes, InFlight},
 };
 pub use self::{
-    servers::{Answers, ServerCounters},
+    servers::{Answers, ServerCounters, ServerKey},
     workers::WorkerHistogram,
 };
 
@@ -36,7 +36,7 @@ pub struct Counts {
     /// Requests refused with 429.
     pub rate_limited: u64,
     /// Each server's answers, by label, for every server that has series now.
-    pub servers: HashMap<Arc<str>, Answers>,
+    pub servers: HashMap<ServerKey, Answers>,
 }
 
 /// Every metric roundabout exports, and the registry that encodes them.
@@ -127,8 +127,8 @@ impl Metrics {
     /// The request counters of `server`, to keep beside it (each worker then takes its own
     /// with [`ServerCounters::for_worker`]). Every series of the server is present from now
     /// on (at 0), until the last `ServerCounters` of it is dropped.
-    pub fn server_counters(&self, server: &Arc<str>) -> ServerCounters {
-        self.servers.counters(server)
+    pub fn server_counters(&self, pool: &Arc<str>, server: &Arc<str>) -> ServerCounters {
+        self.servers.counters(&(pool.clone(), server.clone()))
     }
 
     /// Counts one answered request by the status sent (499: the client went away);
@@ -156,17 +156,17 @@ impl Metrics {
         self.in_flight.for_worker()
     }
 
-    pub fn set_healthy(&self, server: &Arc<str>, healthy: bool) {
+    pub fn set_healthy(&self, server: &ServerKey, healthy: bool) {
         self.servers.set_healthy(server, healthy);
     }
 
-    pub fn health_check_failed(&self, server: &Arc<str>) {
+    pub fn health_check_failed(&self, server: &ServerKey) {
         self.servers.health_check_failed(server);
     }
 
     /// A removed server's health gauge goes away with it (its other series once it has
     /// drained).
-    pub fn forget_server(&self, server: &Arc<str>) {
+    pub fn forget_server(&self, server: &ServerKey) {
         self.servers.forget(server);
     }
 
@@ -246,19 +246,23 @@ mod tests {
     #[test]
     fn encodes_requests_by_server_and_class() {
         let m = Metrics::new();
-        let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        let counters = m.server_counters(&s);
+        let s: ServerKey = (Arc::from("default"), Arc::from("127.0.0.1:5000"));
+        let counters = m.server_counters(&s.0, &s.1);
         m.answered(Some(&counters), 204);
         m.head_times().observe(std::time::Duration::from_millis(2));
         m.answered(None, 503);
         m.set_healthy(&s, true);
         let text = m.encode();
         assert!(
-            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="2xx"} 1"#),
+            text.contains(
+                r#"roundabout_requests_total{pool="default",server="127.0.0.1:5000",class="2xx"} 1"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"roundabout_requests_total{server="",class="5xx"} 1"#));
-        assert!(text.contains(r#"roundabout_server_healthy{server="127.0.0.1:5000"} 1"#));
+        assert!(text.contains(r#"roundabout_requests_total{pool="",server="",class="5xx"} 1"#));
+        assert!(
+            text.contains(r#"roundabout_server_healthy{pool="default",server="127.0.0.1:5000"} 1"#)
+        );
         assert!(text.contains("roundabout_request_duration_seconds_count 1"));
     }
 
@@ -267,13 +271,14 @@ mod tests {
         let m = Metrics::new();
         let keep: Vec<ServerCounters> = ["127.0.0.1:9", "127.0.0.1:10", "127.0.0.1:1"]
             .into_iter()
-            .map(|s| m.server_counters(&Arc::from(s)))
+            .map(|s| m.server_counters(&Arc::from("default"), &Arc::from(s)))
             .collect();
         let text = m.encode();
         let servers: Vec<&str> = text
             .lines()
             .filter(|l| {
-                l.starts_with("roundabout_requests_total{server=\"127") && l.contains("2xx")
+                l.starts_with("roundabout_requests_total{pool=\"default\",server=\"127")
+                    && l.contains("2xx")
             })
             .collect();
         let mut sorted = servers.clone();
@@ -286,8 +291,8 @@ mod tests {
     #[test]
     fn counts_keep_the_answers_of_a_server_whose_series_are_gone() {
         let m = Metrics::new();
-        let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        let counters = m.server_counters(&s);
+        let s: ServerKey = (Arc::from("default"), Arc::from("127.0.0.1:5000"));
+        let counters = m.server_counters(&s.0, &s.1);
         m.answered(Some(&counters), 200);
         m.answered(Some(&counters), 502);
         m.answered(None, 429);

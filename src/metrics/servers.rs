@@ -1,4 +1,5 @@
-//! Per-server series: `roundabout_requests_total` (with our own answers as `server=""`),
+//! Per-server series, labelled by pool and server: `roundabout_requests_total` (with our own
+//! answers as `pool="",server=""`),
 //! `roundabout_upstream_body_failures_total`, `roundabout_server_healthy` and
 //! `roundabout_health_check_failures_total`.
 //!
@@ -27,7 +28,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-/// A server's `host:port` as a label value.
+/// A pool's name or a server's `host:port` as a label value.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ServerName(Arc<str>);
 
@@ -39,6 +40,7 @@ impl EncodeLabelValue for ServerName {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RequestLabels {
+    pool: ServerName,
     server: ServerName,
     /// `2xx`, `3xx`, `4xx`, `5xx`, or `1xx`.
     class: &'static str,
@@ -46,6 +48,7 @@ struct RequestLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ServerLabels {
+    pool: ServerName,
     server: ServerName,
 }
 
@@ -112,8 +115,11 @@ impl ServerCounters {
     }
 }
 
-/// Which servers have series now, by label.
-type Live = Arc<Mutex<HashMap<Arc<str>, Weak<ServerSeries>>>>;
+/// A server's identity: its pool's name and its `host:port`.
+pub type ServerKey = (Arc<str>, Arc<str>);
+
+/// Which servers have series now, by pool and label.
+type Live = Arc<Mutex<HashMap<ServerKey, Weak<ServerSeries>>>>;
 
 /// The families that hold per-server series, and which servers are alive in them.
 #[derive(Debug, Clone)]
@@ -130,7 +136,7 @@ pub(super) struct ServerFamilies {
 /// counters goes.
 #[derive(Debug)]
 struct ServerSeries {
-    label: Arc<str>,
+    key: ServerKey,
     families: ServerFamilies,
     /// Every holder's counters; dead entries are pruned when one is added.
     holders: Mutex<Vec<Weak<Counting>>>,
@@ -171,13 +177,11 @@ impl Drop for ServerSeries {
         f.retired.fetch_add(answered, Relaxed);
         let mut live = f.live.lock().unwrap_or_else(|e| e.into_inner());
         // A new handle may have been made for the same server meanwhile; it keeps them.
-        if live.get(&self.label).is_some_and(|w| w.upgrade().is_some()) {
+        if live.get(&self.key).is_some_and(|w| w.upgrade().is_some()) {
             return;
         }
-        live.remove(&self.label);
-        let server = ServerLabels {
-            server: ServerName(self.label.clone()),
-        };
+        live.remove(&self.key);
+        let server = ServerLabels::of(&self.key);
         f.healthy.remove(&server);
         f.health_check_failures.remove(&server);
     }
@@ -201,12 +205,13 @@ impl EncodeMetric for RequestCounts {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let own: Arc<str> = Arc::from("");
         let series = live_series(&self.live);
-        let rows = std::iter::once((own, self.own.0.tally.get()))
-            .chain(series.iter().map(|s| (s.label.clone(), s.totals())));
-        for (label, totals) in rows {
+        let rows = std::iter::once(((own.clone(), own), self.own.0.tally.get()))
+            .chain(series.iter().map(|s| (s.key.clone(), s.totals())));
+        for ((pool, server), totals) in rows {
             for (class, n) in CLASSES.into_iter().zip(totals) {
                 let labels = RequestLabels {
-                    server: ServerName(label.clone()),
+                    pool: ServerName(pool.clone()),
+                    server: ServerName(server.clone()),
                     class,
                 };
                 ConstCounter::new(n).encode(encoder.encode_family(&labels)?)?;
@@ -227,9 +232,7 @@ struct BodyFailures(Live);
 impl EncodeMetric for BodyFailures {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         for series in live_series(&self.0) {
-            let labels = ServerLabels {
-                server: ServerName(series.label.clone()),
-            };
+            let labels = ServerLabels::of(&series.key);
             let failed = series.totals()[Tally::FAILED];
             ConstCounter::new(failed).encode(encoder.encode_family(&labels)?)?;
         }
@@ -267,7 +270,7 @@ impl ServerFamilies {
         let live = Live::default();
         registry.register(
             "requests",
-            "Proxied requests by upstream server and status class (answers of our own: server=\"\")",
+            "Proxied requests by pool, upstream server and status class (answers of our own: pool=\"\", server=\"\")",
             RequestCounts {
                 live: live.clone(),
                 own: own.clone(),
@@ -287,7 +290,7 @@ impl ServerFamilies {
         let health_check_failures = Family::<ServerLabels, Counter>::default();
         registry.register(
             "health_check_failures",
-            "Failed health checks and failed connections, by server",
+            "Failed health checks and failed connections, by pool and server",
             health_check_failures.clone(),
         );
         Self {
@@ -299,14 +302,14 @@ impl ServerFamilies {
     }
 
     /// The request counters of `server`; see [`Metrics::server_counters`](super::Metrics::server_counters).
-    pub(super) fn counters(&self, server: &Arc<str>) -> ServerCounters {
+    pub(super) fn counters(&self, server: &ServerKey) -> ServerCounters {
         let series = {
             let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
             match live.get(server).and_then(Weak::upgrade) {
                 Some(series) => series,
                 None => {
                     let series = Arc::new(ServerSeries {
-                        label: server.clone(),
+                        key: server.clone(),
                         families: self.clone(),
                         holders: Mutex::default(),
                         gone: Tally::default(),
@@ -329,28 +332,28 @@ impl ServerFamilies {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    pub(super) fn set_healthy(&self, server: &Arc<str>, healthy: bool) {
+    pub(super) fn set_healthy(&self, server: &ServerKey, healthy: bool) {
         self.healthy
             .get_or_create(&ServerLabels::of(server))
             .set(i64::from(healthy));
     }
 
-    pub(super) fn health_check_failed(&self, server: &Arc<str>) {
+    pub(super) fn health_check_failed(&self, server: &ServerKey) {
         self.health_check_failures
             .get_or_create(&ServerLabels::of(server))
             .inc();
     }
 
     /// A removed server's health gauge goes at once (its other series once it drained).
-    pub(super) fn forget(&self, server: &Arc<str>) {
+    pub(super) fn forget(&self, server: &ServerKey) {
         self.healthy.remove(&ServerLabels::of(server));
     }
 
-    /// Each live server's answers, by label.
-    pub(super) fn answers(&self) -> HashMap<Arc<str>, Answers> {
+    /// Each live server's answers, by pool and label.
+    pub(super) fn answers(&self) -> HashMap<ServerKey, Answers> {
         live_series(&self.live)
             .iter()
-            .map(|series| (series.label.clone(), Answers::of(series.totals())))
+            .map(|series| (series.key.clone(), Answers::of(series.totals())))
             .collect()
     }
 
@@ -361,8 +364,9 @@ impl ServerFamilies {
 }
 
 impl ServerLabels {
-    fn of(server: &Arc<str>) -> Self {
+    fn of((pool, server): &ServerKey) -> Self {
         ServerLabels {
+            pool: ServerName(pool.clone()),
             server: ServerName(server.clone()),
         }
     }
@@ -384,24 +388,24 @@ impl ServerCounters {
 mod tests {
     use std::sync::{atomic::Ordering::Relaxed, Arc};
 
-    use super::{super::Metrics, Answers};
+    use super::{super::Metrics, Answers, ServerKey};
 
     #[test]
     fn a_servers_series_go_with_its_last_counters() {
         let m = Metrics::new();
-        let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        let first = m.server_counters(&s);
-        let second = m.server_counters(&s);
+        let s: ServerKey = (Arc::from("default"), Arc::from("127.0.0.1:5000"));
+        let first = m.server_counters(&s.0, &s.1);
+        let second = m.server_counters(&s.0, &s.1);
         first.inc(200);
         m.set_healthy(&s, true);
         let text = m.encode();
         assert!(
-            text.contains(r#"roundabout_health_check_failures_total{server="127.0.0.1:5000"} 0"#),
+            text.contains(r#"roundabout_health_check_failures_total{pool="default",server="127.0.0.1:5000"} 0"#),
             "{text}"
         );
-        assert!(
-            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="5xx"} 0"#)
-        );
+        assert!(text.contains(
+            r#"roundabout_requests_total{pool="default",server="127.0.0.1:5000",class="5xx"} 0"#
+        ));
         drop(first);
         assert!(
             m.encode().contains(r#"class="2xx"} 1"#),
@@ -416,8 +420,8 @@ mod tests {
     #[test]
     fn each_workers_counters_are_its_own_and_summed_when_read_even_after_one_goes() {
         let m = Metrics::new();
-        let s: Arc<str> = Arc::from("127.0.0.1:5000");
-        let shared = m.server_counters(&s);
+        let s: ServerKey = (Arc::from("default"), Arc::from("127.0.0.1:5000"));
+        let shared = m.server_counters(&s.0, &s.1);
         let (one, two) = (shared.for_worker(), shared.for_worker());
         assert!(
             !Arc::ptr_eq(&one.0, &two.0),
@@ -429,15 +433,19 @@ mod tests {
         m.upstream_failed(Some(&one));
         let text = m.encode();
         assert!(
-            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="2xx"} 2"#),
+            text.contains(
+                r#"roundabout_requests_total{pool="default",server="127.0.0.1:5000",class="2xx"} 2"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"roundabout_requests_total{server="127.0.0.1:5000",class="5xx"} 1"#),
+            text.contains(
+                r#"roundabout_requests_total{pool="default",server="127.0.0.1:5000",class="5xx"} 1"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"roundabout_upstream_body_failures_total{server="127.0.0.1:5000"} 1"#),
+            text.contains(r#"roundabout_upstream_body_failures_total{pool="default",server="127.0.0.1:5000"} 1"#),
             "{text}"
         );
         // A worker's copy replaced (a reload): what it counted stays counted.

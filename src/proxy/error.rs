@@ -41,6 +41,11 @@ pub enum ProxyError {
     LimiterUnavailable,
     #[error("balancer unavailable")]
     Unavailable,
+    #[error("forbidden: this address may not use this route")]
+    Forbidden,
+    /// A route with `redirect_https`, asked over plain HTTP: 308 to this location.
+    #[error("use https: {}", .0.to_str().unwrap_or("https"))]
+    RedirectHttps(HeaderValue),
 }
 
 impl ResponseError for ProxyError {
@@ -59,6 +64,8 @@ impl ResponseError for ProxyError {
             ProxyError::ExpectationFailed => StatusCode::EXPECTATION_FAILED,
             ProxyError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Forbidden => StatusCode::FORBIDDEN,
+            ProxyError::RedirectHttps(_) => StatusCode::PERMANENT_REDIRECT,
         }
     }
 
@@ -71,6 +78,9 @@ impl ResponseError for ProxyError {
             }
             ProxyError::RateLimited(d) => {
                 res.insert_header((header::RETRY_AFTER, d.reset_secs));
+            }
+            ProxyError::RedirectHttps(location) => {
+                res.insert_header((header::LOCATION, location.clone()));
             }
             // The body was not read: the connection cannot carry another request.
             ProxyError::TooLarge(_)

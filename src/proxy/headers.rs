@@ -41,17 +41,19 @@ const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset
 const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The upstream URI: the server's scheme and authority, the client's path and query.
-pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream) -> Uri {
+/// The upstream URI: the server's scheme and authority, the client's path and query (or
+/// `path`, the route's rewrite of them).
+pub fn upstream_uri(req: &HttpRequest, upstream: &Upstream, path: Option<&str>) -> Uri {
     let mut parts = actix_web::http::uri::Parts::default();
     parts.scheme = Some(upstream.scheme.clone());
     parts.authority = Some(upstream.authority.clone());
-    parts.path_and_query = Some(
+    let rewritten = path.and_then(|p| PathAndQuery::try_from(p).ok());
+    parts.path_and_query = Some(rewritten.unwrap_or_else(|| {
         req.uri()
             .path_and_query()
             .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/")),
-    );
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    }));
     Uri::from_parts(parts).expect("scheme, authority and path make a URI")
 }
 
@@ -274,8 +276,14 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
         .map(|a| IpAddr::V4(*a.ip()))
 }
 
-/// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers).
-pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<&HeaderValue>) {
+/// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers),
+/// `budget` naming the budget (`default`, or a route's).
+pub fn rate_limit_headers(
+    headers: &mut HeaderMap,
+    d: &Decision,
+    policy: Option<&HeaderValue>,
+    budget: &str,
+) {
     let reset = d.reset_secs;
     headers.insert(X_RATELIMIT_LIMIT, number(d.limit));
     headers.insert(X_RATELIMIT_REMAINING, number(d.remaining));
@@ -284,7 +292,7 @@ pub fn rate_limit_headers(headers: &mut HeaderMap, d: &Decision, policy: Option<
         headers.insert(RATELIMIT_POLICY, policy.clone());
     }
     let mut value = String::with_capacity(40);
-    let _ = write!(value, "\"default\";r={};t={reset}", d.remaining);
+    let _ = write!(value, "\"{budget}\";r={};t={reset}", d.remaining);
     // Digits and quotes: always a valid value; moved into the header, not copied.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(RATELIMIT, v);

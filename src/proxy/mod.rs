@@ -1,7 +1,11 @@
-//! The hot path, top to bottom: [`forward`] checks the request ([`checks`]), finds the
-//! client IP ([`headers`]), asks this worker's limiter, asks this worker's balancer for a
-//! server, sends the request with `awc` (retrying on another server while that is safe),
-//! and streams the answer back ([`body`]). What each failure answers is in [`error`].
+//! The hot path, top to bottom, as named phases over one request's context ([`Ctx`],
+//! Pingora's model): **route** (which route takes the request, hence which pool; its
+//! `allow` list and `redirect_https`), **limit** (the route's budget, or the default one, in
+//! this worker's limiter), **pick** (this worker's balancer chooses a server of the pool),
+//! **rewrite** (the upstream request: path, forwarding headers, the route's header rules),
+//! **respond** (the answer streamed back, the route's response rules) and **log**. Each
+//! phase reads and writes the context; retries stay inside the pool. What is refused
+//! before any of them is in [`checks`], what each failure answers in [`error`].
 //!
 //! What is forwarded: method, path, query, every end-to-end header, the body (streamed, with
 //! the client's framing: Content-Length stays Content-Length, chunked stays chunked).
@@ -13,11 +17,11 @@ mod body;
 pub mod checks;
 mod error;
 mod headers;
+mod settings;
 mod tunnel;
 
-use std::{cell::RefCell, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
+use std::{net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 
-use actix::Addr;
 use actix_codec::Framed;
 use actix_http::h1::ClientCodec;
 use actix_web::{
@@ -27,195 +31,183 @@ use actix_web::{
     web, HttpRequest, HttpResponse, ResponseError,
 };
 use awc::{error::SendRequestError, BoxedSocket, UpgradeResponse};
-use ipnet::IpNet;
-use tokio::sync::watch;
 
 pub use self::error::ProxyError;
-pub(crate) use self::headers::client_ip;
 use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
     headers::{rate_limit_headers, upstream_headers, upstream_uri, X_REQUEST_ID},
+    settings::{Current, PoolSettings},
     tunnel::tunnel,
 };
+pub(crate) use self::{
+    headers::client_ip,
+    settings::{Settings, Worker},
+};
 use crate::{
-    access_log::{AccessEntry, Ending, Record, Sink, CLIENT_CLOSED},
-    balancer::{BalancerActor, Lease, NextServer},
-    config::{Config, ProxySection},
-    health::{ConnectFailed, HealthActor},
-    rate_limit::{ceil_secs, Check, Decision, RateLimitActor, Verdict},
-    upstream::{self, describe, Upstream},
+    access_log::{AccessEntry, Ending, Record, CLIENT_CLOSED},
+    balancer::{Lease, NextServer},
+    health::ConnectFailed,
+    rate_limit::{Budget, Check, Decision, Verdict},
+    routing::{Limit, Route, RouteRequest},
+    upstream::{describe, PoolId, Upstream},
 };
 
-/// What the hot path reads of the configuration, in the form it needs. Published by
-/// `lib.rs` at start and on every reload; each worker keeps its own copy.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub proxy: ProxySection,
-    pub trusted_proxies: Vec<IpNet>,
-    /// `Retry-After` for 503 "no healthy server": the health interval, whole seconds, ≥ 1.
-    pub retry_after_no_server: HeaderValue,
-    /// `RateLimit-Policy` value; `None` with the limiter off, which skips it.
-    pub ratelimit_policy: Option<HeaderValue>,
-    pub access_log: bool,
-    /// How `https://` servers are verified; a new one (a reload) gets a new client.
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+/// One request's context: what the phases learn, in order, and the next ones read.
+struct Ctx<'a> {
+    settings: &'a Settings,
+    request_id: HeaderValue,
+    /// The TCP peer.
+    peer: Option<IpAddr>,
+    /// The client, after `trusted_proxies`.
+    client_ip: Option<IpAddr>,
+    /// The route that took the request; `None`: the default pool.
+    route: Option<&'a Route>,
+    pool: PoolId,
+    /// The limiter's count, for the answer's rate-limit fields.
+    decision: Option<Decision>,
 }
 
-impl Settings {
-    pub fn new(config: &Config) -> Self {
-        let rl = &config.rate_limit;
-        Self {
-            proxy: config.proxy.clone(),
-            trusted_proxies: rl.trusted_proxies.clone(),
-            retry_after_no_server: HeaderValue::from(ceil_secs(config.health_check.interval)),
-            ratelimit_policy: rl.enabled.then(|| {
-                let value = format!("\"default\";q={};w={}", rl.requests, rl.window.as_secs());
-                HeaderValue::from_str(&value).expect("digits and quotes are a header value")
-            }),
-            access_log: config.access_log.is_some(),
-            upstream_tls: config.upstream_tls.clone(),
+impl<'a> Ctx<'a> {
+    fn new(req: &HttpRequest, settings: &'a Settings) -> Self {
+        let peer = req.peer_addr().map(|a| a.ip());
+        Ctx {
+            settings,
+            request_id: headers::request_id(req.headers()),
+            peer,
+            client_ip: peer.map(|p| client_ip(p, req.headers(), &settings.trusted_proxies)),
+            route: None,
+            pool: PoolId::DEFAULT,
+            decision: None,
+        }
+    }
+
+    fn pool(&self) -> &'a PoolSettings {
+        self.settings.pool(self.pool)
+    }
+
+    /// Phase **route**: the first route that matches takes the request to its pool; a
+    /// client outside its `allow` list is refused, a plain request to a `redirect_https`
+    /// route is sent to the TLS listener.
+    fn route(&mut self, req: &HttpRequest) -> Result<(), ProxyError> {
+        let routes = &self.settings.routes;
+        if routes.is_empty() {
+            return Ok(());
+        }
+        let host = request_host(req);
+        let Some(route) = routes.find(&RouteRequest {
+            host,
+            path: req.uri().path(),
+            method: req.method(),
+            headers: req.headers(),
+        }) else {
+            return Ok(());
+        };
+        self.route = Some(route);
+        self.pool = route.pool;
+        if !route.allows(self.client_ip) {
+            return Err(ProxyError::Forbidden);
+        }
+        if route.redirect_https && !req.app_config().secure() {
+            return Err(ProxyError::RedirectHttps(https_location(
+                req,
+                host,
+                self.settings.tls_port,
+            )));
+        }
+        Ok(())
+    }
+
+    /// Phase **limit**: the route's own budget, none, or the default one (when
+    /// `rate_limit.enabled`), counted for the client in this worker's limiter.
+    async fn limit(&mut self, worker: &Worker) -> Result<(), ProxyError> {
+        let budget = match self.route.map(|r| &r.limit) {
+            Some(Limit::Off) => return Ok(()),
+            Some(Limit::Own { budget, .. }) => Some(budget.clone()),
+            Some(Limit::Default) | None if self.settings.ratelimit_policy.is_some() => None,
+            Some(Limit::Default) | None => return Ok(()),
+        };
+        let Some(ip) = self.client_ip else {
+            return Ok(());
+        };
+        self.decision = limit(worker, ip, budget).await?;
+        Ok(())
+    }
+
+    /// The `RateLimit-Policy` of the budget that counted this request.
+    fn policy(&self) -> Option<&'a HeaderValue> {
+        match self.route.map(|r| &r.limit) {
+            Some(Limit::Own { policy, .. }) => Some(policy),
+            _ => self.settings.ratelimit_policy.as_ref(),
+        }
+    }
+
+    /// The budget's name in the `RateLimit` field.
+    fn budget_name(&self) -> &'a str {
+        match self.route.map(|r| &r.limit) {
+            Some(Limit::Own { budget, .. }) => &budget.name,
+            _ => "default",
         }
     }
 }
 
-impl Settings {
-    /// A copy for one worker, its header values copied rather than cloned: a clone would
-    /// share their bytes, and the reference count that each request's clone touches, with
-    /// every other worker.
-    fn for_worker(&self) -> Settings {
-        let own = |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).expect("was a value");
-        Settings {
-            retry_after_no_server: own(&self.retry_after_no_server),
-            ratelimit_policy: self.ratelimit_policy.as_ref().map(own),
-            ..self.clone()
-        }
+/// The host a request names: `Host`, or HTTP/2's `:authority`.
+fn request_host(req: &HttpRequest) -> Option<&str> {
+    match req.headers().get(header::HOST) {
+        Some(h) => h.to_str().ok(),
+        None => req.uri().authority().map(|a| a.as_str()),
     }
 }
 
-/// One worker's handles: its balancer and limiter (same thread), its settings and client.
-pub(crate) struct Worker {
-    balancer: Addr<BalancerActor>,
-    limiter: Addr<RateLimitActor>,
-    health: Addr<HealthActor>,
-    /// Where this worker's exchanges are counted and logged.
-    sink: Rc<Sink>,
-    /// Where reloads are published; looked at (one atomic load) per request.
-    updates: RefCell<watch::Receiver<Arc<Settings>>>,
-    /// This worker's copy of the settings (an `Rc`: no count shared with other workers)
-    /// and its client, rebuilt when `connect_timeout` changes. `awc::Client` is not
-    /// `Send`: one per worker, built on the worker's thread.
-    current: RefCell<(Rc<Settings>, awc::Client)>,
+/// `https://HOST[:PORT]/target` for `redirect_https` (the port left out when it is 443).
+fn https_location(req: &HttpRequest, host: Option<&str>, tls_port: Option<u16>) -> HeaderValue {
+    let host = host.unwrap_or("localhost");
+    // Without the request's port; an IPv6 literal keeps its brackets.
+    let name = match host.rfind(']') {
+        Some(end) => &host[..=end],
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = match tls_port {
+        Some(443) | None => format!("https://{name}{target}"),
+        Some(port) => format!("https://{name}:{port}{target}"),
+    };
+    HeaderValue::from_str(&location).unwrap_or_else(|_| HeaderValue::from_static("/"))
 }
 
-impl Worker {
-    /// The handles of the worker whose factory runs this.
-    pub fn new(
-        balancer: Addr<BalancerActor>,
-        limiter: Addr<RateLimitActor>,
-        health: Addr<HealthActor>,
-        sink: Sink,
-        updates: watch::Receiver<Arc<Settings>>,
-    ) -> Self {
-        let settings = updates.borrow().clone();
-        let client = upstream::client(
-            settings.proxy.connect_timeout,
-            None,
-            settings.upstream_tls.clone(),
-        );
-        Self {
-            balancer,
-            limiter,
-            health,
-            sink: Rc::new(sink),
-            updates: RefCell::new(updates),
-            current: RefCell::new((Rc::new(settings.for_worker()), client)),
-        }
-    }
-
-    /// The settings and client for one request: the last ones published.
-    fn current(&self) -> (Rc<Settings>, awc::Client) {
-        let mut updates = self.updates.borrow_mut();
-        if updates.has_changed().unwrap_or(false) {
-            let new = updates.borrow_and_update().clone();
-            let mut current = self.current.borrow_mut();
-            if new.proxy.connect_timeout != current.0.proxy.connect_timeout
-                || !Arc::ptr_eq(&new.upstream_tls, &current.0.upstream_tls)
-            {
-                // Requests under way keep the old client (and its pool) until they end.
-                current.1 =
-                    upstream::client(new.proxy.connect_timeout, None, new.upstream_tls.clone());
-            }
-            current.0 = Rc::new(new.for_worker());
-        }
-        let current = self.current.borrow();
-        (current.0.clone(), current.1.clone())
-    }
-}
-
-/// The proxy handler: every request on `listen.address` comes here.
+/// The proxy handler: every request on `listen.address` (and the TLS listener) comes here.
 pub(crate) async fn forward(
     req: HttpRequest,
     payload: web::Payload,
     worker: web::Data<Worker>,
 ) -> HttpResponse {
     let started = Instant::now();
-    let (settings, client) = worker.current();
-    let request_id = headers::request_id(req.headers());
-    let peer = req.peer_addr().map(|a| a.ip());
-    let client_ip = peer.map(|p| client_ip(p, req.headers(), &settings.trusted_proxies));
-
-    let mut decision = None;
-    let limiter = settings
-        .ratelimit_policy
-        .is_some()
-        .then_some(&worker.limiter);
-    let outcome = match check_request(&req, &settings.proxy) {
-        Err(e) => Err(e),
-        Ok(framing) => match limit(limiter, client_ip).await {
-            Err(e) => Err(e),
-            Ok(d) => {
-                decision = d;
-                // The body goes to the server; an upgrade's payload (the rest of the
-                // connection) waits for the tunnel.
-                let mut payload = Some(payload.into_inner());
-                let body = (framing != Framing::None).then(|| {
-                    let payload = payload.take().unwrap_or(Payload::None);
-                    BodyState::new(payload, settings.proxy.max_body_bytes)
-                });
-                let upgrade = headers::upgrade_of(&req).filter(|_| body.is_none());
-                let to = Target {
-                    peer,
-                    upgrade,
-                    request_id: &request_id,
-                };
-                send(&req, body, framing, to, &worker, &settings, &client)
-                    .await
-                    .map(|reply| (reply, payload, upgrade))
-            }
-        },
-    };
+    let current = worker.current();
+    let settings = &current.settings;
+    let mut ctx = Ctx::new(&req, settings);
+    let outcome = exchange(&req, payload, &worker, &current, &mut ctx).await;
     let head_at = started.elapsed();
     worker.sink.head_times.observe(head_at);
 
+    // Phase **log** is the record, finished when the answer's body has been sent.
     let headers = req.headers();
-    let mut record = Record {
-        sink: worker.sink.clone(),
-        upstream: None,
-        status: 0,
-        started,
-        upstream_time: None,
-        entry: settings.access_log.then(|| AccessEntry {
-            client: client_ip,
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            referer: headers.get(header::REFERER).cloned(),
-            user_agent: headers.get(header::USER_AGENT).cloned(),
-            request_id: Some(request_id.clone()),
-        }),
-    };
-    let idle = settings.proxy.timeout;
+    let pool = ctx.pool();
+    let entry = settings.access_log.then(|| AccessEntry {
+        client: ctx.client_ip,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        referer: headers.get(header::REFERER).cloned(),
+        user_agent: headers.get(header::USER_AGENT).cloned(),
+        request_id: Some(ctx.request_id.clone()),
+    });
+    let mut record = Record::new(worker.sink.clone(), started, entry);
+    if settings.access_log {
+        record.pool = Some(pool.name.clone());
+        record.route = ctx.route.map(|r| r.name.clone());
+    }
+    let idle = pool.proxy.timeout;
+    // Phase **respond**: the server's answer streamed back, or one of our own.
     let mut res = match outcome {
         Ok((reply, payload, upgrade)) => {
             record.upstream = Some(reply.lease.upstream().clone());
@@ -223,7 +215,6 @@ pub(crate) async fn forward(
             record.upstream_time = Some(head_at);
             match (reply.switched, payload, upgrade) {
                 (Some(socket), Some(payload), Some(asked)) => {
-                    let asked = asked.clone();
                     let tunnel_idle = settings.proxy.tunnel_idle_timeout;
                     tunnel(
                         reply.response,
@@ -238,11 +229,13 @@ pub(crate) async fn forward(
                 _ => respond(&req, reply.response, reply.lease, idle, record),
             }
         }
-        Err(e) => {
+        Err((e, tried)) => {
             if let ProxyError::RateLimited(d) = &e {
-                decision = Some(d.clone());
+                ctx.decision = Some(d.clone());
                 worker.sink.metrics.rate_limited();
             }
+            // The last server tried, for the log (a 502 names where it went).
+            record.upstream = tried;
             let res = e.error_response();
             record.status = match e {
                 ProxyError::ClientGone => CLIENT_CLOSED,
@@ -252,26 +245,68 @@ pub(crate) async fn forward(
                 BodySize::Sized(n) => n,
                 _ => 0,
             };
+            record.own_answer();
             record.finish(bytes, Ending::Complete);
             res
         }
     };
-    if let Some(d) = &decision {
-        rate_limit_headers(res.headers_mut(), d, settings.ratelimit_policy.as_ref());
+    if let Some(d) = &ctx.decision {
+        rate_limit_headers(res.headers_mut(), d, ctx.policy(), ctx.budget_name());
     }
-    res.headers_mut().insert(X_REQUEST_ID, request_id);
+    res.headers_mut()
+        .insert(X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(route) = ctx.route {
+        route.response_headers.apply(res.headers_mut());
+    }
     res
 }
 
-/// Asks the worker's limiter, when limiting is on and we know the client.
-async fn limit(
-    limiter: Option<&Addr<RateLimitActor>>,
-    ip: Option<IpAddr>,
-) -> Result<Option<Decision>, ProxyError> {
-    let (Some(limiter), Some(ip)) = (limiter, ip) else {
-        return Ok(None);
+/// What an exchange that reached a server gives: the answer, the rest of the connection
+/// (an upgrade's payload) and the protocol asked for.
+type Exchanged = (Reply, Option<Payload>, Option<HeaderValue>);
+
+/// Phases route, limit, pick and rewrite, then the send; an error comes with the last
+/// server tried, if any.
+async fn exchange(
+    req: &HttpRequest,
+    payload: web::Payload,
+    worker: &Worker,
+    current: &Current,
+    ctx: &mut Ctx<'_>,
+) -> Result<Exchanged, (ProxyError, Option<Arc<Upstream>>)> {
+    let settings = ctx.settings;
+    let framing = check_request(req, &settings.proxy).map_err(|e| (e, None))?;
+    ctx.route(req).map_err(|e| (e, None))?;
+    ctx.limit(worker).await.map_err(|e| (e, None))?;
+    // The body goes to the server; an upgrade's payload (the rest of the connection)
+    // waits for the tunnel.
+    let mut payload = Some(payload.into_inner());
+    let body = (framing != Framing::None).then(|| {
+        let payload = payload.take().unwrap_or(Payload::None);
+        BodyState::new(payload, settings.proxy.max_body_bytes)
+    });
+    let upgrade = headers::upgrade_of(req).filter(|_| body.is_none()).cloned();
+    let pool = ctx.pool();
+    let to = Target {
+        upgrade: upgrade.as_ref(),
+        pool: ctx.pool,
+        proxy: pool,
+        path: ctx
+            .route
+            .and_then(|r| r.upstream_path(req.uri().path(), req.uri().query())),
     };
-    match limiter.send(Check { ip }).await {
+    send(req, body, framing, to, worker, current, ctx)
+        .await
+        .map(|reply| (reply, payload, upgrade))
+}
+
+/// Asks the worker's limiter for `ip`, in `budget` (`None`: the default one).
+async fn limit(
+    worker: &Worker,
+    ip: IpAddr,
+    budget: Option<Budget>,
+) -> Result<Option<Decision>, ProxyError> {
+    match worker.limiter.send(Check { ip, budget }).await {
         Ok(Verdict::Counted(d)) if d.allowed => Ok(Some(d)),
         Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
         Ok(Verdict::Uncounted) => Ok(None),
@@ -279,11 +314,14 @@ async fn limit(
     }
 }
 
-/// Where a request goes beyond the server: whose it is, and the protocol it upgrades to.
+/// Where a request goes beyond the server: the protocol it upgrades to, its pool, and the
+/// path its route rewrote.
 struct Target<'a> {
-    peer: Option<IpAddr>,
     upgrade: Option<&'a HeaderValue>,
-    request_id: &'a HeaderValue,
+    pool: PoolId,
+    proxy: &'a PoolSettings,
+    /// The path and query the server gets when the route strips its prefix.
+    path: Option<String>,
 }
 
 /// A server's answer head, the connection when it switched protocols, and the lease.
@@ -293,20 +331,34 @@ struct Reply {
     lease: Lease,
 }
 
-/// Chooses a server and forwards; retries on another server while that is safe.
+/// Phases pick (a server of the pool, from this worker's balancer) and rewrite (the
+/// upstream request), then the send; retries on another server of the pool while that is
+/// safe. An error comes with the last server tried.
 async fn send(
     req: &HttpRequest,
     body: Option<Rc<BodyState>>,
     framing: Framing,
     to: Target<'_>,
     worker: &Worker,
-    settings: &Settings,
-    client: &awc::Client,
-) -> Result<Reply, ProxyError> {
-    let proxy = &settings.proxy;
-    let peer = to.peer;
+    current: &Current,
+    ctx: &Ctx<'_>,
+) -> Result<Reply, (ProxyError, Option<Arc<Upstream>>)> {
+    let settings = &current.settings;
+    let pool = to.proxy.proxy;
+    let client = current.client(pool.connect_timeout);
+    let route = ctx.route;
+    let rewrite = |mut headers| {
+        if let Some(route) = route {
+            route.request_headers.apply(&mut headers);
+        }
+        headers
+    };
     // Moved into the first try; a retry (rare) builds them again.
-    let mut headers = Some(upstream_headers(req, peer, &settings.trusted_proxies));
+    let mut headers = Some(rewrite(upstream_headers(
+        req,
+        ctx.peer,
+        &settings.trusted_proxies,
+    )));
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -314,6 +366,7 @@ async fn send(
 
     // Servers that refused a connection: not chosen again for this request.
     let mut tried: Vec<Arc<Upstream>> = Vec::new();
+    let mut last: Option<Arc<Upstream>> = None;
     let mut attempts = 0u32;
     let mut last_error = String::new();
     loop {
@@ -321,37 +374,40 @@ async fn send(
         let lease = worker
             .balancer
             .send(NextServer {
+                pool: to.pool,
                 tried: tried.clone(),
             })
             .await
-            .map_err(|_| ProxyError::Unavailable)?;
+            .map_err(|_| (ProxyError::Unavailable, last.clone()))?;
         let Some(lease) = lease else {
-            return Err(if last_error.is_empty() {
+            let error = if last_error.is_empty() {
                 ProxyError::NoServer {
-                    retry_after: settings.retry_after_no_server.clone(),
+                    retry_after: to.proxy.retry_after.clone(),
                 }
             } else {
                 ProxyError::BadGateway(last_error)
-            });
+            };
+            return Err((error, last));
         };
         let upstream = lease.upstream().clone();
+        last = Some(upstream.clone());
 
-        let uri = upstream_uri(req, &upstream);
+        let uri = upstream_uri(req, &upstream, to.path.as_deref());
         // no_decompress: no Accept-Encoding of awc's own when the client sent none.
         let mut creq = client.request(req.method().clone(), uri).no_decompress();
         *creq.headers_mut() = match headers.take() {
             Some(h) => h,
-            None => upstream_headers(req, peer, &settings.trusted_proxies),
+            None => rewrite(upstream_headers(req, ctx.peer, &settings.trusted_proxies)),
         };
         creq.headers_mut()
-            .insert(X_REQUEST_ID, to.request_id.clone());
-        if !proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
+            .insert(X_REQUEST_ID, ctx.request_id.clone());
+        if !settings.proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
         }
         let result = if let Some(protocol) = to.upgrade {
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
-            head_within(creq.send_upgrade(), proxy.timeout, None)
+            head_within(creq.send_upgrade(), pool.timeout, None)
                 .await
                 .map(|r| {
                     r.map(|answer| match answer {
@@ -368,15 +424,15 @@ async fn send(
                 // No body at all (not an empty one): no Content-Length: 0 on a GET.
                 (None, _) => creq.send_body(NoBody::new()),
             };
-            head_within(sending, proxy.timeout, body.as_deref())
+            head_within(sending, pool.timeout, body.as_deref())
                 .await
                 .map(|r| r.map(|res| (res, None)))
         };
 
         let body_started = body.as_ref().is_some_and(|b| b.started());
         let error = match result {
-            Err(Stalled::Upload) => return Err(ProxyError::RequestTimeout),
-            Err(Stalled::Upstream) => return Err(ProxyError::GatewayTimeout),
+            Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
+            Err(Stalled::Upstream) => return Err((ProxyError::GatewayTimeout, last)),
             Ok(Ok((response, switched))) => {
                 return Ok(Reply {
                     response,
@@ -388,14 +444,14 @@ async fn send(
         };
         drop(lease);
         if body.as_ref().is_some_and(|b| b.over()) {
-            return Err(ProxyError::TooLarge(proxy.max_body_bytes));
+            return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));
         }
         // The client went away mid-upload: nothing to answer, nobody to blame.
         if body.as_ref().is_some_and(|b| b.client_failed()) {
-            return Err(ProxyError::ClientGone);
+            return Err((ProxyError::ClientGone, last));
         }
-        let reason = describe(&error, proxy.connect_timeout);
-        last_error = format!("{}: {reason}", upstream.label);
+        let reason = describe(&error, pool.connect_timeout);
+        last_error = format!("{upstream}: {reason}");
         let retry = match &error {
             // Nothing reached the server: any method may go to another one.
             SendRequestError::Connect(_) => {
@@ -414,8 +470,8 @@ async fn send(
             }
             _ => false,
         };
-        if !retry || attempts > proxy.retries {
-            return Err(ProxyError::BadGateway(last_error));
+        if !retry || attempts > pool.retries {
+            return Err((ProxyError::BadGateway(last_error), last));
         }
         log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
     }

@@ -1,0 +1,478 @@
+//! The plain structs behind a worker's balancer: one [`ServerList`] per pool (servers,
+//! their health as last broadcast, in-flight counts, the strategy's cursor) and [`Pools`],
+//! every pool of the worker by number. No actor, no lock: unit-tested as they are.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use super::{PoolSpec, ServerEvent, ServerView};
+use crate::{
+    strategy::{self, Slot, Strategy},
+    upstream::{PoolId, Upstream},
+};
+
+/// One pool's servers, their health as last broadcast, and the strategy's cursor.
+pub struct ServerList {
+    slots: Vec<Slot>,
+    /// Label → index in `slots`; rebuilt whenever the list changes shape. Read on every
+    /// request's end: a fast hash.
+    index: HashMap<Arc<str>, usize, foldhash::fast::RandomState>,
+    strategy: Box<dyn Strategy>,
+    kind: crate::config::Strategy,
+    /// Gone from the configuration: shown as draining; requests routed to it by an older
+    /// route table are still served until its servers go.
+    retired: bool,
+}
+
+impl ServerList {
+    /// An empty list balanced by `kind`.
+    pub fn new(kind: crate::config::Strategy) -> Self {
+        Self {
+            slots: Vec::new(),
+            index: HashMap::default(),
+            strategy: strategy::from_config(kind),
+            kind,
+            retired: false,
+        }
+    }
+
+    fn position(&self, label: &str) -> Option<usize> {
+        self.index.get(label).copied()
+    }
+
+    /// After an insertion or removal: indices moved, the strategy's cursor follows.
+    fn reshaped(&mut self) {
+        self.index = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.upstream.label.clone(), i))
+            .collect();
+        self.strategy.resize(&self.slots);
+    }
+
+    /// The whole list with each server's health; replaces what the list had, keeping the
+    /// in-flight counts of servers that stay and draining those that leave.
+    pub fn snapshot(&mut self, servers: Vec<(Arc<Upstream>, bool)>) {
+        let mut next: Vec<Slot> = servers
+            .into_iter()
+            .map(|(upstream, healthy)| {
+                let in_flight = self
+                    .position(&upstream.label)
+                    .map_or(0, |i| self.slots[i].in_flight);
+                Slot {
+                    upstream,
+                    healthy,
+                    draining: false,
+                    in_flight,
+                }
+            })
+            .collect();
+        let listed: HashSet<Arc<str>> = next.iter().map(|s| s.upstream.label.clone()).collect();
+        for old in self.slots.drain(..) {
+            if old.in_flight > 0 && !listed.contains(&old.upstream.label) {
+                next.push(Slot {
+                    draining: true,
+                    ..old
+                });
+            }
+        }
+        self.slots = next;
+        self.reshaped();
+    }
+
+    /// A server went in or out of rotation.
+    pub fn set_health(&mut self, label: &str, healthy: bool) {
+        if let Some(i) = self.position(label) {
+            self.slots[i].healthy = healthy;
+        }
+    }
+
+    /// A server joined (at runtime, or by a reload).
+    pub fn add(&mut self, upstream: Arc<Upstream>, healthy: bool) {
+        match self.position(&upstream.label) {
+            // Re-added while still draining: it simply stays.
+            Some(i) => {
+                let slot = &mut self.slots[i];
+                slot.upstream = upstream;
+                slot.healthy = healthy;
+                slot.draining = false;
+            }
+            None => {
+                self.slots.push(Slot {
+                    upstream,
+                    healthy,
+                    draining: false,
+                    in_flight: 0,
+                });
+                self.reshaped();
+            }
+        }
+    }
+
+    /// A server's weight changed (a reload).
+    pub fn reweight(&mut self, upstream: Arc<Upstream>) {
+        if let Some(i) = self.position(&upstream.label) {
+            self.slots[i].upstream = upstream;
+            // nginx starts the weighted scores again when the peers change.
+            self.strategy.resize(&self.slots);
+        }
+    }
+
+    /// A server was removed: no new requests; gone once its in-flight ones end.
+    pub fn remove(&mut self, label: &str) {
+        if let Some(i) = self.position(label) {
+            if self.slots[i].in_flight == 0 {
+                self.slots.remove(i);
+                self.reshaped();
+            } else {
+                self.slots[i].draining = true;
+            }
+        }
+    }
+
+    /// Every server drains (the pool is gone).
+    fn drain_all(&mut self) {
+        self.slots.retain(|s| s.in_flight > 0);
+        for slot in &mut self.slots {
+            slot.draining = true;
+        }
+        self.reshaped();
+    }
+
+    /// Chooses the server for a request, skipping those in `tried`, and counts the request
+    /// in flight there.
+    pub fn begin(&mut self, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
+        let slots = &self.slots;
+        let usable = |i: usize| {
+            let s = &slots[i];
+            s.healthy && !s.draining && !tried.iter().any(|t| t.label == s.upstream.label)
+        };
+        let i = self.strategy.pick(slots, &usable)?;
+        let slot = &mut self.slots[i];
+        slot.in_flight += 1;
+        Some(slot.upstream.clone())
+    }
+
+    /// A request on `label` ended; a draining server goes once its last one has.
+    pub fn end(&mut self, label: &str) {
+        // By label, not by `Arc`: a server removed and added back while this request was in
+        // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
+        if let Some(i) = self.position(label) {
+            let slot = &mut self.slots[i];
+            slot.in_flight = slot.in_flight.saturating_sub(1);
+            if slot.draining && slot.in_flight == 0 {
+                self.slots.remove(i);
+                self.reshaped();
+            }
+        }
+    }
+
+    /// Balances by `kind` from now on (the cursor starts again when it changes).
+    pub fn set_strategy(&mut self, kind: crate::config::Strategy) {
+        if kind != self.kind {
+            let mut strategy = strategy::from_config(kind);
+            strategy.resize(&self.slots);
+            self.strategy = strategy;
+            self.kind = kind;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// This worker's view of every server, draining ones included.
+    pub fn views(&self) -> impl Iterator<Item = ServerView> + '_ {
+        self.slots.iter().map(|s| ServerView {
+            upstream: s.upstream.clone(),
+            healthy: s.healthy,
+            draining: s.draining || self.retired,
+            in_flight: s.in_flight,
+        })
+    }
+}
+
+/// Every pool of a worker, by number.
+#[derive(Default)]
+pub struct Pools {
+    /// By [`PoolId::index`]; `None` for numbers of pools this worker does not have.
+    lists: Vec<Option<ServerList>>,
+}
+
+impl Pools {
+    fn get_mut(&mut self, pool: PoolId) -> Option<&mut ServerList> {
+        self.lists.get_mut(pool.index()).and_then(Option::as_mut)
+    }
+
+    /// The pool set as the registry has it: new pools made, strategies and the retired
+    /// mark applied; a pool not listed drains and goes once its servers have.
+    fn set_pools(&mut self, specs: &[PoolSpec]) {
+        let listed: HashSet<usize> = specs.iter().map(|p| p.id.index()).collect();
+        for (i, list) in self.lists.iter_mut().enumerate() {
+            if list.is_some() && !listed.contains(&i) {
+                if let Some(l) = list.as_mut() {
+                    l.drain_all();
+                }
+                if list.as_ref().is_some_and(ServerList::is_empty) {
+                    *list = None;
+                }
+            }
+        }
+        for spec in specs {
+            let i = spec.id.index();
+            if self.lists.len() <= i {
+                self.lists.resize_with(i + 1, || None);
+            }
+            let list = self.lists[i].get_or_insert_with(|| ServerList::new(spec.strategy));
+            list.set_strategy(spec.strategy);
+            list.retired = spec.retired;
+        }
+    }
+
+    /// Applies a change broadcast by the registry.
+    pub fn apply(&mut self, event: ServerEvent) {
+        match event {
+            ServerEvent::Snapshot { pools, servers } => {
+                self.set_pools(&pools);
+                let mut by_pool: HashMap<PoolId, Vec<(Arc<Upstream>, bool)>> = HashMap::new();
+                for (upstream, healthy) in servers {
+                    by_pool
+                        .entry(upstream.pool)
+                        .or_default()
+                        .push((upstream, healthy));
+                }
+                for spec in &pools {
+                    let servers = by_pool.remove(&spec.id).unwrap_or_default();
+                    if let Some(list) = self.get_mut(spec.id) {
+                        list.snapshot(servers);
+                    }
+                }
+            }
+            ServerEvent::Pools(pools) => self.set_pools(&pools),
+            ServerEvent::Health {
+                pool,
+                label,
+                healthy,
+            } => {
+                if let Some(list) = self.get_mut(pool) {
+                    list.set_health(&label, healthy);
+                }
+            }
+            ServerEvent::Added { upstream, healthy } => {
+                if let Some(list) = self.get_mut(upstream.pool) {
+                    list.add(upstream, healthy);
+                }
+            }
+            ServerEvent::Reweighted { upstream } => {
+                if let Some(list) = self.get_mut(upstream.pool) {
+                    list.reweight(upstream);
+                }
+            }
+            ServerEvent::Removed { pool, label } => {
+                if let Some(list) = self.get_mut(pool) {
+                    list.remove(&label);
+                }
+            }
+        }
+    }
+
+    /// Chooses a server of `pool` for a request (see [`ServerList::begin`]); `None` when
+    /// the pool has none in rotation, or this worker has no such pool.
+    pub fn begin(&mut self, pool: PoolId, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
+        self.get_mut(pool)?.begin(tried)
+    }
+
+    /// A request on `upstream` ended.
+    pub fn end(&mut self, upstream: &Upstream) {
+        let i = upstream.pool.index();
+        let Some(slot) = self.lists.get_mut(i) else {
+            return;
+        };
+        if let Some(list) = slot.as_mut() {
+            list.end(&upstream.label);
+        }
+    }
+
+    /// This worker's view of every server of every pool.
+    pub fn views(&self) -> Vec<ServerView> {
+        self.lists
+            .iter()
+            .flatten()
+            .flat_map(ServerList::views)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Strategy as Kind;
+
+    fn upstream(port: u16) -> Arc<Upstream> {
+        Upstream::local(port)
+    }
+
+    fn list_of(ports: &[u16]) -> ServerList {
+        let mut list = ServerList::new(Kind::RoundRobin);
+        list.snapshot(ports.iter().map(|&p| (upstream(p), true)).collect());
+        list
+    }
+
+    fn ports(list: &ServerList) -> Vec<u16> {
+        list.views()
+            .map(|v| v.upstream.url.port().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn requests_go_round_and_skip_the_servers_already_tried() {
+        let mut list = list_of(&[1, 2, 3]);
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[]).unwrap().url.port().unwrap())
+            .collect();
+        assert_eq!(picked, [1, 2, 3, 1]);
+        let tried = [upstream(2)];
+        assert_eq!(list.begin(&tried).unwrap().url.port(), Some(3));
+    }
+
+    #[test]
+    fn a_removed_server_drains_and_goes_with_its_last_request() {
+        let mut list = list_of(&[1, 2]);
+        let first = list.begin(&[]).unwrap();
+        list.remove(&first.label);
+        assert_eq!(
+            ports(&list),
+            [1, 2],
+            "still listed while a request is in flight"
+        );
+        assert!(list.views().next().unwrap().draining);
+        assert_eq!(
+            list.begin(&[]).unwrap().url.port(),
+            Some(2),
+            "no new requests"
+        );
+        list.end(&first.label);
+        assert_eq!(ports(&list), [2]);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_counts_of_servers_that_stay_and_drains_those_that_leave() {
+        let mut list = list_of(&[1, 2]);
+        let one = list.begin(&[]).unwrap();
+        let two = list.begin(&[]).unwrap();
+        list.snapshot(vec![(upstream(2), true)]);
+        let views: Vec<ServerView> = list.views().collect();
+        assert_eq!(ports(&list), [2, 1]);
+        assert_eq!((views[0].in_flight, views[0].draining), (1, false));
+        assert_eq!((views[1].in_flight, views[1].draining), (1, true));
+        list.end(&one.label);
+        list.end(&two.label);
+        assert_eq!(ports(&list), [2]);
+        assert_eq!(list.views().next().unwrap().in_flight, 0);
+    }
+
+    #[test]
+    fn a_server_re_added_while_draining_stays_in_rotation() {
+        let mut list = list_of(&[1]);
+        let lease = list.begin(&[]).unwrap();
+        list.remove(&lease.label);
+        list.add(upstream(1), true);
+        list.end(&lease.label);
+        assert_eq!(ports(&list), [1]);
+        assert!(!list.views().next().unwrap().draining);
+        assert!(list.begin(&[]).is_some());
+    }
+
+    #[test]
+    fn an_unhealthy_server_gets_nothing_until_it_is_back() {
+        let mut list = list_of(&[1]);
+        let label = upstream(1).label.clone();
+        list.set_health(&label, false);
+        assert!(list.begin(&[]).is_none());
+        list.set_health(&label, true);
+        assert!(list.begin(&[]).is_some());
+    }
+
+    fn in_pool(pool: &str, port: u16) -> Arc<Upstream> {
+        Arc::new(Upstream::new(
+            pool,
+            &crate::config::ServerConfig {
+                url: format!("http://127.0.0.1:{port}").parse().unwrap(),
+                weight: 1,
+            },
+        ))
+    }
+
+    fn spec(name: &str, retired: bool) -> PoolSpec {
+        PoolSpec {
+            id: PoolId::of(name),
+            name: name.into(),
+            strategy: Kind::RoundRobin,
+            retired,
+        }
+    }
+
+    #[test]
+    fn each_pool_balances_its_own_servers_and_one_url_may_be_in_two() {
+        let mut pools = Pools::default();
+        pools.apply(ServerEvent::Snapshot {
+            pools: vec![spec("default", false), spec("list-api", false)],
+            servers: vec![
+                (in_pool("default", 1), true),
+                (in_pool("default", 2), true),
+                (in_pool("list-api", 2), true),
+            ],
+        });
+        let api = PoolId::of("list-api");
+        for _ in 0..3 {
+            let u = pools.begin(api, &[]).unwrap();
+            assert_eq!((u.url.port(), u.pool), (Some(2), api));
+        }
+        let d: Vec<u16> = (0..2)
+            .map(|_| {
+                pools
+                    .begin(PoolId::DEFAULT, &[])
+                    .unwrap()
+                    .url
+                    .port()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(d, [1, 2]);
+        // Taking port 2 out of the api pool leaves it in the default one.
+        pools.apply(ServerEvent::Health {
+            pool: api,
+            label: in_pool("list-api", 2).label.clone(),
+            healthy: false,
+        });
+        assert!(pools.begin(api, &[]).is_none());
+        assert!(pools.begin(PoolId::DEFAULT, &[]).is_some());
+        assert!(pools.begin(PoolId::of("list-nowhere"), &[]).is_none());
+    }
+
+    #[test]
+    fn a_retired_pool_still_serves_and_a_pool_gone_goes_with_its_last_request() {
+        let mut pools = Pools::default();
+        let old = PoolId::of("list-old");
+        pools.apply(ServerEvent::Snapshot {
+            pools: vec![spec("default", false), spec("list-old", false)],
+            servers: vec![(in_pool("list-old", 1), true)],
+        });
+        pools.apply(ServerEvent::Pools(vec![
+            spec("default", false),
+            spec("list-old", true),
+        ]));
+        let lease = pools
+            .begin(old, &[])
+            .expect("served for an older route table");
+        assert!(pools.views().iter().all(|v| v.draining));
+        pools.apply(ServerEvent::Pools(vec![spec("default", false)]));
+        assert!(pools.begin(old, &[]).is_none());
+        assert_eq!(pools.views().len(), 1, "drains while its request runs");
+        pools.end(&lease);
+        assert!(pools.views().is_empty());
+    }
+}
