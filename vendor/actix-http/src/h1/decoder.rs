@@ -454,7 +454,8 @@ impl MessageType for ResponseHead {
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
         // Protects against some request smuggling attacks.
         // See https://github.com/actix/actix-web/issues/2767.
-        if length.is_zero() {
+        let empty = length.is_zero();
+        if empty {
             length = PayloadLength::None;
         }
 
@@ -465,6 +466,9 @@ impl MessageType for ResponseHead {
         {
             // rule 1: never a body, whatever the headers say (a 304's Content-Length is the
             // selected representation's)
+            PayloadType::None
+        } else if empty {
+            // `Content-Length: 0`, made `None` above: a framed, empty body, not rule 8's
             PayloadType::None
         } else if let PayloadLength::Payload(pl) = length {
             pl
@@ -1198,6 +1202,19 @@ mod tests {
     #[test]
     fn test_http_request_parser_bad_version() {
         expect_parse_err!(&mut BytesMut::from("GET //get HT/11\r\n\r\n"));
+    }
+
+    #[test]
+    fn response_content_length_zero_is_an_empty_body_on_a_kept_alive_connection() {
+        // roundabout patch "Response body length per RFC 9112 §6.3" (VENDORED.md): rule 8
+        // (no length: read to the close) must not take the zero length that `decode` turns
+        // into no length for the sake of request smuggling, or the client would wait for
+        // the close of a connection the server keeps open.
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let mut reader = MessageDecoder::<ResponseHead>::default();
+        let (msg, pl) = reader.decode(&mut buf).unwrap().unwrap();
+        assert!(matches!(pl, PayloadType::None), "{pl:?}");
+        assert_eq!(msg.connection_type(), ConnectionType::KeepAlive);
     }
 
     #[test]
