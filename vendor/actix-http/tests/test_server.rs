@@ -452,7 +452,10 @@ async fn content_length() {
     let value = HeaderValue::from_static("0");
 
     {
-        for i in 0..4 {
+        // roundabout patch 1, "Interim (1xx) responses are skipped" (vendor/awc/VENDORED.md):
+        // awc takes 100 and 102 for interim answers and waits for a final one, which this
+        // server never sends; their heads are read off a socket instead.
+        for i in [0, 2] {
             let req = srv.request(http::Method::GET, srv.url(&format!("/{}", i)));
             let response = req.send().await.unwrap();
             assert_eq!(response.headers().get(&header), None);
@@ -460,6 +463,22 @@ async fn content_length() {
             let req = srv.request(http::Method::HEAD, srv.url(&format!("/{}", i)));
             let response = req.send().await.unwrap();
             assert_eq!(response.headers().get(&header), None);
+        }
+
+        for i in [1, 3] {
+            for method in ["GET", "HEAD"] {
+                let mut stream = net::TcpStream::connect(srv.addr()).unwrap();
+                write!(stream, "{method} /{i} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    assert_eq!(stream.read(&mut byte).unwrap(), 1, "{head:?}");
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 1"), "{head}");
+                assert!(!head.contains("content-length"), "{head}");
+            }
         }
 
         for i in 4..6 {
@@ -937,9 +956,9 @@ async fn not_modified_spec_h1() {
         Some(&header::HeaderValue::from_static("4")),
     );
     // server does not prevent payload from being sent but clients may choose not to read it
-    // TODO: this is probably a bug in the client, especially since CL header can differ in length
-    // from the body
-    assert!(!srv.load_body(res).await.unwrap().is_empty());
+    // roundabout patch "Response body length per RFC 9112 §6.3" (VENDORED.md): awc no longer
+    // reads a body after a 304 head (rule 1), so the one this server sends is left unread.
+    assert!(srv.load_body(res).await.unwrap().is_empty());
 
     // TODO: add stream response tests
 
