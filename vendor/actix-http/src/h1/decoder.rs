@@ -6,6 +6,7 @@ use http::{
     header::{self, HeaderName, HeaderValue},
     Method, StatusCode, Uri, Version,
 };
+use smallvec::SmallVec;
 use tracing::{debug, error, trace};
 
 use super::chunked::ChunkedState;
@@ -267,10 +268,10 @@ impl MessageType for Request {
     }
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        // Left uninitialized: only the entries of the headers parsed are written, then read
-        // (3 KiB zeroed per call adds up: a decoder is asked again while a head is partial,
-        // and once more after each one).
-        let mut headers = [const { MaybeUninit::<HeaderIndex>::uninit() }; MAX_HEADERS];
+        // Not zeroed: only the entries of the headers parsed are written, then read (3 KiB
+        // zeroed per call adds up: a decoder is asked again while a head is partial, and once
+        // more after each one).
+        let mut headers = SmallVec::<[HeaderIndex; MAX_HEADERS]>::new();
 
         let (len, method, uri, ver, h_len) = {
             // SAFETY:
@@ -314,10 +315,7 @@ impl MessageType for Request {
         let mut msg = Request::new();
 
         // convert headers
-        // SAFETY: `record` wrote the first `h_len` entries (one per header parsed).
-        let headers =
-            unsafe { std::slice::from_raw_parts(headers.as_ptr().cast::<HeaderIndex>(), h_len) };
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), headers, ver)?;
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // disallow HTTP/1.1 requests that do not contain a Host header
         // see https://datatracker.ietf.org/doc/html/rfc9112#section-3.2
@@ -396,10 +394,10 @@ impl MessageType for ResponseHead {
     }
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        // Left uninitialized: only the entries of the headers parsed are written, then read
-        // (3 KiB zeroed per call adds up: a decoder is asked again while a head is partial,
-        // and once more after each one).
-        let mut headers = [const { MaybeUninit::<HeaderIndex>::uninit() }; MAX_HEADERS];
+        // Not zeroed: only the entries of the headers parsed are written, then read (3 KiB
+        // zeroed per call adds up: a decoder is asked again while a head is partial, and once
+        // more after each one).
+        let mut headers = SmallVec::<[HeaderIndex; MAX_HEADERS]>::new();
 
         let (len, ver, status, h_len) = {
             // SAFETY:
@@ -446,15 +444,13 @@ impl MessageType for ResponseHead {
         msg.version = ver;
 
         // convert headers
-        // SAFETY: `record` wrote the first `h_len` entries (one per header parsed).
-        let headers =
-            unsafe { std::slice::from_raw_parts(headers.as_ptr().cast::<HeaderIndex>(), h_len) };
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), headers, ver)?;
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
         // Protects against some request smuggling attacks.
         // See https://github.com/actix/actix-web/issues/2767.
-        if length.is_zero() {
+        let empty = length.is_zero();
+        if empty {
             length = PayloadLength::None;
         }
 
@@ -465,6 +461,9 @@ impl MessageType for ResponseHead {
         {
             // rule 1: never a body, whatever the headers say (a 304's Content-Length is the
             // selected representation's)
+            PayloadType::None
+        } else if empty {
+            // `Content-Length: 0`, made `None` above: a framed, empty body, not rule 8's
             PayloadType::None
         } else if let PayloadLength::Payload(pl) = length {
             pl
@@ -489,23 +488,23 @@ pub(crate) struct HeaderIndex {
 }
 
 impl HeaderIndex {
-    /// Writes one entry of `indices` per header of `headers` (no more than `indices` holds).
+    /// Appends one entry to `indices` per header of `headers`.
     pub(crate) fn record(
         bytes: &[u8],
         headers: &[httparse::Header<'_>],
-        indices: &mut [MaybeUninit<HeaderIndex>],
+        indices: &mut SmallVec<[HeaderIndex; MAX_HEADERS]>,
     ) {
         let bytes_ptr = bytes.as_ptr() as usize;
-        for (header, index) in headers.iter().zip(indices.iter_mut()) {
+        indices.extend(headers.iter().map(|header| {
             let name_start = header.name.as_ptr() as usize - bytes_ptr;
             let name_end = name_start + header.name.len();
             let value_start = header.value.as_ptr() as usize - bytes_ptr;
             let value_end = value_start + header.value.len();
-            index.write(HeaderIndex {
+            HeaderIndex {
                 name: (name_start, name_end),
                 value: (value_start, value_end),
-            });
-        }
+            }
+        }));
     }
 }
 
@@ -1165,7 +1164,10 @@ mod tests {
         let (req, pl) = reader.decode(&mut buf).unwrap().unwrap();
         assert_eq!(req.head().connection_type(), ConnectionType::Upgrade);
         assert!(req.upgrade());
-        assert!(!pl.is_unhandled());
+        // roundabout patch "Upgrades to any protocol" (VENDORED.md): upstream reads the
+        // bytes after an h2c upgrade's head as the next request (`!pl.is_unhandled()`);
+        // any upgrade token now makes them the request's payload, as WebSocket does.
+        assert!(pl.is_unhandled());
     }
 
     #[test]
@@ -1198,6 +1200,19 @@ mod tests {
     #[test]
     fn test_http_request_parser_bad_version() {
         expect_parse_err!(&mut BytesMut::from("GET //get HT/11\r\n\r\n"));
+    }
+
+    #[test]
+    fn response_content_length_zero_is_an_empty_body_on_a_kept_alive_connection() {
+        // roundabout patch "Response body length per RFC 9112 §6.3" (VENDORED.md): rule 8
+        // (no length: read to the close) must not take the zero length that `decode` turns
+        // into no length for the sake of request smuggling, or the client would wait for
+        // the close of a connection the server keeps open.
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let mut reader = MessageDecoder::<ResponseHead>::default();
+        let (msg, pl) = reader.decode(&mut buf).unwrap().unwrap();
+        assert!(matches!(pl, PayloadType::None), "{pl:?}");
+        assert_eq!(msg.connection_type(), ConnectionType::KeepAlive);
     }
 
     #[test]

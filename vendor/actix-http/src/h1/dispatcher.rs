@@ -1254,7 +1254,6 @@ where
         }
     }
 
-    /// Poll head, keep-alive, and disconnect timer.
     /// The client accepted nothing of the answer for its `WriteTimeout`: the connection is
     /// closed (and the response, with its body, dropped).
     fn poll_write_timer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
@@ -1272,6 +1271,7 @@ where
         Ok(())
     }
 
+    /// Poll write, head, keep-alive, and disconnect timer.
     fn poll_timers(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
         self.as_mut().poll_write_timer(cx)?;
         self.as_mut().poll_head_timer(cx)?;

@@ -4,10 +4,13 @@ use actix_service::fn_service;
 use tokio::io::ReadBuf;
 
 use super::*;
+// roundabout patch "A response body that fails mid-way" (VENDORED.md): the dispatcher no
+// longer names `Error`, so `super::*` does not bring it here.
 use crate::{
     config::ServiceConfigBuilder,
     h1::{ExpectHandler, UpgradeHandler},
     test::TestBuffer,
+    Error,
 };
 
 /// Stops accepting writes after a shared byte budget is exhausted.
