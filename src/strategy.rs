@@ -6,6 +6,8 @@
 //! only their own cursor or weights; they never see a slot that is not usable.
 
 #[allow(dead_code)] // wired in by issue #23's balancer integration
+pub(crate) mod ewma;
+#[allow(dead_code)] // wired in by issue #23's balancer integration
 pub(crate) mod maglev;
 
 use std::sync::Arc;
