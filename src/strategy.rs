@@ -9,6 +9,8 @@
 pub(crate) mod ewma;
 #[allow(dead_code)] // wired in by issue #23's balancer integration
 pub(crate) mod maglev;
+#[allow(dead_code)] // wired in by issue #23's balancer integration
+pub(crate) mod sticky;
 
 use std::sync::Arc;
 
