@@ -5,6 +5,13 @@
 //! that are usable (healthy, not draining, not already tried by this request). Strategies keep
 //! only their own cursor or weights; they never see a slot that is not usable.
 
+#[allow(dead_code)] // wired in by issue #23's balancer integration
+pub(crate) mod ewma;
+#[allow(dead_code)] // wired in by issue #23's balancer integration
+pub(crate) mod maglev;
+#[allow(dead_code)] // wired in by issue #23's balancer integration
+pub(crate) mod sticky;
+
 use std::sync::Arc;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
