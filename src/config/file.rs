@@ -19,6 +19,8 @@ pub enum Strategy {
     WeightedRoundRobin,
     LeastRequests,
     PowerOfTwo,
+    ConsistentHash,
+    PeakEwma,
 }
 
 impl Strategy {
@@ -29,6 +31,8 @@ impl Strategy {
             Strategy::WeightedRoundRobin => "weighted_round_robin",
             Strategy::LeastRequests => "least_requests",
             Strategy::PowerOfTwo => "power_of_two",
+            Strategy::ConsistentHash => "consistent_hash",
+            Strategy::PeakEwma => "peak_ewma",
         }
     }
 }
@@ -153,26 +157,64 @@ pub struct TlsFiles {
     pub key: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BalancerSection {
     #[serde(deserialize_with = "one_of")]
     pub strategy: Strategy,
     pub servers: Vec<FileServer>,
+    /// `consistent_hash`'s key: `client_ip`, `header:NAME`, `cookie:NAME`, `query:NAME`,
+    /// `path`.
+    pub hash_on: String,
+    /// A cookie name turns stickiness on; "" = off.
+    pub sticky_cookie: String,
+    /// Percent; below this share of servers in rotation, the pool uses them all.
+    pub panic_threshold: u8,
+}
+
+impl Default for BalancerSection {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::default(),
+            servers: Vec::new(),
+            hash_on: "client_ip".into(),
+            sticky_cookie: String::new(),
+            panic_threshold: 0,
+        }
+    }
 }
 
 /// `[pools.NAME]`: `[balancer]`'s keys, and the health checks and proxy timeouts of this
 /// pool where they differ from `[health_check]` and `[proxy]`.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolSection {
     #[serde(deserialize_with = "one_of")]
     pub strategy: Strategy,
     pub servers: Vec<FileServer>,
+    /// As `[balancer]`'s.
+    pub hash_on: String,
+    pub sticky_cookie: String,
+    pub panic_threshold: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckOverrides>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxyOverrides>,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        let b = BalancerSection::default();
+        Self {
+            strategy: b.strategy,
+            servers: b.servers,
+            hash_on: b.hash_on,
+            sticky_cookie: b.sticky_cookie,
+            panic_threshold: b.panic_threshold,
+            health_check: None,
+            proxy: None,
+        }
+    }
 }
 
 /// A pool's `health_check` table: any `[health_check]` key, for this pool only.
@@ -189,6 +231,10 @@ pub struct HealthCheckOverrides {
     pub unhealthy_threshold: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eject_after_5xx: Option<u32>,
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub eject_time: Option<Duration>,
 }
 
 /// A pool's `proxy` table: the `[proxy]` keys that may differ per pool.
@@ -277,6 +323,12 @@ pub struct HealthCheckSection {
     pub timeout: Duration,
     pub unhealthy_threshold: u32,
     pub healthy_threshold: u32,
+    /// Passive: > 0 takes a server out after this many 5xx answers (or failed
+    /// connections, or timeouts) in a row, for `eject_time`.
+    pub eject_after_5xx: u32,
+    /// How long an ejected server stays out, doubled each time it is ejected again.
+    #[serde(with = "duration")]
+    pub eject_time: Duration,
 }
 
 impl Default for HealthCheckSection {
@@ -287,6 +339,8 @@ impl Default for HealthCheckSection {
             timeout: Duration::from_secs(1),
             unhealthy_threshold: 2,
             healthy_threshold: 2,
+            eject_after_5xx: 0,
+            eject_time: Duration::from_secs(30),
         }
     }
 }

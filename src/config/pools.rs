@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use actix_web::http::header::HeaderName;
+
 use super::{
     file::{
         FileConfig, FileServer, HealthCheckOverrides, HealthCheckSection, ProxyOverrides,
@@ -25,6 +27,88 @@ pub struct PoolConfig {
     pub health_check: HealthCheckSection,
     /// `[proxy]`'s per-pool keys, with the pool's own over them.
     pub proxy: PoolProxy,
+    /// What `consistent_hash` hashes.
+    pub hash_on: HashOn,
+    /// The sticky cookie's name; `None`: no stickiness.
+    pub sticky_cookie: Option<Arc<str>>,
+    /// Percent of servers in rotation below which the pool uses them all (0: never).
+    pub panic_threshold: u8,
+}
+
+/// The part of a request `consistent_hash` keys on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// The client IP, as the limiter sees it (after `trusted_proxies`).
+    ClientIp,
+    Header(HeaderName),
+    Cookie(String),
+    Query(String),
+    /// The request's path, without its query.
+    Path,
+}
+
+impl HashOn {
+    fn parse(written: &str) -> Result<HashOn, String> {
+        let name_of = |name: &str| {
+            (!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b'='))
+                .then(|| name.to_string())
+        };
+        let parsed = match written.split_once(':') {
+            None if written == "client_ip" => Some(HashOn::ClientIp),
+            None if written == "path" => Some(HashOn::Path),
+            Some(("header", name)) => HeaderName::from_bytes(name.as_bytes())
+                .ok()
+                .map(HashOn::Header),
+            Some(("cookie", name)) => name_of(name).map(HashOn::Cookie),
+            Some(("query", name)) => name_of(name).map(HashOn::Query),
+            _ => None,
+        };
+        parsed.ok_or_else(|| {
+            format!(
+                "{written:?} is not one of client_ip, header:NAME, cookie:NAME, query:NAME, path"
+            )
+        })
+    }
+}
+
+/// A cookie name (RFC 6265: an HTTP token).
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The parts of a pool as written that `[balancer]` and `[pools.NAME]` share.
+struct Written<'a> {
+    hash_on: &'a str,
+    sticky_cookie: &'a str,
+    panic_threshold: u8,
+}
+
+impl Written<'_> {
+    /// Checked; errors name `at.KEY`.
+    fn check(&self, at: &str) -> Result<(HashOn, Option<Arc<str>>, u8), KeyError> {
+        let hash_on =
+            HashOn::parse(self.hash_on).map_err(|e| key_err(format!("{at}.hash_on"), e))?;
+        let sticky = match self.sticky_cookie {
+            "" => None,
+            name if is_cookie_name(name) => Some(name.into()),
+            name => {
+                return Err(key_err(
+                    format!("{at}.sticky_cookie"),
+                    format!("{name:?} is not a cookie name (letters, digits and !#$%&'*+-.^_`|~)"),
+                ))
+            }
+        };
+        if self.panic_threshold > 100 {
+            return Err(key_err(
+                format!("{at}.panic_threshold"),
+                format!("{} is not a percentage (0 to 100)", self.panic_threshold),
+            ));
+        }
+        Ok((hash_on, sticky, self.panic_threshold))
+    }
 }
 
 /// The `[proxy]` keys a pool may set for itself.
@@ -49,12 +133,22 @@ impl FileConfig {
     /// The default pool, then every `[pools.NAME]` in name order.
     pub(super) fn validate_pools(&self) -> Result<Vec<PoolConfig>, KeyError> {
         let base_proxy = PoolProxy::of(&self.proxy);
+        let b = &self.balancer;
+        let (hash_on, sticky_cookie, panic_threshold) = Written {
+            hash_on: &b.hash_on,
+            sticky_cookie: &b.sticky_cookie,
+            panic_threshold: b.panic_threshold,
+        }
+        .check("balancer")?;
         let mut pools = vec![PoolConfig {
             name: DEFAULT_POOL.into(),
-            strategy: self.balancer.strategy,
-            servers: servers(&self.balancer.servers, "balancer.servers")?,
+            strategy: b.strategy,
+            servers: servers(&b.servers, "balancer.servers")?,
             health_check: checked_health(self.health_check.clone(), "health_check")?,
             proxy: base_proxy,
+            hash_on,
+            sticky_cookie,
+            panic_threshold,
         }];
         for (name, pool) in &self.pools {
             let key = format!("pools.{name}");
@@ -93,12 +187,21 @@ impl FileConfig {
                     nonzero(proxy.timeout, &format!("{key}.proxy.timeout"))?;
                 }
             }
+            let (hash_on, sticky_cookie, panic_threshold) = Written {
+                hash_on: &pool.hash_on,
+                sticky_cookie: &pool.sticky_cookie,
+                panic_threshold: pool.panic_threshold,
+            }
+            .check(&key)?;
             pools.push(PoolConfig {
                 name: name.as_str().into(),
                 strategy: pool.strategy,
                 servers: servers(&pool.servers, &format!("{key}.servers"))?,
                 health_check: checked_health(health, &format!("{key}.health_check"))?,
                 proxy,
+                hash_on,
+                sticky_cookie,
+                panic_threshold,
             });
         }
         Ok(pools)
@@ -130,6 +233,8 @@ fn over_health(base: &HealthCheckSection, o: &HealthCheckOverrides) -> HealthChe
         timeout: o.timeout.unwrap_or(base.timeout),
         unhealthy_threshold: o.unhealthy_threshold.unwrap_or(base.unhealthy_threshold),
         healthy_threshold: o.healthy_threshold.unwrap_or(base.healthy_threshold),
+        eject_after_5xx: o.eject_after_5xx.unwrap_or(base.eject_after_5xx),
+        eject_time: o.eject_time.unwrap_or(base.eject_time),
     }
 }
 
@@ -158,6 +263,11 @@ fn checked_health(hc: HealthCheckSection, at: &str) -> Result<HealthCheckSection
             format!("{at}.healthy_threshold"),
             "must be at least 1",
         ));
+    }
+    nonzero(hc.eject_time, &format!("{at}.eject_time"))?;
+    // Doubled up to 10 times as long, then added to `Instant::now()`.
+    if hc.eject_time > Duration::from_secs(24 * 3600) {
+        return Err(key_err(format!("{at}.eject_time"), "must be at most 1 day"));
     }
     Ok(hc)
 }
@@ -243,10 +353,60 @@ mod tests {
                 "[pools.api]\nproxy = { max_body_bytes = 1 }",
                 "pools.api.proxy.max_body_bytes: unknown key",
             ),
+            (
+                "[balancer]\nhash_on = \"ip\"",
+                "balancer.hash_on: \"ip\" is not one of client_ip, header:NAME, cookie:NAME",
+            ),
+            ("[pools.api]\nhash_on = \"header:a b\"", "pools.api.hash_on"),
+            ("[pools.api]\nhash_on = \"cookie:\"", "pools.api.hash_on"),
+            (
+                "[balancer]\nsticky_cookie = \"a;b\"",
+                "balancer.sticky_cookie: \"a;b\" is not a cookie name",
+            ),
+            (
+                "[pools.api]\npanic_threshold = 101",
+                "pools.api.panic_threshold: 101 is not a percentage",
+            ),
+            (
+                "[balancer]\npanic_threshold = 300",
+                "balancer.panic_threshold",
+            ),
+            (
+                "[health_check]\neject_time = \"0s\"",
+                "health_check.eject_time: must be greater than zero",
+            ),
+            (
+                "[pools.api]\nhealth_check = { eject_time = \"2d\" }",
+                "pools.api.health_check.eject_time: must be at most 1 day",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?} gave {err:?}, wanted {want:?}");
         }
+    }
+
+    #[test]
+    fn hashing_stickiness_panic_and_ejection_are_pool_keys() {
+        use super::HashOn;
+        let c = parse(
+            "[balancer]\nstrategy = \"consistent_hash\"\nhash_on = \"header:X-User\"\n\
+             sticky_cookie = \"lb\"\npanic_threshold = 50\n\
+             [health_check]\neject_after_5xx = 5\n\
+             [pools.api]\nstrategy = \"peak_ewma\"\nhash_on = \"query:id\"\n\
+             health_check = { eject_time = \"10s\" }\n",
+        )
+        .unwrap();
+        let (d, api) = (&c.pools[0], &c.pools[1]);
+        assert_eq!(d.hash_on, HashOn::Header("x-user".parse().unwrap()));
+        assert_eq!(d.sticky_cookie.as_deref(), Some("lb"));
+        assert_eq!(d.panic_threshold, 50);
+        assert_eq!(d.health_check.eject_after_5xx, 5);
+        assert_eq!(d.health_check.eject_time, Duration::from_secs(30));
+        assert_eq!(api.hash_on, HashOn::Query("id".into()));
+        assert_eq!(api.sticky_cookie, None);
+        assert_eq!(api.health_check.eject_after_5xx, 5, "from [health_check]");
+        assert_eq!(api.health_check.eject_time, Duration::from_secs(10));
+        assert_eq!(parse("").unwrap().pools[0].hash_on, HashOn::ClientIp);
     }
 }
