@@ -92,9 +92,12 @@ impl From<MembershipError> for AdminError {
 pub struct ServerInfo {
     pub url: String,
     pub weight: u32,
+    /// In rotation: passing its health checks and not ejected.
     pub healthy: bool,
     pub in_flight: u32,
     pub draining: bool,
+    /// Taken out for a while after failures in a row (`health_check.eject_after_5xx`).
+    pub ejected: bool,
 }
 
 /// The body of `POST /servers`.
@@ -219,6 +222,7 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
                     s.in_flight += v.in_flight;
                     s.draining |= v.draining;
                     s.healthy &= v.healthy;
+                    s.ejected |= v.ejected;
                 }
                 None => {
                     seen.insert(key, out.len());
@@ -238,6 +242,7 @@ impl ServerInfo {
             healthy: v.healthy,
             in_flight: v.in_flight,
             draining: v.draining,
+            ejected: v.ejected,
         }
     }
 }
@@ -380,6 +385,7 @@ async fn added(
         healthy: false,
         in_flight: 0,
         draining: false,
+        ejected: false,
     }))
 }
 

@@ -17,7 +17,9 @@
 //!   swapped as a whole on reload.
 //! - [`balancer`]: `BalancerActor`, one per worker: every pool's server list, cursor and
 //!   in-flight counts, and the [`balancer::Lease`] each request holds.
-//! - [`strategy`]: round robin, smooth weighted, least requests, power of two; no actors.
+//! - [`strategy`]: round robin, smooth weighted, least requests, power of two, consistent
+//!   hashing (Maglev), peak EWMA; no actors.
+//! - [`sticky`]: the opaque server ids sticky cookies carry.
 //! - [`registry`]: the pools, who the servers are and which are in rotation; the workers'
 //!   recipients.
 //! - [`health`]: `HealthActor`, one per process: probes, rise/fall, owner of the registry.
@@ -55,6 +57,7 @@ mod registry;
 mod reload;
 mod routing;
 mod status;
+mod sticky;
 mod strategy;
 pub mod tls;
 mod upstream;
@@ -282,7 +285,8 @@ pub fn start(config: Config) -> io::Result<Running> {
                 .start();
         let limiter_handle = Some(limiter.clone().recipient());
         let registry = factory_health.clone();
-        let balancer = BalancerActor::start(factory_metrics.clone(), move |balancer| {
+        let eject = factory_health.clone().recipient();
+        let balancer = BalancerActor::start(factory_metrics.clone(), eject, move |balancer| {
             registry.send(Register {
                 balancer,
                 limiter: limiter_handle,

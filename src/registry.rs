@@ -15,7 +15,7 @@ use std::{
 use actix::Recipient;
 
 use crate::{
-    balancer::{ListServers, PoolSpec, ServerEvent},
+    balancer::{ListServers, PoolSpec, ServerEvent, ServerState},
     rate_limit::Reconfigure,
     upstream::{PoolId, Upstream},
 };
@@ -24,8 +24,10 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Member {
     pub upstream: Arc<Upstream>,
-    /// In rotation: the balancers send it requests.
+    /// In rotation by the health checks.
     pub healthy: bool,
+    /// Taken out for a while after failures in a row (passive ejection).
+    pub ejected: bool,
     /// Listed in the config file (else added through the admin API): a reload may remove
     /// it, never one that was added at runtime.
     pub from_file: bool,
@@ -92,6 +94,7 @@ impl Registry {
                 registry.insert(Member {
                     upstream,
                     healthy: true,
+                    ejected: false,
                     from_file: true,
                 });
             }
@@ -135,7 +138,11 @@ impl Registry {
             servers: self
                 .members
                 .iter()
-                .map(|m| (m.upstream.clone(), m.healthy))
+                .map(|m| ServerState {
+                    upstream: m.upstream.clone(),
+                    healthy: m.healthy,
+                    ejected: m.ejected,
+                })
                 .collect(),
         }
     }
@@ -164,6 +171,7 @@ impl Registry {
         self.insert(Member {
             upstream: upstream.clone(),
             healthy: false,
+            ejected: false,
             from_file: false,
         });
         self.broadcast(ServerEvent::Added {
@@ -210,6 +218,44 @@ impl Registry {
             healthy,
         });
         true
+    }
+
+    /// Ejects a member, or brings it back, and tells the workers; false when it already was.
+    pub fn set_ejected(&mut self, pool: PoolId, label: &str, ejected: bool) -> bool {
+        let Some(&i) = self.index.get(&(pool, Arc::from(label))) else {
+            return false;
+        };
+        let member = &mut self.members[i];
+        if member.ejected == ejected {
+            return false;
+        }
+        member.ejected = ejected;
+        let label = member.upstream.label.clone();
+        self.broadcast(ServerEvent::Ejected {
+            pool,
+            label,
+            ejected,
+        });
+        true
+    }
+
+    /// `pool`'s members in rotation (healthy, not ejected), and all its members.
+    pub fn in_rotation(&self, pool: PoolId) -> (usize, usize) {
+        let members = self.members.iter().filter(|m| m.upstream.pool == pool);
+        let (mut up, mut all) = (0, 0);
+        for m in members {
+            all += 1;
+            up += usize::from(m.healthy && !m.ejected);
+        }
+        (up, all)
+    }
+
+    /// `pool`'s members ejected now.
+    pub fn ejected(&self, pool: PoolId) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.upstream.pool == pool && m.ejected)
+            .count()
     }
 
     /// Applies the pools of a reloaded config file: new pools are made, strategies change,
@@ -262,6 +308,7 @@ impl Registry {
                         self.insert(Member {
                             upstream: upstream.clone(),
                             healthy: true,
+                            ejected: false,
                             from_file: true,
                         });
                         changes.added.push(upstream.clone());
@@ -363,6 +410,8 @@ mod tests {
             name: name.into(),
             strategy: Strategy::RoundRobin,
             retired: false,
+            panic_threshold: 0,
+            eject_after_5xx: 0,
         }
     }
 
@@ -501,6 +550,6 @@ mod tests {
             panic!("a snapshot")
         };
         assert_eq!(servers.len(), 1);
-        assert!(!servers[0].1);
+        assert!(!servers[0].healthy);
     }
 }

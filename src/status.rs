@@ -197,10 +197,11 @@ struct ServerReport {
     /// `host:port`: what `DELETE /servers/{host:port}` takes.
     label: String,
     weight: u32,
-    /// `up`, `down` or `draining`.
+    /// `up`, `down`, `ejected` or `draining`.
     state: &'static str,
     healthy: bool,
     draining: bool,
+    ejected: bool,
     in_flight: u32,
     /// How long it has been up or down; `null` while draining.
     state_seconds: Option<f64>,
@@ -304,13 +305,15 @@ fn report(
                 url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
-                state: match (v.draining, v.healthy) {
-                    (true, _) => "draining",
-                    (false, true) => "up",
-                    (false, false) => "down",
+                state: match (v.draining, v.ejected, v.healthy) {
+                    (true, _, _) => "draining",
+                    (false, true, _) => "ejected",
+                    (false, false, true) => "up",
+                    (false, false, false) => "down",
                 },
                 healthy: v.healthy,
                 draining: v.draining,
+                ejected: v.ejected,
                 in_flight: v.in_flight,
                 state_seconds: checks
                     .filter(|_| !v.draining)

@@ -22,6 +22,7 @@ use url::Url;
 use crate::{
     config::{self, ServerConfig, DEFAULT_POOL},
     metrics::{Metrics, ServerCounters},
+    sticky::ServerId,
 };
 
 /// A pool, by number: the same number for the same name for the whole life of the process
@@ -81,6 +82,9 @@ pub struct Upstream {
     pub weight: u32,
     /// This server's request counters (unregistered ones until [`Upstream::with_metrics`]).
     pub counters: ServerCounters,
+    /// What a sticky cookie names it by: the same on every worker and instance, and not
+    /// its address.
+    pub sticky_id: ServerId,
 }
 
 impl Upstream {
@@ -105,6 +109,7 @@ impl Upstream {
             host_header,
             weight: server.weight,
             counters: ServerCounters::default(),
+            sticky_id: ServerId::of(pool, url.as_str()),
         }
     }
 
@@ -129,6 +134,7 @@ impl Upstream {
             host_header: HeaderValue::from_str(&self.label).expect("parsed once already"),
             weight: self.weight,
             counters: self.counters.for_worker(),
+            sticky_id: self.sticky_id,
         }
     }
 

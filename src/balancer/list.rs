@@ -7,8 +7,9 @@ use std::{
     sync::Arc,
 };
 
-use super::{PoolSpec, ServerEvent, ServerView};
+use super::{Outcome, PoolSpec, ServerEvent, ServerState, ServerView};
 use crate::{
+    sticky::ServerId,
     strategy::{self, Slot, Strategy},
     upstream::{PoolId, Upstream},
 };
@@ -24,6 +25,15 @@ pub struct ServerList {
     /// Gone from the configuration: shown as draining; requests routed to it by an older
     /// route table are still served until its servers go.
     retired: bool,
+    /// Percent of servers in rotation below which every server not draining is used.
+    panic_threshold: u8,
+    /// Below `panic_threshold` now.
+    panic: bool,
+    /// Failures (5xx, failed connections, time-outs) in a row that this worker reports for
+    /// ejection; 0: none.
+    eject_after: u32,
+    /// Per slot: failures in a row, this worker's count.
+    failures: Vec<u32>,
 }
 
 impl ServerList {
@@ -35,7 +45,18 @@ impl ServerList {
             strategy: strategy::from_config(kind),
             kind,
             retired: false,
+            panic_threshold: 0,
+            panic: false,
+            eject_after: 0,
+            failures: Vec::new(),
         }
+    }
+
+    /// Which servers are in rotation changed: the strategy's tables follow, and whether
+    /// the pool is in panic is worked out again.
+    fn rotation_changed(&mut self) {
+        self.strategy.rotation_changed(&self.slots);
+        self.panic = in_panic(&self.slots, self.panic_threshold);
     }
 
     fn position(&self, label: &str) -> Option<usize> {
@@ -44,28 +65,40 @@ impl ServerList {
 
     /// After an insertion or removal: indices moved, the strategy's cursor follows.
     fn reshaped(&mut self) {
+        let old: HashMap<Arc<str>, u32> = self
+            .index
+            .iter()
+            .filter_map(|(l, &i)| self.failures.get(i).map(|&f| (l.clone(), f)))
+            .collect();
         self.index = self
             .slots
             .iter()
             .enumerate()
             .map(|(i, s)| (s.upstream.label.clone(), i))
             .collect();
+        self.failures = self
+            .slots
+            .iter()
+            .map(|s| old.get(&s.upstream.label).copied().unwrap_or(0))
+            .collect();
         self.strategy.resize(&self.slots);
+        self.panic = in_panic(&self.slots, self.panic_threshold);
     }
 
     /// The whole list with each server's health; replaces what the list had, keeping the
     /// in-flight counts of servers that stay and draining those that leave.
-    pub fn snapshot(&mut self, servers: Vec<(Arc<Upstream>, bool)>) {
+    pub fn snapshot(&mut self, servers: Vec<ServerState>) {
         let mut next: Vec<Slot> = servers
             .into_iter()
-            .map(|(upstream, healthy)| {
+            .map(|s| {
                 let in_flight = self
-                    .position(&upstream.label)
+                    .position(&s.upstream.label)
                     .map_or(0, |i| self.slots[i].in_flight);
                 Slot {
-                    upstream,
-                    healthy,
+                    upstream: s.upstream,
+                    healthy: s.healthy,
                     draining: false,
+                    ejected: s.ejected,
                     in_flight,
                 }
             })
@@ -87,6 +120,18 @@ impl ServerList {
     pub fn set_health(&mut self, label: &str, healthy: bool) {
         if let Some(i) = self.position(label) {
             self.slots[i].healthy = healthy;
+            self.rotation_changed();
+        }
+    }
+
+    /// A server was ejected for its failures, or came back.
+    pub fn set_ejected(&mut self, label: &str, ejected: bool) {
+        if let Some(i) = self.position(label) {
+            self.slots[i].ejected = ejected;
+            if let Some(f) = self.failures.get_mut(i) {
+                *f = 0;
+            }
+            self.rotation_changed();
         }
     }
 
@@ -99,12 +144,14 @@ impl ServerList {
                 slot.upstream = upstream;
                 slot.healthy = healthy;
                 slot.draining = false;
+                self.rotation_changed();
             }
             None => {
                 self.slots.push(Slot {
                     upstream,
                     healthy,
                     draining: false,
+                    ejected: false,
                     in_flight: 0,
                 });
                 self.reshaped();
@@ -129,6 +176,7 @@ impl ServerList {
                 self.reshaped();
             } else {
                 self.slots[i].draining = true;
+                self.rotation_changed();
             }
         }
     }
@@ -143,31 +191,66 @@ impl ServerList {
     }
 
     /// Chooses the server for a request, skipping those in `tried`, and counts the request
-    /// in flight there.
-    pub fn begin(&mut self, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
+    /// in flight there: the server `sticky` names when it may be used, else the strategy's
+    /// pick for `key`. In panic (fewer servers in rotation than `panic_threshold`), every
+    /// server that is not draining may be used.
+    pub fn begin(
+        &mut self,
+        tried: &[Arc<Upstream>],
+        key: Option<u64>,
+        sticky: Option<ServerId>,
+    ) -> Option<Arc<Upstream>> {
         let slots = &self.slots;
+        let panic = self.panic;
         let usable = |i: usize| {
             let s = &slots[i];
-            s.healthy && !s.draining && !tried.iter().any(|t| t.label == s.upstream.label)
+            (s.in_rotation() || (panic && !s.draining))
+                && !tried.iter().any(|t| t.label == s.upstream.label)
         };
-        let i = self.strategy.pick(slots, &usable)?;
+        let stuck = sticky.and_then(|id| {
+            (0..slots.len()).find(|&i| slots[i].upstream.sticky_id == id && usable(i))
+        });
+        let i = match stuck {
+            Some(i) => i,
+            None => self.strategy.pick(slots, &usable, key)?,
+        };
         let slot = &mut self.slots[i];
         slot.in_flight += 1;
         Some(slot.upstream.clone())
     }
 
-    /// A request on `label` ended; a draining server goes once its last one has.
-    pub fn end(&mut self, label: &str) {
+    /// A request on `label` ended so; a draining server goes once its last one has. Returns
+    /// true when its failures in a row reached the pool's `eject_after_5xx`: the caller
+    /// reports it for ejection.
+    pub fn end(&mut self, label: &str, outcome: Outcome) -> bool {
         // By label, not by `Arc`: a server removed and added back while this request was in
         // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
-        if let Some(i) = self.position(label) {
-            let slot = &mut self.slots[i];
-            slot.in_flight = slot.in_flight.saturating_sub(1);
-            if slot.draining && slot.in_flight == 0 {
-                self.slots.remove(i);
-                self.reshaped();
+        let Some(i) = self.position(label) else {
+            return false;
+        };
+        if let Some(rtt) = outcome.head_time {
+            self.strategy.observe(i, rtt);
+        }
+        let mut eject = false;
+        if self.eject_after > 0 {
+            let failures = &mut self.failures[i];
+            if outcome.failed || outcome.status.is_some_and(|s| s >= 500) {
+                *failures += 1;
+                if *failures >= self.eject_after {
+                    *failures = 0;
+                    eject = !self.slots[i].ejected;
+                }
+            } else if outcome.status.is_some() {
+                *failures = 0;
             }
         }
+        let slot = &mut self.slots[i];
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        if slot.draining && slot.in_flight == 0 {
+            self.slots.remove(i);
+            self.reshaped();
+        }
+        eject
     }
 
     /// Balances by `kind` from now on (the cursor starts again when it changes).
@@ -188,11 +271,19 @@ impl ServerList {
     pub fn views(&self) -> impl Iterator<Item = ServerView> + '_ {
         self.slots.iter().map(|s| ServerView {
             upstream: s.upstream.clone(),
-            healthy: s.healthy,
+            healthy: s.healthy && !s.ejected,
             draining: s.draining || self.retired,
+            ejected: s.ejected,
             in_flight: s.in_flight,
         })
     }
+}
+
+/// Whether fewer of `slots` (those not draining) are in rotation than `threshold` percent.
+fn in_panic(slots: &[Slot], threshold: u8) -> bool {
+    let total = slots.iter().filter(|s| !s.draining).count();
+    let in_rotation = slots.iter().filter(|s| s.in_rotation()).count();
+    total > 0 && in_rotation * 100 < usize::from(threshold) * total
 }
 
 /// Every pool of a worker, by number.
@@ -229,6 +320,11 @@ impl Pools {
             let list = self.lists[i].get_or_insert_with(|| ServerList::new(spec.strategy));
             list.set_strategy(spec.strategy);
             list.retired = spec.retired;
+            list.eject_after = spec.eject_after_5xx;
+            if list.panic_threshold != spec.panic_threshold {
+                list.panic_threshold = spec.panic_threshold;
+                list.rotation_changed();
+            }
         }
     }
 
@@ -237,12 +333,9 @@ impl Pools {
         match event {
             ServerEvent::Snapshot { pools, servers } => {
                 self.set_pools(&pools);
-                let mut by_pool: HashMap<PoolId, Vec<(Arc<Upstream>, bool)>> = HashMap::new();
-                for (upstream, healthy) in servers {
-                    by_pool
-                        .entry(upstream.pool)
-                        .or_default()
-                        .push((upstream, healthy));
+                let mut by_pool: HashMap<PoolId, Vec<ServerState>> = HashMap::new();
+                for s in servers {
+                    by_pool.entry(s.upstream.pool).or_default().push(s);
                 }
                 for spec in &pools {
                     let servers = by_pool.remove(&spec.id).unwrap_or_default();
@@ -276,24 +369,34 @@ impl Pools {
                     list.remove(&label);
                 }
             }
+            ServerEvent::Ejected {
+                pool,
+                label,
+                ejected,
+            } => {
+                if let Some(list) = self.get_mut(pool) {
+                    list.set_ejected(&label, ejected);
+                }
+            }
         }
     }
 
     /// Chooses a server of `pool` for a request (see [`ServerList::begin`]); `None` when
     /// the pool has none in rotation, or this worker has no such pool.
-    pub fn begin(&mut self, pool: PoolId, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
-        self.get_mut(pool)?.begin(tried)
+    pub fn begin(
+        &mut self,
+        pool: PoolId,
+        tried: &[Arc<Upstream>],
+        key: Option<u64>,
+        sticky: Option<ServerId>,
+    ) -> Option<Arc<Upstream>> {
+        self.get_mut(pool)?.begin(tried, key, sticky)
     }
 
-    /// A request on `upstream` ended.
-    pub fn end(&mut self, upstream: &Upstream) {
-        let i = upstream.pool.index();
-        let Some(slot) = self.lists.get_mut(i) else {
-            return;
-        };
-        if let Some(list) = slot.as_mut() {
-            list.end(&upstream.label);
-        }
+    /// A request on `upstream` ended so; true when it is to be reported for ejection.
+    pub fn end(&mut self, upstream: &Upstream, outcome: Outcome) -> bool {
+        self.get_mut(upstream.pool)
+            .is_some_and(|list| list.end(&upstream.label, outcome))
     }
 
     /// This worker's view of every server of every pool.
@@ -315,9 +418,17 @@ mod tests {
         Upstream::local(port)
     }
 
+    fn up(upstream: Arc<Upstream>) -> ServerState {
+        ServerState {
+            upstream,
+            healthy: true,
+            ejected: false,
+        }
+    }
+
     fn list_of(ports: &[u16]) -> ServerList {
         let mut list = ServerList::new(Kind::RoundRobin);
-        list.snapshot(ports.iter().map(|&p| (upstream(p), true)).collect());
+        list.snapshot(ports.iter().map(|&p| up(upstream(p))).collect());
         list
     }
 
@@ -331,17 +442,17 @@ mod tests {
     fn requests_go_round_and_skip_the_servers_already_tried() {
         let mut list = list_of(&[1, 2, 3]);
         let picked: Vec<u16> = (0..4)
-            .map(|_| list.begin(&[]).unwrap().url.port().unwrap())
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
             .collect();
         assert_eq!(picked, [1, 2, 3, 1]);
         let tried = [upstream(2)];
-        assert_eq!(list.begin(&tried).unwrap().url.port(), Some(3));
+        assert_eq!(list.begin(&tried, None, None).unwrap().url.port(), Some(3));
     }
 
     #[test]
     fn a_removed_server_drains_and_goes_with_its_last_request() {
         let mut list = list_of(&[1, 2]);
-        let first = list.begin(&[]).unwrap();
+        let first = list.begin(&[], None, None).unwrap();
         list.remove(&first.label);
         assert_eq!(
             ports(&list),
@@ -350,26 +461,26 @@ mod tests {
         );
         assert!(list.views().next().unwrap().draining);
         assert_eq!(
-            list.begin(&[]).unwrap().url.port(),
+            list.begin(&[], None, None).unwrap().url.port(),
             Some(2),
             "no new requests"
         );
-        list.end(&first.label);
+        list.end(&first.label, Outcome::default());
         assert_eq!(ports(&list), [2]);
     }
 
     #[test]
     fn a_snapshot_keeps_the_counts_of_servers_that_stay_and_drains_those_that_leave() {
         let mut list = list_of(&[1, 2]);
-        let one = list.begin(&[]).unwrap();
-        let two = list.begin(&[]).unwrap();
-        list.snapshot(vec![(upstream(2), true)]);
+        let one = list.begin(&[], None, None).unwrap();
+        let two = list.begin(&[], None, None).unwrap();
+        list.snapshot(vec![up(upstream(2))]);
         let views: Vec<ServerView> = list.views().collect();
         assert_eq!(ports(&list), [2, 1]);
         assert_eq!((views[0].in_flight, views[0].draining), (1, false));
         assert_eq!((views[1].in_flight, views[1].draining), (1, true));
-        list.end(&one.label);
-        list.end(&two.label);
+        list.end(&one.label, Outcome::default());
+        list.end(&two.label, Outcome::default());
         assert_eq!(ports(&list), [2]);
         assert_eq!(list.views().next().unwrap().in_flight, 0);
     }
@@ -377,13 +488,13 @@ mod tests {
     #[test]
     fn a_server_re_added_while_draining_stays_in_rotation() {
         let mut list = list_of(&[1]);
-        let lease = list.begin(&[]).unwrap();
+        let lease = list.begin(&[], None, None).unwrap();
         list.remove(&lease.label);
         list.add(upstream(1), true);
-        list.end(&lease.label);
+        list.end(&lease.label, Outcome::default());
         assert_eq!(ports(&list), [1]);
         assert!(!list.views().next().unwrap().draining);
-        assert!(list.begin(&[]).is_some());
+        assert!(list.begin(&[], None, None).is_some());
     }
 
     #[test]
@@ -391,9 +502,9 @@ mod tests {
         let mut list = list_of(&[1]);
         let label = upstream(1).label.clone();
         list.set_health(&label, false);
-        assert!(list.begin(&[]).is_none());
+        assert!(list.begin(&[], None, None).is_none());
         list.set_health(&label, true);
-        assert!(list.begin(&[]).is_some());
+        assert!(list.begin(&[], None, None).is_some());
     }
 
     fn in_pool(pool: &str, port: u16) -> Arc<Upstream> {
@@ -412,6 +523,8 @@ mod tests {
             name: name.into(),
             strategy: Kind::RoundRobin,
             retired,
+            panic_threshold: 0,
+            eject_after_5xx: 0,
         }
     }
 
@@ -421,20 +534,20 @@ mod tests {
         pools.apply(ServerEvent::Snapshot {
             pools: vec![spec("default", false), spec("list-api", false)],
             servers: vec![
-                (in_pool("default", 1), true),
-                (in_pool("default", 2), true),
-                (in_pool("list-api", 2), true),
+                up(in_pool("default", 1)),
+                up(in_pool("default", 2)),
+                up(in_pool("list-api", 2)),
             ],
         });
         let api = PoolId::of("list-api");
         for _ in 0..3 {
-            let u = pools.begin(api, &[]).unwrap();
+            let u = pools.begin(api, &[], None, None).unwrap();
             assert_eq!((u.url.port(), u.pool), (Some(2), api));
         }
         let d: Vec<u16> = (0..2)
             .map(|_| {
                 pools
-                    .begin(PoolId::DEFAULT, &[])
+                    .begin(PoolId::DEFAULT, &[], None, None)
                     .unwrap()
                     .url
                     .port()
@@ -448,9 +561,11 @@ mod tests {
             label: in_pool("list-api", 2).label.clone(),
             healthy: false,
         });
-        assert!(pools.begin(api, &[]).is_none());
-        assert!(pools.begin(PoolId::DEFAULT, &[]).is_some());
-        assert!(pools.begin(PoolId::of("list-nowhere"), &[]).is_none());
+        assert!(pools.begin(api, &[], None, None).is_none());
+        assert!(pools.begin(PoolId::DEFAULT, &[], None, None).is_some());
+        assert!(pools
+            .begin(PoolId::of("list-nowhere"), &[], None, None)
+            .is_none());
     }
 
     #[test]
@@ -459,20 +574,95 @@ mod tests {
         let old = PoolId::of("list-old");
         pools.apply(ServerEvent::Snapshot {
             pools: vec![spec("default", false), spec("list-old", false)],
-            servers: vec![(in_pool("list-old", 1), true)],
+            servers: vec![up(in_pool("list-old", 1))],
         });
         pools.apply(ServerEvent::Pools(vec![
             spec("default", false),
             spec("list-old", true),
         ]));
         let lease = pools
-            .begin(old, &[])
+            .begin(old, &[], None, None)
             .expect("served for an older route table");
         assert!(pools.views().iter().all(|v| v.draining));
         pools.apply(ServerEvent::Pools(vec![spec("default", false)]));
-        assert!(pools.begin(old, &[]).is_none());
+        assert!(pools.begin(old, &[], None, None).is_none());
         assert_eq!(pools.views().len(), 1, "drains while its request runs");
-        pools.end(&lease);
+        pools.end(&lease, Outcome::default());
         assert!(pools.views().is_empty());
+    }
+
+    #[test]
+    fn a_pool_below_its_panic_threshold_uses_every_server_not_draining() {
+        let mut list = list_of(&[1, 2, 3, 4]);
+        list.panic_threshold = 50;
+        for port in [2, 3, 4] {
+            list.set_health(&upstream(port).label, false);
+        }
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
+            .collect();
+        assert_eq!(picked, [1, 2, 3, 4], "in panic: all of them");
+        list.set_health(&upstream(2).label, true);
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
+            .collect();
+        assert_eq!(picked, [1, 2, 1, 2], "half in rotation: out of panic");
+    }
+
+    #[test]
+    fn failures_in_a_row_are_reported_once_and_an_answer_resets_the_count() {
+        let mut list = list_of(&[1]);
+        list.eject_after = 3;
+        let label = upstream(1).label.clone();
+        let fail = Outcome {
+            status: Some(503),
+            failed: false,
+            head_time: None,
+        };
+        let ok = Outcome {
+            status: Some(404),
+            ..fail
+        };
+        let gone = Outcome::default();
+        for outcome in [fail, fail, ok, fail, gone, fail] {
+            list.begin(&[], None, None);
+            assert!(!list.end(&label, outcome), "not three in a row yet");
+        }
+        list.begin(&[], None, None);
+        let timeout = Outcome {
+            status: None,
+            failed: true,
+            head_time: None,
+        };
+        assert!(list.end(&label, timeout), "the third failure in a row");
+        list.set_ejected(&label, true);
+        assert!(
+            list.begin(&[], None, None).is_none(),
+            "ejected: out of rotation"
+        );
+        assert!(!list.views().next().unwrap().healthy);
+        list.set_ejected(&label, false);
+        assert!(list.begin(&[], None, None).is_some());
+    }
+
+    #[test]
+    fn a_sticky_id_picks_its_server_while_it_may_be_used() {
+        let mut list = list_of(&[1, 2, 3]);
+        let two = upstream(2);
+        let id = Some(two.sticky_id);
+        for _ in 0..3 {
+            assert_eq!(list.begin(&[], None, id).unwrap().url.port(), Some(2));
+        }
+        assert_ne!(
+            list.begin(std::slice::from_ref(&two), None, id).unwrap().url.port(),
+            Some(2),
+            "tried"
+        );
+        list.set_health(&two.label, false);
+        assert_ne!(
+            list.begin(&[], None, id).unwrap().url.port(),
+            Some(2),
+            "out of rotation"
+        );
     }
 }

@@ -13,11 +13,13 @@
 mod list;
 
 use std::{
+    cell::Cell,
     future::Future,
     sync::{
         atomic::{AtomicI64, Ordering::Relaxed},
         Arc,
     },
+    time::Duration,
 };
 
 use actix::prelude::*;
@@ -26,6 +28,7 @@ use self::list::Pools;
 use crate::{
     config,
     metrics::Metrics,
+    sticky::ServerId,
     upstream::{PoolId, Upstream},
 };
 
@@ -33,6 +36,9 @@ use crate::{
 /// mailbox.
 pub struct BalancerActor {
     pools: Pools,
+    /// Where a server whose failures in a row reached its pool's `eject_after_5xx` is
+    /// reported (the HealthActor decides).
+    eject: Recipient<Eject>,
     /// This worker's share of the in-flight gauge (only this worker writes it).
     in_flight: Arc<AtomicI64>,
 }
@@ -41,7 +47,11 @@ impl BalancerActor {
     /// Starts a balancer on the current arbiter. `join` is given the balancer's recipients
     /// and answers with the current server list; until that answer arrives the balancer
     /// holds every other message back, so no request sees an empty list at start.
-    pub fn start<F>(metrics: Arc<Metrics>, join: impl FnOnce(BalancerHandles) -> F) -> Addr<Self>
+    pub fn start<F>(
+        metrics: Arc<Metrics>,
+        eject: Recipient<Eject>,
+        join: impl FnOnce(BalancerHandles) -> F,
+    ) -> Addr<Self>
     where
         F: Future<Output = Result<ServerEvent, MailboxError>> + 'static,
     {
@@ -61,6 +71,7 @@ impl BalancerActor {
             );
             BalancerActor {
                 pools: Pools::default(),
+                eject,
                 in_flight: metrics.worker_in_flight(),
             }
         })
@@ -82,6 +93,10 @@ pub struct BalancerHandles {
 pub struct NextServer {
     /// The pool the request was routed to.
     pub pool: PoolId,
+    /// The request's hash key (`hash_on`), for `consistent_hash`.
+    pub key: Option<u64>,
+    /// The server the request's sticky cookie names, if it named a valid one.
+    pub sticky: Option<ServerId>,
     /// Servers this request already failed to reach; they are not chosen again.
     pub tried: Vec<Arc<Upstream>>,
 }
@@ -99,6 +114,8 @@ impl Message for NextServer {
 pub struct Lease {
     upstream: Arc<Upstream>,
     balancer: Addr<BalancerActor>,
+    /// How the request ended on the server, told to the balancer with the lease's end.
+    outcome: Cell<Outcome>,
 }
 
 impl Lease {
@@ -106,24 +123,58 @@ impl Lease {
     pub fn upstream(&self) -> &Arc<Upstream> {
         &self.upstream
     }
+
+    /// The server answered with `status`, its head `head_time` after the request.
+    pub fn answered(&self, status: u16, head_time: Duration) {
+        self.outcome.set(Outcome {
+            status: Some(status),
+            failed: false,
+            head_time: Some(head_time),
+        });
+    }
+
+    /// The server could not be reached, or did not answer in time.
+    pub fn failed(&self) {
+        self.outcome.set(Outcome {
+            status: None,
+            failed: true,
+            head_time: None,
+        });
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.balancer
-            .do_send(RequestEnded(Arc::clone(&self.upstream)));
+        self.balancer.do_send(RequestEnded {
+            upstream: Arc::clone(&self.upstream),
+            outcome: self.outcome.get(),
+        });
     }
+}
+
+/// How a request ended on its server, as far as the balancer cares.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    /// The answer's status; `None` without one (a failure, or a client that left first).
+    pub status: Option<u16>,
+    /// No answer: the connection failed or the server did not answer in time.
+    pub failed: bool,
+    /// From the request to the answer's head (`peak_ewma` learns from it).
+    pub head_time: Option<Duration>,
 }
 
 impl Handler<NextServer> for BalancerActor {
     type Result = Option<Lease>;
 
     fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = self.pools.begin(msg.pool, &msg.tried)?;
+        let upstream = self
+            .pools
+            .begin(msg.pool, &msg.tried, msg.key, msg.sticky)?;
         self.in_flight.fetch_add(1, Relaxed);
         Some(Lease {
             upstream,
             balancer: ctx.address(),
+            outcome: Cell::default(),
         })
     }
 }
@@ -131,15 +182,32 @@ impl Handler<NextServer> for BalancerActor {
 /// A request's [`Lease`] has ended; sent by its `Drop`.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-struct RequestEnded(Arc<Upstream>);
+struct RequestEnded {
+    upstream: Arc<Upstream>,
+    outcome: Outcome,
+}
 
 impl Handler<RequestEnded> for BalancerActor {
     type Result = ();
 
-    fn handle(&mut self, RequestEnded(upstream): RequestEnded, _: &mut Self::Context) {
+    fn handle(&mut self, msg: RequestEnded, _: &mut Self::Context) {
         self.in_flight.fetch_sub(1, Relaxed);
-        self.pools.end(&upstream);
+        if self.pools.end(&msg.upstream, msg.outcome) {
+            self.eject.do_send(Eject {
+                pool: msg.upstream.pool,
+                label: Arc::from(&*msg.upstream.label),
+            });
+        }
     }
+}
+
+/// A server's 5xx answers, failed connections or time-outs in a row, as one worker counted
+/// them, reached its pool's `eject_after_5xx`: the HealthActor decides whether it goes out.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Eject {
+    pub pool: PoolId,
+    pub label: Arc<str>,
 }
 
 /// A pool as the registry announces it to the balancers.
@@ -148,6 +216,10 @@ pub struct PoolSpec {
     pub id: PoolId,
     pub name: Arc<str>,
     pub strategy: config::Strategy,
+    /// Percent in rotation below which the pool uses every server (0: never).
+    pub panic_threshold: u8,
+    /// Failures in a row a worker reports for ejection (0: none).
+    pub eject_after_5xx: u32,
     /// Gone from the configuration: its servers show as draining, and requests that an
     /// older route table sent to it are still served, until the registry removes them.
     pub retired: bool,
@@ -160,7 +232,7 @@ pub enum ServerEvent {
     /// Every pool and every server with its health; replaces what the balancer had.
     Snapshot {
         pools: Vec<PoolSpec>,
-        servers: Vec<(Arc<Upstream>, bool)>,
+        servers: Vec<ServerState>,
     },
     /// The pools now (a reload): new ones start empty, strategies apply, one not listed
     /// drains and goes.
@@ -180,6 +252,20 @@ pub enum ServerEvent {
     Reweighted { upstream: Arc<Upstream> },
     /// A server was removed: no new requests; gone once its in-flight ones end.
     Removed { pool: PoolId, label: Arc<str> },
+    /// A server was ejected for its failures, or came back.
+    Ejected {
+        pool: PoolId,
+        label: Arc<str>,
+        ejected: bool,
+    },
+}
+
+/// A server and its state, as a snapshot lists it.
+#[derive(Debug, Clone)]
+pub struct ServerState {
+    pub upstream: Arc<Upstream>,
+    pub healthy: bool,
+    pub ejected: bool,
 }
 
 impl ServerEvent {
@@ -190,7 +276,13 @@ impl ServerEvent {
         match self {
             ServerEvent::Snapshot { pools, servers } => ServerEvent::Snapshot {
                 pools,
-                servers: servers.into_iter().map(|(u, h)| (own(u), h)).collect(),
+                servers: servers
+                    .into_iter()
+                    .map(|s| ServerState {
+                        upstream: own(s.upstream),
+                        ..s
+                    })
+                    .collect(),
             },
             ServerEvent::Added { upstream, healthy } => ServerEvent::Added {
                 upstream: own(upstream),
@@ -216,8 +308,10 @@ impl Handler<ServerEvent> for BalancerActor {
 #[derive(Debug, Clone)]
 pub struct ServerView {
     pub upstream: Arc<Upstream>,
+    /// In rotation by the health checks and not ejected.
     pub healthy: bool,
     pub draining: bool,
+    pub ejected: bool,
     pub in_flight: u32,
 }
 
@@ -259,7 +353,8 @@ mod tests {
         };
         let metrics = Arc::new(Metrics::new());
         let health = HealthActor::new(&pools, config.upstream_tls, metrics.clone()).start();
-        let balancer = BalancerActor::start(metrics, move |balancer| {
+        let eject = health.clone().recipient();
+        let balancer = BalancerActor::start(metrics, eject, move |balancer| {
             health.send(Register {
                 balancer,
                 limiter: None,
@@ -267,6 +362,8 @@ mod tests {
         });
         let next = || NextServer {
             pool: PoolId::DEFAULT,
+            key: None,
+            sticky: None,
             tried: Vec::new(),
         };
         let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;

@@ -13,14 +13,21 @@
 //! through [`Status`]. It never forwards a request.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
-use actix_web::http::StatusCode;
 
+mod eject;
+mod state;
+
+pub use self::state::{HealthState, LastCheck};
+use self::{
+    eject::Ejections,
+    state::{is_pass, Checks},
+};
 use crate::{
     balancer::{BalancerHandles, ListServers, PoolSpec, ServerEvent},
     config::{HealthCheckSection, PoolConfig, ServerConfig},
@@ -38,84 +45,6 @@ const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// The user agent of health checks.
 const USER_AGENT: &str = concat!("roundabout-health/", env!("CARGO_PKG_VERSION"));
 
-/// Consecutive-result counting for one server, like HAProxy's `rise`/`fall`. Whether the
-/// server is in rotation is the registry's; this only counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HealthState {
-    /// Passes in a row (reset by a failure).
-    pub passes: u32,
-    /// Failures in a row (reset by a pass).
-    pub failures: u32,
-    /// Added at runtime and not yet checked: the first pass puts it in rotation.
-    probation: bool,
-}
-
-impl HealthState {
-    /// A server added at runtime: out of rotation until its first passed check.
-    pub fn on_probation() -> Self {
-        Self {
-            probation: true,
-            ..Self::default()
-        }
-    }
-
-    /// Counts one result for a server that is `healthy` now; returns its new state when it
-    /// changes.
-    pub fn observe(&mut self, healthy: bool, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        if ok {
-            self.failures = 0;
-            self.passes = self.passes.saturating_add(1);
-            if !healthy && (self.probation || self.passes >= rise) {
-                self.probation = false;
-                return Some(true);
-            }
-        } else {
-            self.passes = 0;
-            self.failures = self.failures.saturating_add(1);
-            if healthy && self.failures >= fall {
-                return Some(false);
-            }
-        }
-        None
-    }
-}
-
-/// One server's checks.
-#[derive(Debug)]
-struct Checks {
-    state: HealthState,
-    /// A probe is out; the next round skips this server rather than stacking probes.
-    probing: bool,
-    /// When the server last went in or out of rotation (or joined): the status page says
-    /// how long it has been in its state.
-    since: Instant,
-    /// The last probe's outcome, for the status page.
-    last: Option<LastCheck>,
-}
-
-impl Checks {
-    fn new(state: HealthState) -> Self {
-        Self {
-            state,
-            probing: false,
-            since: Instant::now(),
-            last: None,
-        }
-    }
-}
-
-/// A probe's outcome, as the status page shows it.
-#[derive(Debug, Clone)]
-pub struct LastCheck {
-    /// When its answer (or failure) came.
-    pub at: Instant,
-    pub ok: bool,
-    /// What the log says of it: `status 200`, `connection refused`, `timed out after 1s`.
-    pub result: String,
-    /// From sending the probe to its answer or failure.
-    pub latency: Duration,
-}
-
 /// One pool's checks: its settings, and the timer of its rounds.
 struct PoolChecks {
     settings: HealthCheckSection,
@@ -123,7 +52,7 @@ struct PoolChecks {
 }
 
 /// A member's key: its pool and label.
-type Key = (PoolId, Arc<str>);
+pub(super) type Key = (PoolId, Arc<str>);
 
 /// The process-wide health checker; owner of the server registry.
 pub struct HealthActor {
@@ -137,6 +66,10 @@ pub struct HealthActor {
     client: Option<awc::Client>,
     /// How `https://` servers are verified (probes go over HTTPS to them).
     upstream_tls: Arc<rustls::ClientConfig>,
+    /// Every server's ejections (passive health).
+    ejections: Ejections,
+    /// The pools in panic now (fewer in rotation than their `panic_threshold`).
+    panicking: HashSet<PoolId>,
 }
 
 /// A pool as the registry announces it.
@@ -146,6 +79,8 @@ fn spec(pool: &PoolConfig, retired: bool) -> PoolSpec {
         name: pool.name.clone(),
         strategy: pool.strategy,
         retired,
+        panic_threshold: pool.panic_threshold,
+        eject_after_5xx: pool.health_check.eject_after_5xx,
     }
 }
 
@@ -190,6 +125,8 @@ impl HealthActor {
             metrics,
             client: None,
             upstream_tls,
+            ejections: Ejections::default(),
+            panicking: HashSet::new(),
         }
     }
 
@@ -228,8 +165,11 @@ impl HealthActor {
     }
 
     fn untrack(&mut self, upstream: &Upstream) {
-        self.checks.remove(&(upstream.pool, upstream.label.clone()));
+        let key = (upstream.pool, upstream.label.clone());
+        self.checks.remove(&key);
+        self.ejections.forget(&key);
         self.metrics.forget_server(&key_of(upstream));
+        self.check_panic(upstream.pool);
     }
 
     fn probe_pool(&mut self, pool: PoolId, ctx: &mut Context<Self>) {
@@ -328,9 +268,12 @@ impl HealthActor {
                 checks.state.failures.min(fall)
             ),
         }
-        self.metrics.set_healthy(&key_of(upstream), healthy);
+        let ejected = member.ejected;
+        self.metrics
+            .set_healthy(&key_of(upstream), healthy && !ejected);
         self.registry
             .set_healthy(upstream.pool, &upstream.label, healthy);
+        self.check_panic(upstream.pool);
     }
 
     /// The retired pool's grace is over: its servers are removed and drain.
@@ -352,13 +295,8 @@ impl HealthActor {
 }
 
 /// A server's name in the metrics: its pool's and its own.
-fn key_of(u: &Upstream) -> (Arc<str>, Arc<str>) {
+pub(super) fn key_of(u: &Upstream) -> (Arc<str>, Arc<str>) {
     (u.pool_name.clone(), u.label.clone())
-}
-
-/// A status in 200..=399 passes, as in HAProxy's default `http-check expect`.
-fn is_pass(status: StatusCode) -> bool {
-    status.is_success() || status.is_redirection()
 }
 
 impl Actor for HealthActor {
@@ -615,49 +553,5 @@ impl Handler<ListPools> for HealthActor {
 
     fn handle(&mut self, _: ListPools, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.registry.pools().to_vec())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Feeds `results` to a server that starts `healthy`; the states it goes through.
-    fn run(mut s: HealthState, mut healthy: bool, results: &[bool]) -> Vec<bool> {
-        results
-            .iter()
-            .map(|&ok| {
-                if let Some(now) = s.observe(healthy, ok, 2, 3) {
-                    healthy = now;
-                }
-                healthy
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_server_leaves_after_fall_failures_and_returns_after_rise_passes() {
-        let states = run(
-            HealthState::default(),
-            true,
-            &[false, false, false, true, true],
-        );
-        assert_eq!(states, [true, true, false, false, true]);
-    }
-
-    #[test]
-    fn a_pass_resets_the_failure_count() {
-        let states = run(
-            HealthState::default(),
-            true,
-            &[false, false, true, false, false],
-        );
-        assert_eq!(states, [true; 5]);
-    }
-
-    #[test]
-    fn a_server_on_probation_joins_after_its_first_pass() {
-        assert_eq!(run(HealthState::on_probation(), false, &[true]), [true]);
-        assert_eq!(run(HealthState::default(), false, &[true]), [false]);
     }
 }

@@ -50,6 +50,7 @@ use crate::{
     health::ConnectFailed,
     rate_limit::{Budget, Check, Decision, Verdict},
     routing::{Limit, Route, RouteRequest},
+    sticky::ServerId,
     upstream::{describe, PoolId, Upstream},
 };
 
@@ -66,6 +67,8 @@ struct Ctx<'a> {
     pool: PoolId,
     /// The limiter's count, for the answer's rate-limit fields.
     decision: Option<Decision>,
+    /// The server the request's sticky cookie named (a valid id of this pool's cookie).
+    sticky: Option<ServerId>,
 }
 
 impl<'a> Ctx<'a> {
@@ -79,6 +82,39 @@ impl<'a> Ctx<'a> {
             route: None,
             pool: PoolId::DEFAULT,
             decision: None,
+            sticky: None,
+        }
+    }
+
+    /// Phase **pick**, its request side: the key the pool's strategy hashes, and the
+    /// server the sticky cookie names.
+    fn pick_keys(&mut self, req: &HttpRequest) -> Option<u64> {
+        let pool = self.pool();
+        if let Some(name) = pool.sticky_cookie.as_deref() {
+            self.sticky = headers::cookie(req.headers(), name).and_then(ServerId::parse);
+        }
+        pool.hash_on
+            .as_ref()
+            .and_then(|on| headers::hash_key(req, on, self.client_ip))
+    }
+
+    /// Phase **respond**, for a server's answer: a sticky pool's cookie naming the server
+    /// that answered, unless the request already stuck to it.
+    fn stick(&self, req: &HttpRequest, upstream: &Upstream, res: &mut HttpResponse) {
+        let Some(name) = self.pool().sticky_cookie.as_deref() else {
+            return;
+        };
+        if self.sticky == Some(upstream.sticky_id) {
+            return;
+        }
+        let secure = if req.app_config().secure() {
+            "; Secure"
+        } else {
+            ""
+        };
+        let cookie = format!("{name}={}; Path=/; HttpOnly{secure}", upstream.sticky_id);
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(header::SET_COOKIE, v);
         }
     }
 
@@ -210,10 +246,11 @@ pub(crate) async fn forward(
     // Phase **respond**: the server's answer streamed back, or one of our own.
     let mut res = match outcome {
         Ok((reply, payload, upgrade)) => {
-            record.upstream = Some(reply.lease.upstream().clone());
+            let upstream = reply.lease.upstream().clone();
+            record.upstream = Some(upstream.clone());
             record.status = reply.response.status().as_u16();
             record.upstream_time = Some(head_at);
-            match (reply.switched, payload, upgrade) {
+            let mut res = match (reply.switched, payload, upgrade) {
                 (Some(socket), Some(payload), Some(asked)) => {
                     let tunnel_idle = settings.proxy.tunnel_idle_timeout;
                     tunnel(
@@ -227,7 +264,9 @@ pub(crate) async fn forward(
                     )
                 }
                 _ => respond(&req, reply.response, reply.lease, idle, record),
-            }
+            };
+            ctx.stick(&req, &upstream, &mut res);
+            res
         }
         Err((e, tried)) => {
             if let ProxyError::RateLimited(d) = &e {
@@ -286,9 +325,11 @@ async fn exchange(
         BodyState::new(payload, settings.proxy.max_body_bytes)
     });
     let upgrade = headers::upgrade_of(req).filter(|_| body.is_none()).cloned();
+    let key = ctx.pick_keys(req);
     let pool = ctx.pool();
     let to = Target {
         upgrade: upgrade.as_ref(),
+        key,
         pool: ctx.pool,
         proxy: pool,
         path: ctx
@@ -318,6 +359,8 @@ async fn limit(
 /// path its route rewrote.
 struct Target<'a> {
     upgrade: Option<&'a HeaderValue>,
+    /// The request's hash key, for `consistent_hash`.
+    key: Option<u64>,
     pool: PoolId,
     proxy: &'a PoolSettings,
     /// The path and query the server gets when the route strips its prefix.
@@ -375,6 +418,8 @@ async fn send(
             .balancer
             .send(NextServer {
                 pool: to.pool,
+                key: to.key,
+                sticky: ctx.sticky,
                 tried: tried.clone(),
             })
             .await
@@ -405,6 +450,7 @@ async fn send(
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
         }
+        let sent = Instant::now();
         let result = if let Some(protocol) = to.upgrade {
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
             head_within(creq.send_upgrade(), pool.timeout, None)
@@ -432,16 +478,23 @@ async fn send(
         let body_started = body.as_ref().is_some_and(|b| b.started());
         let error = match result {
             Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
-            Err(Stalled::Upstream) => return Err((ProxyError::GatewayTimeout, last)),
+            Err(Stalled::Upstream) => {
+                lease.failed();
+                return Err((ProxyError::GatewayTimeout, last));
+            }
             Ok(Ok((response, switched))) => {
+                lease.answered(response.status().as_u16(), sent.elapsed());
                 return Ok(Reply {
                     response,
                     switched,
                     lease,
-                })
+                });
             }
             Ok(Err(e)) => e,
         };
+        if let SendRequestError::Connect(_) = error {
+            lease.failed();
+        }
         drop(lease);
         if body.as_ref().is_some_and(|b| b.over()) {
             return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));

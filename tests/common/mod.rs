@@ -44,6 +44,8 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     /// What `/health` answers.
     pub health_status: Arc<AtomicU16>,
+    /// The status `/` (and every path no other route takes) answers with its name.
+    pub answer_status: Arc<AtomicU16>,
     handle: ServerHandle,
 }
 
@@ -52,6 +54,7 @@ struct BackendState {
     name: String,
     hits: Arc<AtomicUsize>,
     health: Arc<AtomicU16>,
+    answer: Arc<AtomicU16>,
 }
 
 impl Backend {
@@ -121,6 +124,7 @@ impl Backend {
             name: name.to_string(),
             hits: Arc::new(AtomicUsize::new(0)),
             health: Arc::new(AtomicU16::new(200)),
+            answer: Arc::new(AtomicU16::new(200)),
         };
         let app_state = state.clone();
         let server = HttpServer::new(move || {
@@ -147,6 +151,7 @@ impl Backend {
             scheme,
             hits: state.hits,
             health_status: state.health,
+            answer_status: state.answer,
             handle,
         }
     }
@@ -200,7 +205,8 @@ fn bind_retry(port: u16) -> TcpListener {
 
 async fn name_route(state: web::Data<BackendState>) -> HttpResponse {
     state.hits.fetch_add(1, Ordering::SeqCst);
-    HttpResponse::Ok().body(state.name.clone())
+    let status = StatusCode::from_u16(state.answer.load(Ordering::SeqCst)).unwrap();
+    HttpResponse::build(status).body(state.name.clone())
 }
 
 async fn health(state: web::Data<BackendState>) -> HttpResponse {
