@@ -130,9 +130,11 @@ impl<'a> Ctx<'a> {
         if routes.is_empty() {
             return Ok(());
         }
-        let host = request_host(req);
         let Some(route) = routes.find(&RouteRequest {
-            host,
+            host: match req.headers().get(header::HOST) {
+                Some(h) => Some(h.as_bytes()),
+                None => req.uri().authority().map(|a| a.as_str().as_bytes()),
+            },
             path: req.uri().path(),
             method: req.method(),
             headers: req.headers(),
@@ -147,7 +149,7 @@ impl<'a> Ctx<'a> {
         if route.redirect_https && !req.app_config().secure() {
             return Err(ProxyError::RedirectHttps(https_location(
                 req,
-                host,
+                request_host(req),
                 self.settings.tls_port,
             )));
         }
