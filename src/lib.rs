@@ -31,6 +31,8 @@
 //! - [`access_log`]: one line per request, when its body is done.
 //! - [`admin`]: the admin API (pools, servers, routes, metrics, healthz).
 //! - [`status`]: the status page beside it (`GET /`, `GET /status.json`): reads only.
+//! - [`resolve`]: servers known by name: their addresses, at start and every
+//!   `resolve_interval`.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
 //! - [`tls`]: rustls: the listener's certificate (swapped on reload), `https://` servers.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
@@ -55,6 +57,7 @@ pub mod proxy;
 mod rate_limit;
 mod registry;
 mod reload;
+mod resolve;
 mod routing;
 mod status;
 mod sticky;
@@ -176,10 +179,20 @@ impl Running {
                 return Err(e);
             }
         };
+        let resolved = match resolve::resolve_for_reload(&current.pools, &next.pools).await {
+            Ok(resolved) => resolved,
+            Err(reason) => {
+                log::error!("reload ({by}) refused: {reason}; the running configuration stays");
+                return Err(ConfigError::Source {
+                    file: "(servers by name)".into(),
+                    reason,
+                });
+            }
+        };
         if next.access_log != current.access_log {
             self.access_log.configure(next.access_log.clone());
         }
-        reload::apply(&current, &next, &self.health, &self.settings, by).await;
+        reload::apply(&current, &next, resolved, &self.health, &self.settings, by).await;
         reload::certificate(&current, &next, self.certs.as_deref(), by);
         *self.config.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
@@ -236,8 +249,17 @@ pub fn start(config: Config) -> io::Result<Running> {
         }
     }
 
-    let health =
-        HealthActor::new(&config.pools, config.upstream_tls.clone(), metrics.clone()).start();
+    // Servers given by name: resolved before anything serves; one that does not resolve
+    // stops the start.
+    let resolved = resolve::resolve_at_start(&config.pools)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let health = HealthActor::new(
+        &config.pools,
+        &resolved,
+        config.upstream_tls.clone(),
+        metrics.clone(),
+    )
+    .start();
 
     let rate_limit = config.rate_limit.clone();
     // A route's own budget counts whatever `rate_limit.enabled` says.

@@ -42,6 +42,8 @@ pub struct Changes {
     pub removed: Vec<Arc<Upstream>>,
     /// Still in the file with another weight.
     pub reweighted: Vec<Arc<Upstream>>,
+    /// Still in the file at the same address, known by another name (or by none).
+    pub renamed: Vec<Arc<Upstream>>,
     /// Pools new in the file.
     pub pools_added: Vec<Arc<str>>,
     /// Pools gone from the file: retired now, their servers removed after a grace.
@@ -298,9 +300,19 @@ impl Registry {
                     Some(&i) => {
                         let member = &mut self.members[i];
                         member.from_file = true;
-                        if member.upstream.weight != upstream.weight {
+                        let old = &member.upstream;
+                        if old.weight != upstream.weight
+                            || old.name != upstream.name
+                            || old.url != upstream.url
+                        {
+                            // Another weight, or the same address now known by another
+                            // name (or by none): the workers take the new one.
+                            let reweighted = old.weight != upstream.weight;
                             member.upstream = upstream.clone();
-                            changes.reweighted.push(upstream.clone());
+                            match reweighted {
+                                true => changes.reweighted.push(upstream.clone()),
+                                false => changes.renamed.push(upstream.clone()),
+                            }
                             self.broadcast(ServerEvent::Reweighted { upstream });
                         }
                     }
@@ -331,6 +343,48 @@ impl Registry {
                 if let Ok(member) = self.remove(spec.id, &label) {
                     changes.removed.push(member.upstream);
                 }
+            }
+        }
+        changes
+    }
+
+    /// The name `name` (`host:port`) of `pool` resolves to `upstreams` now: addresses new
+    /// to it join in rotation, as a server new in the file does; the members that stood for
+    /// it and are gone drain.
+    pub fn resolved(&mut self, pool: PoolId, name: &str, upstreams: Vec<Arc<Upstream>>) -> Changes {
+        let mut changes = Changes::default();
+        let listed: HashSet<Arc<str>> = upstreams.iter().map(|u| u.label.clone()).collect();
+        for upstream in upstreams {
+            if self.index.contains_key(&(pool, upstream.label.clone())) {
+                continue;
+            }
+            self.insert(Member {
+                upstream: upstream.clone(),
+                healthy: true,
+                ejected: false,
+                from_file: true,
+            });
+            changes.added.push(upstream.clone());
+            self.broadcast(ServerEvent::Added {
+                upstream,
+                healthy: true,
+            });
+        }
+        let gone: Vec<Arc<str>> = self
+            .members
+            .iter()
+            .filter(|m| {
+                let u = &m.upstream;
+                u.pool == pool
+                    && m.from_file
+                    && u.name.as_deref() == Some(name)
+                    && !listed.contains(&u.label)
+            })
+            .map(|m| m.upstream.label.clone())
+            .collect();
+        for label in gone {
+            if let Ok(member) = self.remove(pool, &label) {
+                changes.removed.push(member.upstream);
             }
         }
         changes

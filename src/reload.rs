@@ -17,6 +17,7 @@ use crate::{
     health::{HealthActor, Reload},
     proxy::Settings,
     rate_limit::Reconfigure,
+    resolve::Resolved,
     tls::CertStore,
 };
 
@@ -83,6 +84,7 @@ impl Signals {
 pub async fn apply(
     current: &Config,
     next: &Config,
+    resolved: Resolved,
     health: &Addr<HealthActor>,
     settings: &watch::Sender<Arc<Settings>>,
     by: &str,
@@ -92,6 +94,7 @@ pub async fn apply(
     }
     let reload = Reload {
         pools: next.pools.clone(),
+        resolved,
         limiter: Reconfigure(next.rate_limit.clone()),
         upstream_tls: next.upstream_tls.clone(),
     };
@@ -134,6 +137,9 @@ pub async fn apply(
     }
     if !changes.reweighted.is_empty() {
         done.push(format!("new weight for {}", labels(&changes.reweighted)));
+    }
+    if !changes.renamed.is_empty() {
+        done.push(format!("now known as {}", labels(&changes.renamed)));
     }
     for (pool, strategy) in &changes.strategies {
         done.push(format!("pool {pool}: strategy {strategy}"));

@@ -194,6 +194,9 @@ struct ServerReport {
     /// The pool it serves in.
     pool: String,
     url: String,
+    /// For a server known by name: the URL with the name (`url` is its address's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     /// `host:port`: what `DELETE /servers/{host:port}` takes.
     label: String,
     weight: u32,
@@ -302,7 +305,12 @@ fn report(
                 .find(|h| h.label == *label && h.pool == v.upstream.pool);
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
-                url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+                url: v.upstream.shown_url(),
+                name: v
+                    .upstream
+                    .name
+                    .as_ref()
+                    .map(|n| format!("{}://{n}", v.upstream.scheme)),
                 label: label.to_string(),
                 weight: v.upstream.weight,
                 state: match (v.draining, v.ejected, v.healthy) {

@@ -654,7 +654,10 @@ mod tests {
             assert_eq!(list.begin(&[], None, id).unwrap().url.port(), Some(2));
         }
         assert_ne!(
-            list.begin(std::slice::from_ref(&two), None, id).unwrap().url.port(),
+            list.begin(std::slice::from_ref(&two), None, id)
+                .unwrap()
+                .url
+                .port(),
             Some(2),
             "tried"
         );

@@ -352,7 +352,13 @@ mod tests {
             ..Default::default()
         };
         let metrics = Arc::new(Metrics::new());
-        let health = HealthActor::new(&pools, config.upstream_tls, metrics.clone()).start();
+        let health = HealthActor::new(
+            &pools,
+            &Default::default(),
+            config.upstream_tls,
+            metrics.clone(),
+        )
+        .start();
         let eject = health.clone().recipient();
         let balancer = BalancerActor::start(metrics, eject, move |balancer| {
             health.send(Register {

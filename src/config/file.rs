@@ -170,6 +170,11 @@ pub struct BalancerSection {
     pub sticky_cookie: String,
     /// Percent; below this share of servers in rotation, the pool uses them all.
     pub panic_threshold: u8,
+    /// Host names in `servers` are resolved again this often.
+    #[serde(with = "duration")]
+    pub resolve_interval: Duration,
+    /// DNS servers (`10.0.0.2:53`); `[]` = the system's.
+    pub resolvers: Vec<String>,
 }
 
 impl Default for BalancerSection {
@@ -180,6 +185,8 @@ impl Default for BalancerSection {
             hash_on: "client_ip".into(),
             sticky_cookie: String::new(),
             panic_threshold: 0,
+            resolve_interval: Duration::from_secs(30),
+            resolvers: Vec::new(),
         }
     }
 }
@@ -196,6 +203,9 @@ pub struct PoolSection {
     pub hash_on: String,
     pub sticky_cookie: String,
     pub panic_threshold: u8,
+    #[serde(with = "duration")]
+    pub resolve_interval: Duration,
+    pub resolvers: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckOverrides>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -211,6 +221,8 @@ impl Default for PoolSection {
             hash_on: b.hash_on,
             sticky_cookie: b.sticky_cookie,
             panic_threshold: b.panic_threshold,
+            resolve_interval: b.resolve_interval,
+            resolvers: b.resolvers,
             health_check: None,
             proxy: None,
         }

@@ -28,6 +28,22 @@ pub struct ServerConfig {
     pub weight: u32,
 }
 
+impl ServerConfig {
+    /// The host name, when the URL has one rather than an IP address: it stands for every
+    /// address the name resolves to.
+    pub fn host_name(&self) -> Option<&str> {
+        match self.url.host()? {
+            url::Host::Domain(name) => Some(name),
+            url::Host::Ipv4(_) | url::Host::Ipv6(_) => None,
+        }
+    }
+
+    /// The port, written or the scheme's.
+    pub fn port(&self) -> u16 {
+        self.url.port_or_known_default().unwrap_or(80)
+    }
+}
+
 /// The validated configuration the program runs on.
 #[derive(Debug, Clone)]
 pub struct Config {

@@ -442,6 +442,10 @@ async fn send(
         let uri = upstream_uri(req, &upstream, to.path.as_deref());
         // no_decompress: no Accept-Encoding of awc's own when the client sent none.
         let mut creq = client.request(req.method().clone(), uri).no_decompress();
+        if let Some(address) = upstream.address {
+            // A server known by name: this address of the name's, the name in Host and SNI.
+            creq = creq.address(address);
+        }
         *creq.headers_mut() = match headers.take() {
             Some(h) => h,
             None => rewrite(upstream_headers(req, ctx.peer, &settings.trusted_proxies)),

@@ -34,7 +34,7 @@ impl ConsistentHash {
             .iter()
             .map(|&i| {
                 let u = &slots[i].upstream;
-                (u.url.as_str().to_string(), u.weight)
+                (u.key.to_string(), u.weight)
             })
             .collect();
         if from != self.built_from || self.members.len() != members.len() {
