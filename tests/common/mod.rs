@@ -4,6 +4,7 @@
 
 mod binary;
 pub mod cluster;
+pub mod handover;
 mod raw;
 mod redis;
 pub mod tls;
