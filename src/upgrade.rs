@@ -295,7 +295,7 @@ impl Successor {
             ),
             Ok(Err(e)) => format!("could not be heard (its pipe: {e}); stopped it"),
             Ok(Ok(())) => match said.strip_prefix("ERROR ") {
-                Some(why) => why.to_string(),
+                Some(why) => format!("did not start: {why}"),
                 None => String::new(),
             },
         };
