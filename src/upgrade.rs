@@ -151,11 +151,13 @@ pub fn spawn(exec: &Exec, sockets: &[(BorrowedFd<'_>, &str)]) -> io::Result<Succ
         format!("ERROR cannot execute {}: errno ", exec.exe.display()).into_bytes();
     exec_failed.truncate(200);
 
+    // One pointer for both uses: envp reads the string, the child writes its digits.
+    let listen_pid_at = listen_pid.as_mut_ptr();
     let argv = pointers(&args, None);
-    let mut envp = pointers(&env, Some(listen_pid.as_ptr().cast()));
+    let envp = pointers(&env, Some(listen_pid_at.cast_const().cast()));
     let sources_raw = sources.iter().map(|s| s.as_raw_fd()).collect::<Vec<_>>();
     let ready_raw = ready_source.as_raw_fd();
-    let pid_digits = listen_pid.as_mut_ptr().wrapping_add(digits_at);
+    let pid_digits = listen_pid_at.wrapping_add(digits_at);
 
     // SAFETY: fork(2); the child only runs `exec_child`, which uses what was made above
     // and async-signal-safe calls, and never returns.
@@ -170,7 +172,7 @@ pub fn spawn(exec: &Exec, sockets: &[(BorrowedFd<'_>, &str)]) -> io::Result<Succ
                 &exec_failed,
                 exe.as_ptr(),
                 &argv,
-                &mut envp,
+                &envp,
             )
         },
         pid => {
@@ -216,7 +218,7 @@ unsafe fn exec_child(
     exec_failed: &[u8],
     exe: *const libc::c_char,
     argv: &[*const libc::c_char],
-    envp: &mut [*const libc::c_char],
+    envp: &[*const libc::c_char],
 ) -> ! {
     let pid = libc::getpid() as u64;
     let mut digits = [0u8; 20];
@@ -235,7 +237,7 @@ unsafe fn exec_child(
     libc::sigemptyset(&mut none);
     libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
     libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    libc::execve(exe, argv.as_ptr(), envp.as_mut_ptr().cast_const());
+    libc::execve(exe, argv.as_ptr(), envp.as_ptr());
     // Still here: say why on the pipe, where the old process reads it.
     let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0) as u64;
     let len = decimal(errno, &mut digits);
