@@ -60,6 +60,8 @@ async fn a_socket_handed_over_as_fd_3_is_served_and_the_rest_is_bound_as_usual()
     let health = get(&format!("http://127.0.0.1:{admin}/healthz")).await;
     assert_eq!(health.0, 200, "{}", log());
     assert!(log().contains(&format!("listening on {addr}")), "{}", log());
+    let handed = format!("listen.address: serving on {addr}, the socket handed over as fd 3");
+    assert!(log().contains(&handed), "{}", log());
 
     // SAFETY: kill(2) on the child this test spawned and has not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

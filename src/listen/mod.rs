@@ -83,7 +83,14 @@ impl Sockets {
         ];
         let mut found: [Option<TcpListener>; 3] = Default::default();
         for h in handed {
+            let fd = h.fd;
             let (i, listener) = match_handed(h, &wanted, &found)?;
+            if let Ok(addr) = listener.local_addr() {
+                log::info!(
+                    "{}: serving on {addr}, the socket handed over as fd {fd}",
+                    KEYS[i]
+                );
+            }
             found[i] = Some(listener);
         }
         for (i, addr) in wanted.iter().enumerate() {
