@@ -125,6 +125,8 @@ impl Samples {
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
+    /// This process's: after a SIGUSR2 upgrade, the new process's.
+    pid: u32,
     uptime_seconds: f64,
     /// The default pool's.
     strategy: &'static str,
@@ -351,6 +353,7 @@ fn report(
     let rl = &config.rate_limit;
     Report {
         version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
         uptime_seconds: now.saturating_duration_since(state.started).as_secs_f64(),
         strategy: config.default_pool().strategy.name(),
         health_check: HealthCheckReport::of(&config.default_pool().health_check),

@@ -27,6 +27,7 @@ const KEYS: &[&str] = &[
     "listen.header_timeout",
     "listen.keepalive_timeout",
     "listen.max_connections",
+    "listen.proxy_protocol",
     "balancer.strategy",
     "balancer.servers",
     "health_check.path",

@@ -130,6 +130,9 @@ pub struct ListenSection {
     pub keepalive_timeout: Duration,
     /// Open client connections, for the whole process.
     pub max_connections: usize,
+    /// Every client connection (plain and TLS) opens with a PROXY protocol header, whose
+    /// source address is the client's.
+    pub proxy_protocol: bool,
 }
 
 impl Default for ListenSection {
@@ -143,6 +146,7 @@ impl Default for ListenSection {
             // nginx's keepalive_timeout.
             keepalive_timeout: Duration::from_secs(75),
             max_connections: 10_000,
+            proxy_protocol: false,
         }
     }
 }
