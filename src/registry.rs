@@ -316,19 +316,7 @@ impl Registry {
                             self.broadcast(ServerEvent::Reweighted { upstream });
                         }
                     }
-                    None => {
-                        self.insert(Member {
-                            upstream: upstream.clone(),
-                            healthy: true,
-                            ejected: false,
-                            from_file: true,
-                        });
-                        changes.added.push(upstream.clone());
-                        self.broadcast(ServerEvent::Added {
-                            upstream,
-                            healthy: true,
-                        });
-                    }
+                    None => self.join_from_file(upstream, &mut changes),
                 }
             }
             let gone: Vec<Arc<str>> = self
@@ -355,20 +343,9 @@ impl Registry {
         let mut changes = Changes::default();
         let listed: HashSet<Arc<str>> = upstreams.iter().map(|u| u.label.clone()).collect();
         for upstream in upstreams {
-            if self.index.contains_key(&(pool, upstream.label.clone())) {
-                continue;
+            if !self.index.contains_key(&(pool, upstream.label.clone())) {
+                self.join_from_file(upstream, &mut changes);
             }
-            self.insert(Member {
-                upstream: upstream.clone(),
-                healthy: true,
-                ejected: false,
-                from_file: true,
-            });
-            changes.added.push(upstream.clone());
-            self.broadcast(ServerEvent::Added {
-                upstream,
-                healthy: true,
-            });
         }
         let gone: Vec<Arc<str>> = self
             .members
@@ -388,6 +365,21 @@ impl Registry {
             }
         }
         changes
+    }
+
+    /// A server new in the file (or a name's new address) joins in rotation, as at start.
+    fn join_from_file(&mut self, upstream: Arc<Upstream>, changes: &mut Changes) {
+        self.insert(Member {
+            upstream: upstream.clone(),
+            healthy: true,
+            ejected: false,
+            from_file: true,
+        });
+        changes.added.push(upstream.clone());
+        self.broadcast(ServerEvent::Added {
+            upstream,
+            healthy: true,
+        });
     }
 
     /// A retired pool goes: its members are removed (they drain) and it leaves the list

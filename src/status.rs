@@ -308,11 +308,7 @@ fn report(
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
                 url: v.upstream.shown_url(),
-                name: v
-                    .upstream
-                    .name
-                    .as_ref()
-                    .map(|n| format!("{}://{n}", v.upstream.scheme)),
+                name: v.upstream.shown_name(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
                 state: match (v.draining, v.ejected, v.healthy) {
