@@ -7,10 +7,11 @@
 //! [`ServerEvent`]s it is sent, from whoever it joined at start (the HealthActor, wired in
 //! `lib.rs`; this module knows nothing of it), and it keeps the in-flight count of every
 //! server from [`NextServer`] and the [`Lease`]s it hands out. The logic is the plain
-//! [`Pools`] of [`ServerList`](list::ServerList)s (`list.rs`); the actor is a thin shell
+//! [`Pools`] of [`ServerList`](list::ServerList)s (`pools.rs`, `list.rs`); the actor is a thin shell
 //! around it. It must not block, and must not share its lists with another thread.
 
 mod list;
+mod pools;
 
 use std::{
     cell::Cell,
@@ -24,7 +25,7 @@ use std::{
 
 use actix::prelude::*;
 
-use self::list::Pools;
+use self::pools::Pools;
 use crate::{
     config,
     metrics::Metrics,
