@@ -169,7 +169,8 @@ pin_project! {
         peer_addr: Option<net::SocketAddr>,
         conn_data: Option<Rc<Extensions>>,
         config: ServiceConfig,
-        error: Option<DispatchError>,
+        // Boxed: set only when a connection fails, and 88 bytes inline in every one.
+        error: Option<Box<DispatchError>>,
 
         #[pin]
         pub(super) state: State<S, B, X>,
@@ -1046,7 +1047,7 @@ where
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
                                 ));
-                                *this.error = Some(DispatchError::InternalError);
+                                *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
                             }
                         }
@@ -1061,7 +1062,7 @@ where
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
                                 ));
-                                *this.error = Some(DispatchError::InternalError);
+                                *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
                             }
                         }
@@ -1076,7 +1077,7 @@ where
                     trace!("I/O error: {}", &err);
                     self.as_mut().client_disconnected();
                     this = self.as_mut().project();
-                    *this.error = Some(DispatchError::Io(err));
+                    *this.error = Some(Box::new(DispatchError::Io(err)));
                     break;
                 }
 
@@ -1101,7 +1102,7 @@ where
                         )));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
-                    *this.error = Some(ParseError::TooLarge.into());
+                    *this.error = Some(Box::new(ParseError::TooLarge.into()));
 
                     break;
                 }
@@ -1125,7 +1126,7 @@ where
                     ));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
-                    *this.error = Some(err.into());
+                    *this.error = Some(Box::new(err.into()));
                     break;
                 }
             }
@@ -1573,6 +1574,7 @@ where
                     // keep-alive and stream errors
                     if state_is_none && inner_p.write_buf.is_empty() {
                         if let Some(err) = inner_p.error.take() {
+                            let err = *err;
                             // A client's malformed or broken stream is not the server's
                             // error (anyone could fill the log with them); services see
                             // refused requests through `OnRefused`.
