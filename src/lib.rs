@@ -16,7 +16,8 @@
 //! - [`routing`]: the route table (hosts, path prefixes, headers, methods → pools), data
 //!   swapped as a whole on reload.
 //! - [`balancer`]: `BalancerActor`, one per worker: every pool's server list, cursor and
-//!   in-flight counts, and the [`balancer::Lease`] each request holds.
+//!   in-flight counts (shared with the worker's handlers), and the [`balancer::Lease`]
+//!   each request holds.
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two, consistent
 //!   hashing (Maglev), peak EWMA; no actors.
 //! - [`sticky`]: the opaque server ids sticky cookies carry.

@@ -418,7 +418,7 @@ async fn send(
         attempts += 1;
         let lease = worker
             .balancer
-            .send(NextServer {
+            .lease(NextServer {
                 pool: to.pool,
                 key: to.key,
                 sticky: ctx.sticky,

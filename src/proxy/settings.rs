@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::{
     access_log::Sink,
-    balancer::BalancerActor,
+    balancer::BalancerHandle,
     config::{Config, HashOn, PoolProxy, ProxySection, Strategy},
     health::HealthActor,
     rate_limit::{ceil_secs, RateLimitActor},
@@ -192,7 +192,7 @@ impl Current {
 
 /// One worker's handles: its balancer and limiter (same thread), its settings and clients.
 pub(crate) struct Worker {
-    pub balancer: Addr<BalancerActor>,
+    pub balancer: BalancerHandle,
     pub limiter: Addr<RateLimitActor>,
     pub health: Addr<HealthActor>,
     /// Where this worker's exchanges are counted and logged.
@@ -207,7 +207,7 @@ pub(crate) struct Worker {
 impl Worker {
     /// The handles of the worker whose factory runs this.
     pub fn new(
-        balancer: Addr<BalancerActor>,
+        balancer: BalancerHandle,
         limiter: Addr<RateLimitActor>,
         health: Addr<HealthActor>,
         sink: Sink,
