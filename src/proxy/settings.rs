@@ -18,7 +18,7 @@ use crate::{
     balancer::BalancerHandle,
     config::{Config, HashOn, PoolProxy, ProxySection, Strategy},
     health::HealthActor,
-    rate_limit::{ceil_secs, RateLimitActor},
+    rate_limit::{ceil_secs, LimiterHandle},
     routing::{Route, RouteTable},
     upstream::{self, PoolId},
 };
@@ -193,7 +193,7 @@ impl Current {
 /// One worker's handles: its balancer and limiter (same thread), its settings and clients.
 pub(crate) struct Worker {
     pub balancer: BalancerHandle,
-    pub limiter: Addr<RateLimitActor>,
+    pub limiter: LimiterHandle,
     pub health: Addr<HealthActor>,
     /// Where this worker's exchanges are counted and logged.
     pub sink: Rc<Sink>,
@@ -208,7 +208,7 @@ impl Worker {
     /// The handles of the worker whose factory runs this.
     pub fn new(
         balancer: BalancerHandle,
-        limiter: Addr<RateLimitActor>,
+        limiter: LimiterHandle,
         health: Addr<HealthActor>,
         sink: Sink,
         updates: watch::Receiver<Arc<Settings>>,
