@@ -6,7 +6,8 @@
 //! this worker's) → **pick** ([`balancer::BalancerActor`], this worker's, in the pool) →
 //! **rewrite** the upstream request → `awc` → **respond** (streamed back) → **log**. The
 //! actors on that path live on the handler's own worker thread, so asking them never
-//! crosses a thread (DESIGN.md).
+//! crosses a thread; the handler reads and writes their state there directly when no wait
+//! is needed (a lease, an in-process count), without a message (DESIGN.md).
 //!
 //! # Layout
 //! - [`config`]: TOML + environment → `FileConfig` → validated [`config::Config`].
@@ -16,7 +17,8 @@
 //! - [`routing`]: the route table (hosts, path prefixes, headers, methods → pools), data
 //!   swapped as a whole on reload.
 //! - [`balancer`]: `BalancerActor`, one per worker: every pool's server list, cursor and
-//!   in-flight counts, and the [`balancer::Lease`] each request holds.
+//!   in-flight counts (shared with the worker's handlers), and the [`balancer::Lease`]
+//!   each request holds.
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two, consistent
 //!   hashing (Maglev), peak EWMA; no actors.
 //! - [`sticky`]: the opaque server ids sticky cookies carry.
@@ -367,9 +369,8 @@ pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
             );
         }
         let limiter =
-            RateLimitActor::new(&rate_limit, store, stores.clone(), factory_metrics.clone())
-                .start();
-        let limiter_handle = Some(limiter.clone().recipient());
+            RateLimitActor::start(&rate_limit, store, stores.clone(), factory_metrics.clone());
+        let limiter_handle = Some(limiter.actor().clone().recipient());
         let registry = factory_health.clone();
         let eject = factory_health.clone().recipient();
         let balancer = BalancerActor::start(factory_metrics.clone(), eject, move |balancer| {
