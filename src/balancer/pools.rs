@@ -1,5 +1,5 @@
 //! [`Pools`]: every pool of a worker's balancer, by number, each a
-//! [`ServerList`](super::list::ServerList); the pool set follows the registry's broadcasts
+//! [`ServerList`]; the pool set follows the registry's broadcasts
 //! (a pool gone drains and goes with its last request). A plain struct: unit-tested as it is.
 
 use std::{
