@@ -71,7 +71,6 @@ use std::{
 };
 
 use actix::{Actor, Addr};
-use actix_http::h1::OnRefused;
 use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
 use tokio::sync::watch;
 
@@ -199,10 +198,11 @@ pub fn start(config: Config) -> io::Result<Running> {
     let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
+    let file = config.source.as_ref().map(|s| s.path.display().to_string());
     let bind = |key: &str, addr: Option<SocketAddr>| {
         addr.map(|addr| {
             std::net::TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
+                .map_err(|e| io::Error::new(e.kind(), bind_error(key, addr, &e, file.as_deref())))
         })
         .transpose()
     };
@@ -248,14 +248,9 @@ pub fn start(config: Config) -> io::Result<Running> {
     let factory_health = health.clone();
     let factory_metrics = metrics.clone();
     let factory_log = access_log.clone();
-    // Requests actix-http refuses before any handler runs still get their access line.
-    let on_refused = {
-        let log = access_log.clone();
-        OnRefused::new(move |r| {
-            log::debug!("refused with {}: {}", r.status, r.reason);
-            log.refused(r.peer_addr.map(|a| a.ip()), r.status.as_u16());
-        })
-    };
+    // Requests actix-http refuses before any handler runs still get their access line, and
+    // an answer of our own (a body saying why, an X-Request-Id).
+    let on_refused = proxy::on_refused(access_log.clone());
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     let mut server = HttpServer::new(move || {
         // Runs once per worker and listener, on that worker's thread: its actors live
@@ -407,6 +402,27 @@ pub fn start(config: Config) -> io::Result<Running> {
         access_log,
         config: running_config,
     })
+}
+
+/// What a listener that could not bind says: the key, the address, why, and (the address
+/// being someone else's) how to move roundabout: the key in the file, or its variable, with
+/// a port that is free now.
+fn bind_error(key: &str, addr: SocketAddr, e: &io::Error, file: Option<&str>) -> String {
+    let var = format!(
+        "ROUNDABOUT__{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    );
+    let free = (addr.port().saturating_add(80)..=u16::MAX)
+        .take(100)
+        .map(|port| SocketAddr::new(addr.ip(), port))
+        .find(|&a| std::net::TcpListener::bind(a).is_ok())
+        .map_or_else(|| "IP:PORT".to_string(), |a| a.to_string());
+    let whose = match e.kind() {
+        io::ErrorKind::AddrInUse => "another process holds it: stop it, or ",
+        _ => "",
+    };
+    let file = file.map_or_else(String::new, |f| format!(" in {f}"));
+    format!("{key} {addr}: {e}; {whose}move roundabout with {key}{file} or {var}={free}")
 }
 
 /// `n thing` or `n things`.

@@ -301,7 +301,7 @@ fn report(
                 .find(|h| h.label == *label && h.pool == v.upstream.pool);
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
-                url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+                url: v.upstream.listed_url(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
                 state: match (v.draining, v.healthy) {

@@ -84,6 +84,13 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The URL as the admin API and the status page list it: the scheme and `host:port`,
+    /// the port always written (`http://host:80`, where `Url` drops a default port), so
+    /// that it shows the `host:port` that logs, metrics and `DELETE` name the server by.
+    pub fn listed_url(&self) -> String {
+        format!("{}://{}", self.url.scheme(), self.label)
+    }
+
     /// Builds an upstream of the pool `pool` from a checked server entry.
     pub fn new(pool: &str, server: &ServerConfig) -> Upstream {
         let url = &server.url;
