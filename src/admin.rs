@@ -92,9 +92,15 @@ impl From<MembershipError> for AdminError {
 pub struct ServerInfo {
     pub url: String,
     pub weight: u32,
+    /// In rotation: passing its health checks and not ejected.
     pub healthy: bool,
     pub in_flight: u32,
     pub draining: bool,
+    /// Taken out for a while after failures in a row (`health_check.eject_after_5xx`).
+    pub ejected: bool,
+    /// For a server known by name: the URL with the name (`url` is its address's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The body of `POST /servers`.
@@ -223,6 +229,7 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
                     s.in_flight += v.in_flight;
                     s.draining |= v.draining;
                     s.healthy &= v.healthy;
+                    s.ejected |= v.ejected;
                 }
                 None => {
                     seen.insert(key, out.len());
@@ -237,11 +244,13 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
 impl ServerInfo {
     fn of(v: &ServerView) -> Self {
         ServerInfo {
-            url: v.upstream.listed_url(),
+            url: v.upstream.shown_url(),
+            name: v.upstream.shown_name(),
             weight: v.upstream.weight,
             healthy: v.healthy,
             in_flight: v.in_flight,
             draining: v.draining,
+            ejected: v.ejected,
         }
     }
 }
@@ -379,11 +388,13 @@ async fn added(
         .await
         .map_err(|_| AdminError::Unavailable)??;
     Ok(HttpResponse::Created().json(ServerInfo {
-        url: upstream.listed_url(),
+        url: upstream.shown_url(),
         weight,
         healthy: false,
         in_flight: 0,
         draining: false,
+        ejected: false,
+        name: None,
     }))
 }
 

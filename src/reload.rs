@@ -1,5 +1,6 @@
 //! What the operator's signals do, like nginx's: SIGTERM and SIGINT stop, SIGHUP reloads
-//! the config file, SIGUSR1 reopens the access log.
+//! the config file, SIGUSR1 reopens the access log, SIGUSR2 upgrades the binary in place
+//! (`upgrade`).
 //!
 //! A reload diffs the new configuration against the running one: the servers from the file
 //! and the live keys go to the registry, which hands them to every worker; the settings of
@@ -18,6 +19,7 @@ use crate::{
     health::{HealthActor, Reload},
     proxy::Settings,
     rate_limit::Reconfigure,
+    resolve::Resolved,
     tls::CertStore,
 };
 
@@ -30,13 +32,15 @@ pub enum Signal {
     Reload,
     /// SIGUSR1: reopen the access log file.
     ReopenLogs,
+    /// SIGUSR2: start the executable again and hand it the listeners.
+    Upgrade,
 }
 
 /// The signals roundabout handles; installed at once, so that none of them keeps its
-/// default action (SIGHUP and SIGUSR1 would end the process).
+/// default action (SIGHUP, SIGUSR1 and SIGUSR2 would end the process).
 pub struct Signals {
     #[cfg(unix)]
-    streams: [(tokio::signal::unix::Signal, Signal); 4],
+    streams: [(tokio::signal::unix::Signal, Signal); 5],
 }
 
 impl Signals {
@@ -50,6 +54,7 @@ impl Signals {
                     (signal(SignalKind::interrupt())?, Signal::Stop),
                     (signal(SignalKind::hangup())?, Signal::Reload),
                     (signal(SignalKind::user_defined1())?, Signal::ReopenLogs),
+                    (signal(SignalKind::user_defined2())?, Signal::Upgrade),
                 ],
             })
         }
@@ -84,6 +89,7 @@ impl Signals {
 pub async fn apply(
     current: &Config,
     next: &Config,
+    resolved: Resolved,
     health: &Addr<HealthActor>,
     settings: &watch::Sender<Arc<Settings>>,
     by: &str,
@@ -94,6 +100,7 @@ pub async fn apply(
     let keys = live_key_changes(current, next);
     let reload = Reload {
         pools: next.pools.clone(),
+        resolved,
         limiter: Reconfigure(next.rate_limit.clone()),
         upstream_tls: next.upstream_tls.clone(),
     };
@@ -137,6 +144,9 @@ pub async fn apply(
     if !changes.reweighted.is_empty() {
         done.push(format!("new weight for {}", labels(&changes.reweighted)));
     }
+    if !changes.renamed.is_empty() {
+        done.push(format!("now known as {}", labels(&changes.renamed)));
+    }
     for (pool, strategy) in &changes.strategies {
         done.push(format!("pool {pool}: strategy {strategy}"));
     }
@@ -177,13 +187,14 @@ pub fn certificate(current: &Config, next: &Config, store: Option<&CertStore>, b
 }
 
 /// The keys whose new value only a restart applies (SPEC, "Signals").
-const RESTART_ONLY: [&str; 10] = [
+const RESTART_ONLY: [&str; 11] = [
     "listen.address",
     "listen.workers",
     "listen.tls_address",
     "listen.header_timeout",
     "listen.keepalive_timeout",
     "listen.max_connections",
+    "listen.proxy_protocol",
     "admin.address",
     "admin.token",
     "rate_limit.redis_url",
@@ -293,11 +304,15 @@ mod tests {
     fn restart_only_keys_are_named_and_live_ones_are_not() {
         let a = parse("[listen]\naddress = \"127.0.0.1:8000\"\n[proxy]\nretries = 1");
         let b = parse(
-            "[listen]\naddress = \"127.0.0.1:9000\"\n[proxy]\nretries = 3\n[rate_limit]\nkey_prefix = \"x\"",
+            "[listen]\naddress = \"127.0.0.1:9000\"\nproxy_protocol = true\n[proxy]\nretries = 3\n[rate_limit]\nkey_prefix = \"x\"",
         );
         assert_eq!(
             restart_only_changes(&a, &b),
-            ["listen.address", "rate_limit.key_prefix"]
+            [
+                "listen.address",
+                "listen.proxy_protocol",
+                "rate_limit.key_prefix"
+            ]
         );
         assert!(restart_only_changes(&a, &a).is_empty());
     }

@@ -125,6 +125,8 @@ impl Samples {
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
+    /// This process's: after a SIGUSR2 upgrade, the new process's.
+    pid: u32,
     uptime_seconds: f64,
     /// The default pool's.
     strategy: &'static str,
@@ -194,13 +196,17 @@ struct ServerReport {
     /// The pool it serves in.
     pool: String,
     url: String,
+    /// For a server known by name: the URL with the name (`url` is its address's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     /// `host:port`: what `DELETE /servers/{host:port}` takes.
     label: String,
     weight: u32,
-    /// `up`, `down` or `draining`.
+    /// `up`, `down`, `ejected` or `draining`.
     state: &'static str,
     healthy: bool,
     draining: bool,
+    ejected: bool,
     in_flight: u32,
     /// How long it has been up or down; `null` while draining.
     state_seconds: Option<f64>,
@@ -301,16 +307,19 @@ fn report(
                 .find(|h| h.label == *label && h.pool == v.upstream.pool);
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
-                url: v.upstream.listed_url(),
+                url: v.upstream.shown_url(),
+                name: v.upstream.shown_name(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
-                state: match (v.draining, v.healthy) {
-                    (true, _) => "draining",
-                    (false, true) => "up",
-                    (false, false) => "down",
+                state: match (v.draining, v.ejected, v.healthy) {
+                    (true, _, _) => "draining",
+                    (false, true, _) => "ejected",
+                    (false, false, true) => "up",
+                    (false, false, false) => "down",
                 },
                 healthy: v.healthy,
                 draining: v.draining,
+                ejected: v.ejected,
                 in_flight: v.in_flight,
                 state_seconds: checks
                     .filter(|_| !v.draining)
@@ -340,6 +349,7 @@ fn report(
     let rl = &config.rate_limit;
     Report {
         version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
         uptime_seconds: now.saturating_duration_since(state.started).as_secs_f64(),
         strategy: config.default_pool().strategy.name(),
         health_check: HealthCheckReport::of(&config.default_pool().health_check),

@@ -1,16 +1,17 @@
-//! The plain structs behind a worker's balancer: one [`ServerList`] per pool (servers,
-//! their health as last broadcast, in-flight counts, the strategy's cursor) and [`Pools`],
-//! every pool of the worker by number. No actor, no lock: unit-tested as they are.
+//! One pool's [`ServerList`] as a worker's balancer keeps it: servers, their health as last
+//! broadcast, in-flight counts, the strategy's cursor, panic and failure counts. A plain
+//! struct, no actor, no lock: unit-tested as it is.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
 
-use super::{PoolSpec, ServerEvent, ServerView};
+use super::{Outcome, ServerState, ServerView};
 use crate::{
+    sticky::ServerId,
     strategy::{self, Slot, Strategy},
-    upstream::{PoolId, Upstream},
+    upstream::Upstream,
 };
 
 /// One pool's servers, their health as last broadcast, and the strategy's cursor.
@@ -23,7 +24,16 @@ pub struct ServerList {
     kind: crate::config::Strategy,
     /// Gone from the configuration: shown as draining; requests routed to it by an older
     /// route table are still served until its servers go.
-    retired: bool,
+    pub(super) retired: bool,
+    /// Percent of servers in rotation below which every server not draining is used.
+    pub(super) panic_threshold: u8,
+    /// Below `panic_threshold` now.
+    panic: bool,
+    /// Failures (5xx, failed connections, time-outs) in a row that this worker reports for
+    /// ejection; 0: none.
+    pub(super) eject_after: u32,
+    /// Per slot: failures in a row, this worker's count.
+    failures: Vec<u32>,
 }
 
 impl ServerList {
@@ -35,7 +45,18 @@ impl ServerList {
             strategy: strategy::from_config(kind),
             kind,
             retired: false,
+            panic_threshold: 0,
+            panic: false,
+            eject_after: 0,
+            failures: Vec::new(),
         }
+    }
+
+    /// Which servers are in rotation changed: the strategy's tables follow, and whether
+    /// the pool is in panic is worked out again.
+    pub(super) fn rotation_changed(&mut self) {
+        self.strategy.rotation_changed(&self.slots);
+        self.panic = in_panic(&self.slots, self.panic_threshold);
     }
 
     fn position(&self, label: &str) -> Option<usize> {
@@ -44,28 +65,40 @@ impl ServerList {
 
     /// After an insertion or removal: indices moved, the strategy's cursor follows.
     fn reshaped(&mut self) {
+        let old: HashMap<Arc<str>, u32> = self
+            .index
+            .iter()
+            .filter_map(|(l, &i)| self.failures.get(i).map(|&f| (l.clone(), f)))
+            .collect();
         self.index = self
             .slots
             .iter()
             .enumerate()
             .map(|(i, s)| (s.upstream.label.clone(), i))
             .collect();
+        self.failures = self
+            .slots
+            .iter()
+            .map(|s| old.get(&s.upstream.label).copied().unwrap_or(0))
+            .collect();
         self.strategy.resize(&self.slots);
+        self.panic = in_panic(&self.slots, self.panic_threshold);
     }
 
     /// The whole list with each server's health; replaces what the list had, keeping the
     /// in-flight counts of servers that stay and draining those that leave.
-    pub fn snapshot(&mut self, servers: Vec<(Arc<Upstream>, bool)>) {
+    pub fn snapshot(&mut self, servers: Vec<ServerState>) {
         let mut next: Vec<Slot> = servers
             .into_iter()
-            .map(|(upstream, healthy)| {
+            .map(|s| {
                 let in_flight = self
-                    .position(&upstream.label)
+                    .position(&s.upstream.label)
                     .map_or(0, |i| self.slots[i].in_flight);
                 Slot {
-                    upstream,
-                    healthy,
+                    upstream: s.upstream,
+                    healthy: s.healthy,
                     draining: false,
+                    ejected: s.ejected,
                     in_flight,
                 }
             })
@@ -87,6 +120,18 @@ impl ServerList {
     pub fn set_health(&mut self, label: &str, healthy: bool) {
         if let Some(i) = self.position(label) {
             self.slots[i].healthy = healthy;
+            self.rotation_changed();
+        }
+    }
+
+    /// A server was ejected for its failures, or came back.
+    pub fn set_ejected(&mut self, label: &str, ejected: bool) {
+        if let Some(i) = self.position(label) {
+            self.slots[i].ejected = ejected;
+            if let Some(f) = self.failures.get_mut(i) {
+                *f = 0;
+            }
+            self.rotation_changed();
         }
     }
 
@@ -99,12 +144,14 @@ impl ServerList {
                 slot.upstream = upstream;
                 slot.healthy = healthy;
                 slot.draining = false;
+                self.rotation_changed();
             }
             None => {
                 self.slots.push(Slot {
                     upstream,
                     healthy,
                     draining: false,
+                    ejected: false,
                     in_flight: 0,
                 });
                 self.reshaped();
@@ -129,12 +176,13 @@ impl ServerList {
                 self.reshaped();
             } else {
                 self.slots[i].draining = true;
+                self.rotation_changed();
             }
         }
     }
 
     /// Every server drains (the pool is gone).
-    fn drain_all(&mut self) {
+    pub(super) fn drain_all(&mut self) {
         self.slots.retain(|s| s.in_flight > 0);
         for slot in &mut self.slots {
             slot.draining = true;
@@ -143,31 +191,66 @@ impl ServerList {
     }
 
     /// Chooses the server for a request, skipping those in `tried`, and counts the request
-    /// in flight there.
-    pub fn begin(&mut self, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
+    /// in flight there: the server `sticky` names when it may be used, else the strategy's
+    /// pick for `key`. In panic (fewer servers in rotation than `panic_threshold`), every
+    /// server that is not draining may be used.
+    pub fn begin(
+        &mut self,
+        tried: &[Arc<Upstream>],
+        key: Option<u64>,
+        sticky: Option<ServerId>,
+    ) -> Option<Arc<Upstream>> {
         let slots = &self.slots;
+        let panic = self.panic;
         let usable = |i: usize| {
             let s = &slots[i];
-            s.healthy && !s.draining && !tried.iter().any(|t| t.label == s.upstream.label)
+            (s.in_rotation() || (panic && !s.draining))
+                && !tried.iter().any(|t| t.label == s.upstream.label)
         };
-        let i = self.strategy.pick(slots, &usable)?;
+        let stuck = sticky.and_then(|id| {
+            (0..slots.len()).find(|&i| slots[i].upstream.sticky_id == id && usable(i))
+        });
+        let i = match stuck {
+            Some(i) => i,
+            None => self.strategy.pick(slots, &usable, key)?,
+        };
         let slot = &mut self.slots[i];
         slot.in_flight += 1;
         Some(slot.upstream.clone())
     }
 
-    /// A request on `label` ended; a draining server goes once its last one has.
-    pub fn end(&mut self, label: &str) {
+    /// A request on `label` ended so; a draining server goes once its last one has. Returns
+    /// true when its failures in a row reached the pool's `eject_after_5xx`: the caller
+    /// reports it for ejection.
+    pub fn end(&mut self, label: &str, outcome: Outcome) -> bool {
         // By label, not by `Arc`: a server removed and added back while this request was in
         // flight keeps its slot (and count) under a new `Upstream`; labels are unique here.
-        if let Some(i) = self.position(label) {
-            let slot = &mut self.slots[i];
-            slot.in_flight = slot.in_flight.saturating_sub(1);
-            if slot.draining && slot.in_flight == 0 {
-                self.slots.remove(i);
-                self.reshaped();
+        let Some(i) = self.position(label) else {
+            return false;
+        };
+        if let Some(rtt) = outcome.head_time {
+            self.strategy.observe(i, rtt);
+        }
+        let mut eject = false;
+        if self.eject_after > 0 {
+            let failures = &mut self.failures[i];
+            if outcome.failed || outcome.status.is_some_and(|s| s >= 500) {
+                *failures += 1;
+                if *failures >= self.eject_after {
+                    *failures = 0;
+                    eject = !self.slots[i].ejected;
+                }
+            } else if outcome.status.is_some() {
+                *failures = 0;
             }
         }
+        let slot = &mut self.slots[i];
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        if slot.draining && slot.in_flight == 0 {
+            self.slots.remove(i);
+            self.reshaped();
+        }
+        eject
     }
 
     /// Balances by `kind` from now on (the cursor starts again when it changes).
@@ -188,122 +271,19 @@ impl ServerList {
     pub fn views(&self) -> impl Iterator<Item = ServerView> + '_ {
         self.slots.iter().map(|s| ServerView {
             upstream: s.upstream.clone(),
-            healthy: s.healthy,
+            healthy: s.healthy && !s.ejected,
             draining: s.draining || self.retired,
+            ejected: s.ejected,
             in_flight: s.in_flight,
         })
     }
 }
 
-/// Every pool of a worker, by number.
-#[derive(Default)]
-pub struct Pools {
-    /// By [`PoolId::index`]; `None` for numbers of pools this worker does not have.
-    lists: Vec<Option<ServerList>>,
-}
-
-impl Pools {
-    fn get_mut(&mut self, pool: PoolId) -> Option<&mut ServerList> {
-        self.lists.get_mut(pool.index()).and_then(Option::as_mut)
-    }
-
-    /// The pool set as the registry has it: new pools made, strategies and the retired
-    /// mark applied; a pool not listed drains and goes once its servers have.
-    fn set_pools(&mut self, specs: &[PoolSpec]) {
-        let listed: HashSet<usize> = specs.iter().map(|p| p.id.index()).collect();
-        for (i, list) in self.lists.iter_mut().enumerate() {
-            if list.is_some() && !listed.contains(&i) {
-                if let Some(l) = list.as_mut() {
-                    l.drain_all();
-                }
-                if list.as_ref().is_some_and(ServerList::is_empty) {
-                    *list = None;
-                }
-            }
-        }
-        for spec in specs {
-            let i = spec.id.index();
-            if self.lists.len() <= i {
-                self.lists.resize_with(i + 1, || None);
-            }
-            let list = self.lists[i].get_or_insert_with(|| ServerList::new(spec.strategy));
-            list.set_strategy(spec.strategy);
-            list.retired = spec.retired;
-        }
-    }
-
-    /// Applies a change broadcast by the registry.
-    pub fn apply(&mut self, event: ServerEvent) {
-        match event {
-            ServerEvent::Snapshot { pools, servers } => {
-                self.set_pools(&pools);
-                let mut by_pool: HashMap<PoolId, Vec<(Arc<Upstream>, bool)>> = HashMap::new();
-                for (upstream, healthy) in servers {
-                    by_pool
-                        .entry(upstream.pool)
-                        .or_default()
-                        .push((upstream, healthy));
-                }
-                for spec in &pools {
-                    let servers = by_pool.remove(&spec.id).unwrap_or_default();
-                    if let Some(list) = self.get_mut(spec.id) {
-                        list.snapshot(servers);
-                    }
-                }
-            }
-            ServerEvent::Pools(pools) => self.set_pools(&pools),
-            ServerEvent::Health {
-                pool,
-                label,
-                healthy,
-            } => {
-                if let Some(list) = self.get_mut(pool) {
-                    list.set_health(&label, healthy);
-                }
-            }
-            ServerEvent::Added { upstream, healthy } => {
-                if let Some(list) = self.get_mut(upstream.pool) {
-                    list.add(upstream, healthy);
-                }
-            }
-            ServerEvent::Reweighted { upstream } => {
-                if let Some(list) = self.get_mut(upstream.pool) {
-                    list.reweight(upstream);
-                }
-            }
-            ServerEvent::Removed { pool, label } => {
-                if let Some(list) = self.get_mut(pool) {
-                    list.remove(&label);
-                }
-            }
-        }
-    }
-
-    /// Chooses a server of `pool` for a request (see [`ServerList::begin`]); `None` when
-    /// the pool has none in rotation, or this worker has no such pool.
-    pub fn begin(&mut self, pool: PoolId, tried: &[Arc<Upstream>]) -> Option<Arc<Upstream>> {
-        self.get_mut(pool)?.begin(tried)
-    }
-
-    /// A request on `upstream` ended.
-    pub fn end(&mut self, upstream: &Upstream) {
-        let i = upstream.pool.index();
-        let Some(slot) = self.lists.get_mut(i) else {
-            return;
-        };
-        if let Some(list) = slot.as_mut() {
-            list.end(&upstream.label);
-        }
-    }
-
-    /// This worker's view of every server of every pool.
-    pub fn views(&self) -> Vec<ServerView> {
-        self.lists
-            .iter()
-            .flatten()
-            .flat_map(ServerList::views)
-            .collect()
-    }
+/// Whether fewer of `slots` (those not draining) are in rotation than `threshold` percent.
+fn in_panic(slots: &[Slot], threshold: u8) -> bool {
+    let total = slots.iter().filter(|s| !s.draining).count();
+    let in_rotation = slots.iter().filter(|s| s.in_rotation()).count();
+    total > 0 && in_rotation * 100 < usize::from(threshold) * total
 }
 
 #[cfg(test)]
@@ -315,9 +295,17 @@ mod tests {
         Upstream::local(port)
     }
 
+    fn up(upstream: Arc<Upstream>) -> ServerState {
+        ServerState {
+            upstream,
+            healthy: true,
+            ejected: false,
+        }
+    }
+
     fn list_of(ports: &[u16]) -> ServerList {
         let mut list = ServerList::new(Kind::RoundRobin);
-        list.snapshot(ports.iter().map(|&p| (upstream(p), true)).collect());
+        list.snapshot(ports.iter().map(|&p| up(upstream(p))).collect());
         list
     }
 
@@ -331,17 +319,17 @@ mod tests {
     fn requests_go_round_and_skip_the_servers_already_tried() {
         let mut list = list_of(&[1, 2, 3]);
         let picked: Vec<u16> = (0..4)
-            .map(|_| list.begin(&[]).unwrap().url.port().unwrap())
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
             .collect();
         assert_eq!(picked, [1, 2, 3, 1]);
         let tried = [upstream(2)];
-        assert_eq!(list.begin(&tried).unwrap().url.port(), Some(3));
+        assert_eq!(list.begin(&tried, None, None).unwrap().url.port(), Some(3));
     }
 
     #[test]
     fn a_removed_server_drains_and_goes_with_its_last_request() {
         let mut list = list_of(&[1, 2]);
-        let first = list.begin(&[]).unwrap();
+        let first = list.begin(&[], None, None).unwrap();
         list.remove(&first.label);
         assert_eq!(
             ports(&list),
@@ -350,26 +338,26 @@ mod tests {
         );
         assert!(list.views().next().unwrap().draining);
         assert_eq!(
-            list.begin(&[]).unwrap().url.port(),
+            list.begin(&[], None, None).unwrap().url.port(),
             Some(2),
             "no new requests"
         );
-        list.end(&first.label);
+        list.end(&first.label, Outcome::default());
         assert_eq!(ports(&list), [2]);
     }
 
     #[test]
     fn a_snapshot_keeps_the_counts_of_servers_that_stay_and_drains_those_that_leave() {
         let mut list = list_of(&[1, 2]);
-        let one = list.begin(&[]).unwrap();
-        let two = list.begin(&[]).unwrap();
-        list.snapshot(vec![(upstream(2), true)]);
+        let one = list.begin(&[], None, None).unwrap();
+        let two = list.begin(&[], None, None).unwrap();
+        list.snapshot(vec![up(upstream(2))]);
         let views: Vec<ServerView> = list.views().collect();
         assert_eq!(ports(&list), [2, 1]);
         assert_eq!((views[0].in_flight, views[0].draining), (1, false));
         assert_eq!((views[1].in_flight, views[1].draining), (1, true));
-        list.end(&one.label);
-        list.end(&two.label);
+        list.end(&one.label, Outcome::default());
+        list.end(&two.label, Outcome::default());
         assert_eq!(ports(&list), [2]);
         assert_eq!(list.views().next().unwrap().in_flight, 0);
     }
@@ -377,13 +365,13 @@ mod tests {
     #[test]
     fn a_server_re_added_while_draining_stays_in_rotation() {
         let mut list = list_of(&[1]);
-        let lease = list.begin(&[]).unwrap();
+        let lease = list.begin(&[], None, None).unwrap();
         list.remove(&lease.label);
         list.add(upstream(1), true);
-        list.end(&lease.label);
+        list.end(&lease.label, Outcome::default());
         assert_eq!(ports(&list), [1]);
         assert!(!list.views().next().unwrap().draining);
-        assert!(list.begin(&[]).is_some());
+        assert!(list.begin(&[], None, None).is_some());
     }
 
     #[test]
@@ -391,88 +379,86 @@ mod tests {
         let mut list = list_of(&[1]);
         let label = upstream(1).label.clone();
         list.set_health(&label, false);
-        assert!(list.begin(&[]).is_none());
+        assert!(list.begin(&[], None, None).is_none());
         list.set_health(&label, true);
-        assert!(list.begin(&[]).is_some());
-    }
-
-    fn in_pool(pool: &str, port: u16) -> Arc<Upstream> {
-        Arc::new(Upstream::new(
-            pool,
-            &crate::config::ServerConfig {
-                url: format!("http://127.0.0.1:{port}").parse().unwrap(),
-                weight: 1,
-            },
-        ))
-    }
-
-    fn spec(name: &str, retired: bool) -> PoolSpec {
-        PoolSpec {
-            id: PoolId::of(name),
-            name: name.into(),
-            strategy: Kind::RoundRobin,
-            retired,
-        }
+        assert!(list.begin(&[], None, None).is_some());
     }
 
     #[test]
-    fn each_pool_balances_its_own_servers_and_one_url_may_be_in_two() {
-        let mut pools = Pools::default();
-        pools.apply(ServerEvent::Snapshot {
-            pools: vec![spec("default", false), spec("list-api", false)],
-            servers: vec![
-                (in_pool("default", 1), true),
-                (in_pool("default", 2), true),
-                (in_pool("list-api", 2), true),
-            ],
-        });
-        let api = PoolId::of("list-api");
-        for _ in 0..3 {
-            let u = pools.begin(api, &[]).unwrap();
-            assert_eq!((u.url.port(), u.pool), (Some(2), api));
+    fn a_pool_below_its_panic_threshold_uses_every_server_not_draining() {
+        let mut list = list_of(&[1, 2, 3, 4]);
+        list.panic_threshold = 50;
+        for port in [2, 3, 4] {
+            list.set_health(&upstream(port).label, false);
         }
-        let d: Vec<u16> = (0..2)
-            .map(|_| {
-                pools
-                    .begin(PoolId::DEFAULT, &[])
-                    .unwrap()
-                    .url
-                    .port()
-                    .unwrap()
-            })
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
             .collect();
-        assert_eq!(d, [1, 2]);
-        // Taking port 2 out of the api pool leaves it in the default one.
-        pools.apply(ServerEvent::Health {
-            pool: api,
-            label: in_pool("list-api", 2).label.clone(),
-            healthy: false,
-        });
-        assert!(pools.begin(api, &[]).is_none());
-        assert!(pools.begin(PoolId::DEFAULT, &[]).is_some());
-        assert!(pools.begin(PoolId::of("list-nowhere"), &[]).is_none());
+        assert_eq!(picked, [1, 2, 3, 4], "in panic: all of them");
+        list.set_health(&upstream(2).label, true);
+        let picked: Vec<u16> = (0..4)
+            .map(|_| list.begin(&[], None, None).unwrap().url.port().unwrap())
+            .collect();
+        assert_eq!(picked, [1, 2, 1, 2], "half in rotation: out of panic");
     }
 
     #[test]
-    fn a_retired_pool_still_serves_and_a_pool_gone_goes_with_its_last_request() {
-        let mut pools = Pools::default();
-        let old = PoolId::of("list-old");
-        pools.apply(ServerEvent::Snapshot {
-            pools: vec![spec("default", false), spec("list-old", false)],
-            servers: vec![(in_pool("list-old", 1), true)],
-        });
-        pools.apply(ServerEvent::Pools(vec![
-            spec("default", false),
-            spec("list-old", true),
-        ]));
-        let lease = pools
-            .begin(old, &[])
-            .expect("served for an older route table");
-        assert!(pools.views().iter().all(|v| v.draining));
-        pools.apply(ServerEvent::Pools(vec![spec("default", false)]));
-        assert!(pools.begin(old, &[]).is_none());
-        assert_eq!(pools.views().len(), 1, "drains while its request runs");
-        pools.end(&lease);
-        assert!(pools.views().is_empty());
+    fn failures_in_a_row_are_reported_once_and_an_answer_resets_the_count() {
+        let mut list = list_of(&[1]);
+        list.eject_after = 3;
+        let label = upstream(1).label.clone();
+        let fail = Outcome {
+            status: Some(503),
+            failed: false,
+            head_time: None,
+        };
+        let ok = Outcome {
+            status: Some(404),
+            ..fail
+        };
+        let gone = Outcome::default();
+        for outcome in [fail, fail, ok, fail, gone, fail] {
+            list.begin(&[], None, None);
+            assert!(!list.end(&label, outcome), "not three in a row yet");
+        }
+        list.begin(&[], None, None);
+        let timeout = Outcome {
+            status: None,
+            failed: true,
+            head_time: None,
+        };
+        assert!(list.end(&label, timeout), "the third failure in a row");
+        list.set_ejected(&label, true);
+        assert!(
+            list.begin(&[], None, None).is_none(),
+            "ejected: out of rotation"
+        );
+        assert!(!list.views().next().unwrap().healthy);
+        list.set_ejected(&label, false);
+        assert!(list.begin(&[], None, None).is_some());
+    }
+
+    #[test]
+    fn a_sticky_id_picks_its_server_while_it_may_be_used() {
+        let mut list = list_of(&[1, 2, 3]);
+        let two = upstream(2);
+        let id = Some(two.sticky_id);
+        for _ in 0..3 {
+            assert_eq!(list.begin(&[], None, id).unwrap().url.port(), Some(2));
+        }
+        assert_ne!(
+            list.begin(std::slice::from_ref(&two), None, id)
+                .unwrap()
+                .url
+                .port(),
+            Some(2),
+            "tried"
+        );
+        list.set_health(&two.label, false);
+        assert_ne!(
+            list.begin(&[], None, id).unwrap().url.port(),
+            Some(2),
+            "out of rotation"
+        );
     }
 }

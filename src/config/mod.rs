@@ -20,6 +20,7 @@ mod env;
 mod file;
 mod limits;
 mod pools;
+mod readers;
 mod routes;
 mod validate;
 mod words;
@@ -38,7 +39,7 @@ pub(crate) use file::{
     Strategy,
 };
 pub(crate) use limits::{redact_url, RateLimit, RedisTarget};
-pub(crate) use pools::{PoolConfig, PoolProxy, DEFAULT_POOL};
+pub(crate) use pools::{HashOn, PoolConfig, PoolProxy, DEFAULT_POOL};
 pub(crate) use routes::{HeaderRules, RouteConfig, RouteLimit};
 pub use validate::Config;
 pub(crate) use validate::{authority, parse_server_url, AccessLog, ServerConfig, Source};

@@ -160,6 +160,11 @@ impl Metrics {
         self.servers.set_healthy(server, healthy);
     }
 
+    /// A server was ejected (`roundabout_ejections_total`).
+    pub fn ejected(&self, server: &ServerKey) {
+        self.servers.ejected(server);
+    }
+
     pub fn health_check_failed(&self, server: &ServerKey) {
         self.servers.health_check_failed(server);
     }

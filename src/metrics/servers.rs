@@ -126,6 +126,7 @@ type Live = Arc<Mutex<HashMap<ServerKey, Weak<ServerSeries>>>>;
 pub(super) struct ServerFamilies {
     healthy: Family<ServerLabels, Gauge>,
     health_check_failures: Family<ServerLabels, Counter>,
+    ejections: Family<ServerLabels, Counter>,
     live: Live,
     /// Answers of servers whose series are gone, so that the status page's total since
     /// start never goes down.
@@ -184,6 +185,7 @@ impl Drop for ServerSeries {
         let server = ServerLabels::of(&self.key);
         f.healthy.remove(&server);
         f.health_check_failures.remove(&server);
+        f.ejections.remove(&server);
     }
 }
 
@@ -293,9 +295,16 @@ impl ServerFamilies {
             "Failed health checks and failed connections, by pool and server",
             health_check_failures.clone(),
         );
+        let ejections = Family::<ServerLabels, Counter>::default();
+        registry.register(
+            "ejections",
+            "Times a server was taken out for its 5xx answers, failed connections or time-outs in a row (health_check.eject_after_5xx)",
+            ejections.clone(),
+        );
         Self {
             healthy,
             health_check_failures,
+            ejections,
             live,
             retired: Arc::default(),
         }
@@ -323,6 +332,7 @@ impl ServerFamilies {
             self.health_check_failures
                 .get_or_create(&ServerLabels::of(server)),
         );
+        drop(self.ejections.get_or_create(&ServerLabels::of(server)));
         series.counters()
     }
 
@@ -336,6 +346,12 @@ impl ServerFamilies {
         self.healthy
             .get_or_create(&ServerLabels::of(server))
             .set(i64::from(healthy));
+    }
+
+    pub(super) fn ejected(&self, server: &ServerKey) {
+        self.ejections
+            .get_or_create(&ServerLabels::of(server))
+            .inc();
     }
 
     pub(super) fn health_check_failed(&self, server: &ServerKey) {

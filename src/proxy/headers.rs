@@ -14,7 +14,10 @@ use actix_web::{
 };
 use ipnet::IpNet;
 
-use crate::{rate_limit::Decision, upstream::Upstream};
+use crate::{
+    config::HashOn, rate_limit::Decision, strategy::maglev::hash_key as hash_key_of,
+    upstream::Upstream,
+};
 
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
 /// `Expect` is among them because it is answered here (actix sends the 100 Continue).
@@ -321,6 +324,46 @@ fn number(n: u64) -> HeaderValue {
     let i = n as usize;
     let start = if i == 0 { 0 } else { ends[i - 1] as usize };
     HeaderValue::from_static(&all[start..ends[i] as usize])
+}
+
+/// The value of the cookie `name` in the request's `Cookie` fields (HTTP/2 may send
+/// several), if it has one.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (n, value) = pair.trim().split_once('=')?;
+            (n == name).then_some(value)
+        })
+}
+
+/// The hash of the part of `req` that `on` names, for `consistent_hash`; `None` when the
+/// request has no such part (no such header, cookie or query parameter).
+pub fn hash_key(req: &HttpRequest, on: &HashOn, client: Option<IpAddr>) -> Option<u64> {
+    let bytes: &[u8] = match on {
+        HashOn::ClientIp => {
+            return client.map(|ip| match ip.to_canonical() {
+                IpAddr::V4(v4) => hash_key_of(&v4.octets()),
+                IpAddr::V6(v6) => hash_key_of(&v6.octets()),
+            })
+        }
+        HashOn::Header(name) => req.headers().get(name)?.as_bytes(),
+        HashOn::Cookie(name) => cookie(req.headers(), name)?.as_bytes(),
+        HashOn::Query(name) => req
+            .uri()
+            .query()?
+            .split('&')
+            .find_map(|pair| match pair.split_once('=') {
+                Some((n, v)) if n == name => Some(v),
+                None if pair == name => Some(""),
+                _ => None,
+            })?
+            .as_bytes(),
+        HashOn::Path => req.uri().path().as_bytes(),
+    };
+    Some(hash_key_of(bytes))
 }
 
 #[cfg(test)]

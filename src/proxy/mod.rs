@@ -49,8 +49,9 @@ use crate::{
     access_log::{AccessEntry, Ending, Record, CLIENT_CLOSED},
     balancer::{Lease, NextServer},
     health::ConnectFailed,
-    rate_limit::{Budget, Check, Decision, Verdict},
+    rate_limit::{Budget, Decision, Verdict},
     routing::{Limit, Route, RouteRequest},
+    sticky::ServerId,
     upstream::{describe, PoolId, Upstream},
 };
 
@@ -67,6 +68,8 @@ struct Ctx<'a> {
     pool: PoolId,
     /// The limiter's count, for the answer's rate-limit fields.
     decision: Option<Decision>,
+    /// The server the request's sticky cookie named (a valid id of this pool's cookie).
+    sticky: Option<ServerId>,
 }
 
 impl<'a> Ctx<'a> {
@@ -80,6 +83,39 @@ impl<'a> Ctx<'a> {
             route: None,
             pool: PoolId::DEFAULT,
             decision: None,
+            sticky: None,
+        }
+    }
+
+    /// Phase **pick**, its request side: the key the pool's strategy hashes, and the
+    /// server the sticky cookie names.
+    fn pick_keys(&mut self, req: &HttpRequest) -> Option<u64> {
+        let pool = self.pool();
+        if let Some(name) = pool.sticky_cookie.as_deref() {
+            self.sticky = headers::cookie(req.headers(), name).and_then(ServerId::parse);
+        }
+        pool.hash_on
+            .as_ref()
+            .and_then(|on| headers::hash_key(req, on, self.client_ip))
+    }
+
+    /// Phase **respond**, for a server's answer: a sticky pool's cookie naming the server
+    /// that answered, unless the request already stuck to it.
+    fn stick(&self, req: &HttpRequest, upstream: &Upstream, res: &mut HttpResponse) {
+        let Some(name) = self.pool().sticky_cookie.as_deref() else {
+            return;
+        };
+        if self.sticky == Some(upstream.sticky_id) {
+            return;
+        }
+        let secure = if req.app_config().secure() {
+            "; Secure"
+        } else {
+            ""
+        };
+        let cookie = format!("{name}={}; Path=/; HttpOnly{secure}", upstream.sticky_id);
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            res.headers_mut().append(header::SET_COOKIE, v);
         }
     }
 
@@ -95,9 +131,11 @@ impl<'a> Ctx<'a> {
         if routes.is_empty() {
             return Ok(());
         }
-        let host = request_host(req);
         let Some(route) = routes.find(&RouteRequest {
-            host,
+            host: match req.headers().get(header::HOST) {
+                Some(h) => Some(h.as_bytes()),
+                None => req.uri().authority().map(|a| a.as_str().as_bytes()),
+            },
             path: req.uri().path(),
             method: req.method(),
             headers: req.headers(),
@@ -112,7 +150,7 @@ impl<'a> Ctx<'a> {
         if route.redirect_https && !req.app_config().secure() {
             return Err(ProxyError::RedirectHttps(https_location(
                 req,
-                host,
+                request_host(req),
                 self.settings.tls_port,
             )));
         }
@@ -211,10 +249,11 @@ pub(crate) async fn forward(
     // Phase **respond**: the server's answer streamed back, or one of our own.
     let mut res = match outcome {
         Ok((reply, payload, upgrade)) => {
-            record.upstream = Some(reply.lease.upstream().clone());
+            let upstream = reply.lease.upstream().clone();
+            record.upstream = Some(upstream.clone());
             record.status = reply.response.status().as_u16();
             record.upstream_time = Some(head_at);
-            match (reply.switched, payload, upgrade) {
+            let mut res = match (reply.switched, payload, upgrade) {
                 (Some(socket), Some(payload), Some(asked)) => {
                     let tunnel_idle = settings.proxy.tunnel_idle_timeout;
                     tunnel(
@@ -228,7 +267,9 @@ pub(crate) async fn forward(
                     )
                 }
                 _ => respond(&req, reply.response, reply.lease, idle, record),
-            }
+            };
+            ctx.stick(&req, &upstream, &mut res);
+            res
         }
         Err((e, tried)) => {
             if let ProxyError::RateLimited(d) = &e {
@@ -287,9 +328,11 @@ async fn exchange(
         BodyState::new(payload, settings.proxy.max_body_bytes)
     });
     let upgrade = headers::upgrade_of(req).filter(|_| body.is_none()).cloned();
+    let key = ctx.pick_keys(req);
     let pool = ctx.pool();
     let to = Target {
         upgrade: upgrade.as_ref(),
+        key,
         pool: ctx.pool,
         proxy: pool,
         path: ctx
@@ -307,7 +350,7 @@ async fn limit(
     ip: IpAddr,
     budget: Option<Budget>,
 ) -> Result<Option<Decision>, ProxyError> {
-    match worker.limiter.send(Check { ip, budget }).await {
+    match worker.limiter.check(ip, budget).await {
         Ok(Verdict::Counted(d)) if d.allowed => Ok(Some(d)),
         Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
         Ok(Verdict::Uncounted) => Ok(None),
@@ -319,6 +362,8 @@ async fn limit(
 /// path its route rewrote.
 struct Target<'a> {
     upgrade: Option<&'a HeaderValue>,
+    /// The request's hash key, for `consistent_hash`.
+    key: Option<u64>,
     pool: PoolId,
     proxy: &'a PoolSettings,
     /// The path and query the server gets when the route strips its prefix.
@@ -374,8 +419,10 @@ async fn send(
         attempts += 1;
         let lease = worker
             .balancer
-            .send(NextServer {
+            .lease(NextServer {
                 pool: to.pool,
+                key: to.key,
+                sticky: ctx.sticky,
                 tried: tried.clone(),
             })
             .await
@@ -396,6 +443,10 @@ async fn send(
         let uri = upstream_uri(req, &upstream, to.path.as_deref());
         // no_decompress: no Accept-Encoding of awc's own when the client sent none.
         let mut creq = client.request(req.method().clone(), uri).no_decompress();
+        if let Some(address) = upstream.address {
+            // A server known by name: this address of the name's, the name in Host and SNI.
+            creq = creq.address(address);
+        }
         *creq.headers_mut() = match headers.take() {
             Some(h) => h,
             None => rewrite(upstream_headers(req, ctx.peer, &settings.trusted_proxies)),
@@ -406,6 +457,7 @@ async fn send(
             creq.headers_mut()
                 .insert(header::HOST, upstream.host_header.clone());
         }
+        let sent = Instant::now();
         let result = if let Some(protocol) = to.upgrade {
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
             head_within(creq.send_upgrade(), pool.timeout, None)
@@ -433,16 +485,23 @@ async fn send(
         let body_started = body.as_ref().is_some_and(|b| b.started());
         let error = match result {
             Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
-            Err(Stalled::Upstream) => return Err((ProxyError::GatewayTimeout, last)),
+            Err(Stalled::Upstream) => {
+                lease.failed();
+                return Err((ProxyError::GatewayTimeout, last));
+            }
             Ok(Ok((response, switched))) => {
+                lease.answered(response.status().as_u16(), sent.elapsed());
                 return Ok(Reply {
                     response,
                     switched,
                     lease,
-                })
+                });
             }
             Ok(Err(e)) => e,
         };
+        if let SendRequestError::Connect(_) = error {
+            lease.failed();
+        }
         drop(lease);
         if body.as_ref().is_some_and(|b| b.over()) {
             return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));

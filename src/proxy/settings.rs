@@ -15,10 +15,10 @@ use tokio::sync::watch;
 
 use crate::{
     access_log::Sink,
-    balancer::BalancerActor,
-    config::{Config, PoolProxy, ProxySection},
+    balancer::BalancerHandle,
+    config::{Config, HashOn, PoolProxy, ProxySection, Strategy},
     health::HealthActor,
-    rate_limit::{ceil_secs, RateLimitActor},
+    rate_limit::{ceil_secs, LimiterHandle},
     routing::{Route, RouteTable},
     upstream::{self, PoolId},
 };
@@ -31,6 +31,10 @@ pub(crate) struct PoolSettings {
     pub proxy: PoolProxy,
     /// `Retry-After` for 503 "no healthy server": its health interval, whole seconds, ≥ 1.
     pub retry_after: HeaderValue,
+    /// What `consistent_hash` keys on; `None` for the other strategies.
+    pub hash_on: Option<HashOn>,
+    /// The sticky cookie's name, if the pool has one.
+    pub sticky_cookie: Option<Arc<str>>,
 }
 
 /// What the hot path reads of the configuration.
@@ -70,6 +74,8 @@ impl Settings {
                 name: pool.name.clone(),
                 proxy: pool.proxy,
                 retry_after: HeaderValue::from(ceil_secs(pool.health_check.interval)),
+                hash_on: (pool.strategy == Strategy::ConsistentHash).then(|| pool.hash_on.clone()),
+                sticky_cookie: pool.sticky_cookie.clone(),
             });
         }
         let routes = config
@@ -118,6 +124,8 @@ impl Settings {
                         name: Arc::from(&*p.name),
                         proxy: p.proxy,
                         retry_after: own(&p.retry_after),
+                        hash_on: p.hash_on.clone(),
+                        sticky_cookie: p.sticky_cookie.as_deref().map(Arc::from),
                     })
                 })
                 .collect(),
@@ -184,8 +192,8 @@ impl Current {
 
 /// One worker's handles: its balancer and limiter (same thread), its settings and clients.
 pub(crate) struct Worker {
-    pub balancer: Addr<BalancerActor>,
-    pub limiter: Addr<RateLimitActor>,
+    pub balancer: BalancerHandle,
+    pub limiter: LimiterHandle,
     pub health: Addr<HealthActor>,
     /// Where this worker's exchanges are counted and logged.
     pub sink: Rc<Sink>,
@@ -199,8 +207,8 @@ pub(crate) struct Worker {
 impl Worker {
     /// The handles of the worker whose factory runs this.
     pub fn new(
-        balancer: Addr<BalancerActor>,
-        limiter: Addr<RateLimitActor>,
+        balancer: BalancerHandle,
+        limiter: LimiterHandle,
         health: Addr<HealthActor>,
         sink: Sink,
         updates: watch::Receiver<Arc<Settings>>,

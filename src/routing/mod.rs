@@ -209,7 +209,7 @@ fn prefix(written: &str) -> Box<str> {
 pub struct RouteRequest<'a> {
     /// The `Host` header (or HTTP/2's `:authority`), as sent: port and case are dealt
     /// with here.
-    pub host: Option<&'a str>,
+    pub host: Option<&'a [u8]>,
     /// The request target's path, as sent.
     pub path: &'a str,
     pub method: &'a Method,
@@ -221,7 +221,7 @@ pub struct RouteRequest<'a> {
 pub struct RouteTable {
     routes: Vec<Route>,
     /// Lower-case host → the routes with exactly that host, in file order.
-    exact: HashMap<Box<str>, Vec<u32>, foldhash::fast::RandomState>,
+    exact: HashMap<Box<[u8]>, Vec<u32>, foldhash::fast::RandomState>,
     /// `*.suffix` routes, in file order.
     suffixes: Vec<u32>,
     /// Routes without a host, in file order.
@@ -240,7 +240,7 @@ impl RouteTable {
         for (i, route) in routes.iter().enumerate() {
             let i = u32::try_from(i).expect("fewer than 4 billion routes");
             match &route.host {
-                Some(Host::Exact(h)) => table.exact.entry(h.clone()).or_default().push(i),
+                Some(Host::Exact(h)) => table.exact.entry(h.as_bytes().into()).or_default().push(i),
                 Some(Host::Suffix(_)) => table.suffixes.push(i),
                 None => table.hostless.push(i),
             }
@@ -292,7 +292,7 @@ impl RouteTable {
             }
             let mut suffixed = self.suffixes.iter().copied().filter(|&i| {
                 matches!(&self.routes[i as usize].host,
-                    Some(Host::Suffix(s)) if host.len() > s.len() && host.ends_with(&**s))
+                    Some(Host::Suffix(s)) if host.len() > s.len() && host.ends_with(s.as_bytes()))
             });
             first_of(&mut suffixed, &mut best);
         }
@@ -339,7 +339,7 @@ mod tests {
         }
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let req = RouteRequest {
-            host: Some(host).filter(|h| !h.is_empty()),
+            host: Some(host.as_bytes()).filter(|h| !h.is_empty()),
             path,
             method: &method,
             headers: &map,

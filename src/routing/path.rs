@@ -5,25 +5,31 @@
 
 use std::borrow::Cow;
 
-/// The host to match: without its port or a trailing dot, in lower case (into `buf`, so
-/// no allocation); `None` when it does not fit or is no host at all.
-pub(super) fn normal_host<'b>(host: &str, buf: &'b mut [u8; 256]) -> Option<&'b str> {
-    let host = host.trim();
-    let name = if host.starts_with('[') {
+/// The host to match, as bytes: without its port or a trailing dot, in lower case (into
+/// `buf`, so no allocation); `None` when it does not fit or is no host at all. Bytes, not a
+/// `str`: the table is keyed by bytes, so nothing is validated twice (about 200
+/// instructions a request saved over `str` methods, `bench/README.md`).
+pub(super) fn normal_host<'b>(host: &[u8], buf: &'b mut [u8; 256]) -> Option<&'b [u8]> {
+    let name = if host.first() == Some(&b'[') {
         // An IPv6 literal: up to the bracket; no route names one, but it must not match a
         // suffix by its port.
-        &host[..=host.find(']')?]
+        &host[..=host.iter().position(|&b| b == b']')?]
     } else {
-        host.rsplit_once(':').map_or(host, |(name, _)| name)
+        // A port is the digits after the last colon.
+        let digits = host.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+        match host.len().checked_sub(digits + 1) {
+            Some(colon) if host[colon] == b':' => &host[..colon],
+            _ => host,
+        }
     };
-    let name = name.strip_suffix('.').unwrap_or(name);
+    let name = name.strip_suffix(b".").unwrap_or(name);
     if name.is_empty() || name.len() > buf.len() {
         return None;
     }
     let out = &mut buf[..name.len()];
-    out.copy_from_slice(name.as_bytes());
+    out.copy_from_slice(name);
     out.make_ascii_lowercase();
-    std::str::from_utf8(out).ok()
+    Some(out)
 }
 
 /// Whether `path` is `prefix` or under it, by whole segments.
@@ -171,7 +177,9 @@ mod tests {
     #[test]
     fn hosts_lose_their_port_trailing_dot_and_case() {
         let mut buf = [0u8; 256];
-        let mut host = |h: &str| normal_host(h, &mut buf).map(str::to_string);
+        let mut host = |h: &str| {
+            normal_host(h.as_bytes(), &mut buf).map(|h| String::from_utf8(h.to_vec()).unwrap())
+        };
         assert_eq!(
             host("API.Example.com:8443").as_deref(),
             Some("api.example.com")
@@ -286,7 +294,7 @@ mod tests {
                 written.push_str(&format!(":{port}"));
             }
             let mut buf = [0u8; 256];
-            prop_assert_eq!(normal_host(&written, &mut buf), Some(name.as_str()));
+            prop_assert_eq!(normal_host(written.as_bytes(), &mut buf), Some(name.as_bytes()));
         }
     }
 }

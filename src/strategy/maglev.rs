@@ -39,7 +39,7 @@ pub(crate) fn hash_key(bytes: &[u8]) -> u64 {
 
 /// A filled Maglev lookup table; each entry is the index of a server in the slice it was
 /// built from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Maglev {
     /// [`TABLE_SIZE`] entries, or none when built from no server with a weight.
     table: Vec<u32>,

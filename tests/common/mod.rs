@@ -4,6 +4,8 @@
 
 mod binary;
 pub mod cluster;
+pub mod dns;
+pub mod handover;
 mod raw;
 mod redis;
 pub mod tls;
@@ -44,6 +46,8 @@ pub struct Backend {
     pub hits: Arc<AtomicUsize>,
     /// What `/health` answers.
     pub health_status: Arc<AtomicU16>,
+    /// The status `/` (and every path no other route takes) answers with its name.
+    pub answer_status: Arc<AtomicU16>,
     handle: ServerHandle,
 }
 
@@ -52,6 +56,7 @@ struct BackendState {
     name: String,
     hits: Arc<AtomicUsize>,
     health: Arc<AtomicU16>,
+    answer: Arc<AtomicU16>,
 }
 
 impl Backend {
@@ -67,12 +72,17 @@ impl Backend {
 
     /// Starts a backend on `port` (0 = a free one), e.g. to bring one back where it was.
     pub fn start_on(name: &str, port: u16) -> Backend {
-        Self::launch(name, port, None, Self::routes)
+        Self::launch(name, ("127.0.0.1", port), None, Self::routes)
+    }
+
+    /// Starts a backend on `ip:port` (another loopback address, say 127.0.0.2).
+    pub fn start_at(name: &str, ip: &str, port: u16) -> Backend {
+        Self::launch(name, (ip, port), None, Self::routes)
     }
 
     /// Starts a backend on a free port that speaks HTTPS (HTTP/1.1) with `tls`.
     pub fn start_tls(name: &str, tls: rustls::ServerConfig) -> Backend {
-        Self::launch(name, 0, Some(tls), Self::routes)
+        Self::launch(name, ("127.0.0.1", 0), Some(tls), Self::routes)
     }
 
     fn routes(cfg: &mut web::ServiceConfig) {
@@ -99,7 +109,7 @@ impl Backend {
     /// strategies, whichever path the proxy is asked for.
     pub fn start_slow(name: &str, ms: u64) -> Backend {
         let delay = Duration::from_millis(ms);
-        Self::launch(name, 0, None, move |cfg| {
+        Self::launch(name, ("127.0.0.1", 0), None, move |cfg| {
             cfg.default_service(web::to(move |state: web::Data<BackendState>| async move {
                 state.hits.fetch_add(1, Ordering::SeqCst);
                 actix_rt::time::sleep(delay).await;
@@ -108,19 +118,20 @@ impl Backend {
         })
     }
 
-    /// One worker on `127.0.0.1:port` serving `/health` and the routes of `routes`.
+    /// One worker on `ip:port` (port 0: a free one) serving `/health` and the routes of `routes`.
     fn launch(
         name: &str,
-        port: u16,
+        (ip, port): (&str, u16),
         tls: Option<rustls::ServerConfig>,
         routes: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
     ) -> Backend {
-        let listener = bind_retry(port);
+        let listener = bind_retry(ip, port);
         let addr = listener.local_addr().unwrap();
         let state = BackendState {
             name: name.to_string(),
             hits: Arc::new(AtomicUsize::new(0)),
             health: Arc::new(AtomicU16::new(200)),
+            answer: Arc::new(AtomicU16::new(200)),
         };
         let app_state = state.clone();
         let server = HttpServer::new(move || {
@@ -147,6 +158,7 @@ impl Backend {
             scheme,
             hits: state.hits,
             health_status: state.health,
+            answer_status: state.answer,
             handle,
         }
     }
@@ -187,12 +199,12 @@ pub fn dead_url() -> String {
 }
 
 /// Binds `127.0.0.1:port`, retrying a little while a just-closed port is released.
-fn bind_retry(port: u16) -> TcpListener {
+fn bind_retry(ip: &str, port: u16) -> TcpListener {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpListener::bind(("127.0.0.1", port)) {
+        match TcpListener::bind((ip, port)) {
             Ok(l) => return l,
-            Err(e) if Instant::now() > deadline => panic!("bind 127.0.0.1:{port}: {e}"),
+            Err(e) if Instant::now() > deadline => panic!("bind {ip}:{port}: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }
@@ -200,7 +212,8 @@ fn bind_retry(port: u16) -> TcpListener {
 
 async fn name_route(state: web::Data<BackendState>) -> HttpResponse {
     state.hits.fetch_add(1, Ordering::SeqCst);
-    HttpResponse::Ok().body(state.name.clone())
+    let status = StatusCode::from_u16(state.answer.load(Ordering::SeqCst)).unwrap();
+    HttpResponse::build(status).body(state.name.clone())
 }
 
 async fn health(state: web::Data<BackendState>) -> HttpResponse {

@@ -1,16 +1,19 @@
 //! Balancing strategies: plain types behind one trait, with no actor in sight.
 //!
-//! The balancer (`BalancerActor`, in `balancer.rs`) owns a list of [`Slot`]s and one
+//! The balancer (`BalancerActor`, in `balancer/`) owns, per pool, a list of [`Slot`]s and one
 //! `Box<dyn Strategy>`; on every request it asks the strategy for an index among the slots
-//! that are usable (healthy, not draining, not already tried by this request). Strategies keep
-//! only their own cursor or weights; they never see a slot that is not usable.
+//! that are usable (in rotation, or every one that is not draining while the pool is in
+//! panic, and not already tried by this request), giving it the request's hash key.
+//! Strategies keep only their own cursor, weights, table or estimates; they never pick a
+//! slot that is not usable. Tables they need (Maglev's) are built when the slots or their
+//! rotation change, never per request.
 
-#[allow(dead_code)] // wired in by issue #23's balancer integration
+mod consistent;
 pub(crate) mod ewma;
-#[allow(dead_code)] // wired in by issue #23's balancer integration
 pub(crate) mod maglev;
-#[allow(dead_code)] // wired in by issue #23's balancer integration
-pub(crate) mod sticky;
+mod peak;
+
+pub use self::{consistent::ConsistentHash, peak::PeakEwmaStrategy};
 
 use std::sync::Arc;
 
@@ -26,18 +29,40 @@ pub struct Slot {
     pub healthy: bool,
     /// Removed through the admin API; kept until its in-flight requests end.
     pub draining: bool,
+    /// Taken out for a while after 5xx answers in a row (passive ejection).
+    pub ejected: bool,
     /// Requests this worker has sent to it that have not ended yet.
     pub in_flight: u32,
+}
+
+impl Slot {
+    /// In rotation: healthy, not ejected, not draining.
+    pub fn in_rotation(&self) -> bool {
+        self.healthy && !self.ejected && !self.draining
+    }
 }
 
 /// Chooses the next server.
 pub trait Strategy {
     /// Returns the index of the chosen slot, among those for which `usable` is true, or
-    /// `None` when there is none.
-    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize>;
+    /// `None` when there is none. `key` is the request's hash key (`hash_on`), when the
+    /// pool has one and the request carries it.
+    fn pick(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        key: Option<u64>,
+    ) -> Option<usize>;
 
     /// Called after a slot was added or removed (indices may have moved).
     fn resize(&mut self, slots: &[Slot]);
+
+    /// Called when which slots are in rotation changed (health, ejection) without the list
+    /// changing shape.
+    fn rotation_changed(&mut self, _slots: &[Slot]) {}
+
+    /// A request sent to `slot` got its answer's head `rtt` after it was sent.
+    fn observe(&mut self, _slot: usize, _rtt: std::time::Duration) {}
 }
 
 /// Builds the strategy named in the configuration.
@@ -47,6 +72,8 @@ pub fn from_config(strategy: config::Strategy) -> Box<dyn Strategy> {
         config::Strategy::WeightedRoundRobin => Box::new(SmoothWeighted::default()),
         config::Strategy::LeastRequests => Box::new(LeastRequests::default()),
         config::Strategy::PowerOfTwo => Box::new(PowerOfTwo::new(SmallRng::from_os_rng())),
+        config::Strategy::ConsistentHash => Box::new(ConsistentHash::default()),
+        config::Strategy::PeakEwma => Box::new(PeakEwmaStrategy::new(SmallRng::from_os_rng())),
     }
 }
 
@@ -89,7 +116,12 @@ pub struct RoundRobin {
 }
 
 impl Strategy for RoundRobin {
-    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        _key: Option<u64>,
+    ) -> Option<usize> {
         let n = slots.len();
         let next = self.cursor.next;
         let found = (0..n).map(|i| (next + i) % n).find(|&i| usable(i))?;
@@ -119,7 +151,7 @@ pub struct SmoothWeighted {
 
 impl SmoothWeighted {
     fn in_rotation(slot: &Slot) -> bool {
-        slot.healthy && !slot.draining
+        slot.in_rotation()
     }
 
     /// Starts every score from zero and records the rotation it starts for.
@@ -132,7 +164,12 @@ impl SmoothWeighted {
 }
 
 impl Strategy for SmoothWeighted {
-    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        _key: Option<u64>,
+    ) -> Option<usize> {
         // The rotation is read from the slots, not from `usable`, which also leaves out the
         // servers this request already tried.
         if self.current.len() != slots.len()
@@ -175,7 +212,12 @@ pub struct LeastRequests {
 }
 
 impl Strategy for LeastRequests {
-    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        _key: Option<u64>,
+    ) -> Option<usize> {
         let n = slots.len();
         let next = self.cursor.next;
         let mut best: Option<usize> = None;
@@ -209,7 +251,7 @@ impl PowerOfTwo {
     }
 
     /// Draws one usable index by weight, leaving out `except`.
-    fn draw(
+    pub(crate) fn draw(
         &mut self,
         slots: &[Slot],
         usable: &dyn Fn(usize) -> bool,
@@ -236,7 +278,12 @@ impl PowerOfTwo {
 }
 
 impl Strategy for PowerOfTwo {
-    fn pick(&mut self, slots: &[Slot], usable: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick(
+        &mut self,
+        slots: &[Slot],
+        usable: &dyn Fn(usize) -> bool,
+        _key: Option<u64>,
+    ) -> Option<usize> {
         let first = self.draw(slots, usable, None)?;
         let Some(second) = self.draw(slots, usable, Some(first)) else {
             return Some(first);
@@ -249,6 +296,27 @@ impl Strategy for PowerOfTwo {
     }
 
     fn resize(&mut self, _slots: &[Slot]) {}
+}
+
+/// Slots for tests: `http://10.0.0.1:PORT` for each port, weight 1, all in rotation.
+#[cfg(test)]
+pub(crate) fn test_slots(ports: impl IntoIterator<Item = u16>) -> Vec<Slot> {
+    ports
+        .into_iter()
+        .map(|port| Slot {
+            upstream: Arc::new(Upstream::new(
+                crate::config::DEFAULT_POOL,
+                &crate::config::ServerConfig {
+                    url: format!("http://10.0.0.1:{port}").parse().unwrap(),
+                    weight: 1,
+                },
+            )),
+            healthy: true,
+            draining: false,
+            ejected: false,
+            in_flight: 0,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -270,6 +338,7 @@ mod tests {
                 )),
                 healthy: true,
                 draining: false,
+                ejected: false,
                 in_flight: 0,
             })
             .collect()
@@ -277,7 +346,7 @@ mod tests {
 
     fn run(s: &mut dyn Strategy, slots: &[Slot], n: usize) -> Vec<usize> {
         (0..n)
-            .map(|_| s.pick(slots, &|i| slots[i].healthy).unwrap())
+            .map(|_| s.pick(slots, &|i| slots[i].healthy, None).unwrap())
             .collect()
     }
 
@@ -297,7 +366,7 @@ mod tests {
         s[1].healthy = true;
         assert_eq!(run(&mut rr, &s, 3), [1, 2, 0]);
         s.iter_mut().for_each(|s| s.healthy = false);
-        assert_eq!(rr.pick(&s, &|i| s[i].healthy), None);
+        assert_eq!(rr.pick(&s, &|i| s[i].healthy, None), None);
     }
 
     #[test]
@@ -362,7 +431,7 @@ mod tests {
         // Draining takes a server out of rotation like a failed check does.
         s[0].draining = true;
         let usable = |i: usize| s[i].healthy && !s[i].draining;
-        assert_eq!(w.pick(&s, &usable), Some(1));
+        assert_eq!(w.pick(&s, &usable, None), Some(1));
     }
 
     #[test]
@@ -373,7 +442,7 @@ mod tests {
         assert_eq!(run(&mut w, &s, 1), [0]);
         // A retry that must avoid server 1 goes on with the cycle instead of starting it
         // again at server 0; the next ordinary pick takes the one left out.
-        assert_eq!(w.pick(&s, &|i| i != 1), Some(2));
+        assert_eq!(w.pick(&s, &|i| i != 1, None), Some(2));
         assert_eq!(run(&mut w, &s, 1), [1]);
     }
 
@@ -421,12 +490,14 @@ mod tests {
             config::Strategy::WeightedRoundRobin,
             config::Strategy::LeastRequests,
             config::Strategy::PowerOfTwo,
+            config::Strategy::ConsistentHash,
+            config::Strategy::PeakEwma,
         ] {
             let mut st = from_config(name);
             for _ in 0..50 {
-                assert_ne!(st.pick(&s, &|i| i != 1), Some(1), "{name:?}");
+                assert_ne!(st.pick(&s, &|i| i != 1, None), Some(1), "{name:?}");
             }
-            assert_eq!(st.pick(&s, &|_| false), None, "{name:?}");
+            assert_eq!(st.pick(&s, &|_| false, None), None, "{name:?}");
         }
     }
 }

@@ -13,20 +13,29 @@
 //! through [`Status`]. It never forwards a request.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use actix::prelude::*;
-use actix_web::http::StatusCode;
 
+mod eject;
+mod names;
+mod state;
+
+pub use self::state::{HealthState, LastCheck};
+use self::{
+    eject::Ejections,
+    state::{is_pass, Checks},
+};
 use crate::{
     balancer::{BalancerHandles, ListServers, PoolSpec, ServerEvent},
     config::{HealthCheckSection, PoolConfig, ServerConfig},
     metrics::Metrics,
     rate_limit::Reconfigure,
     registry::{Changes, MembershipError, Registry, WorkerHandles},
+    resolve::Resolved,
     upstream::{self, describe, PoolId, Upstream},
 };
 
@@ -38,84 +47,6 @@ const RETIRE_GRACE: Duration = Duration::from_secs(5);
 /// The user agent of health checks.
 const USER_AGENT: &str = concat!("roundabout-health/", env!("CARGO_PKG_VERSION"));
 
-/// Consecutive-result counting for one server, like HAProxy's `rise`/`fall`. Whether the
-/// server is in rotation is the registry's; this only counts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HealthState {
-    /// Passes in a row (reset by a failure).
-    pub passes: u32,
-    /// Failures in a row (reset by a pass).
-    pub failures: u32,
-    /// Added at runtime and not yet checked: the first pass puts it in rotation.
-    probation: bool,
-}
-
-impl HealthState {
-    /// A server added at runtime: out of rotation until its first passed check.
-    pub fn on_probation() -> Self {
-        Self {
-            probation: true,
-            ..Self::default()
-        }
-    }
-
-    /// Counts one result for a server that is `healthy` now; returns its new state when it
-    /// changes.
-    pub fn observe(&mut self, healthy: bool, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        if ok {
-            self.failures = 0;
-            self.passes = self.passes.saturating_add(1);
-            if !healthy && (self.probation || self.passes >= rise) {
-                self.probation = false;
-                return Some(true);
-            }
-        } else {
-            self.passes = 0;
-            self.failures = self.failures.saturating_add(1);
-            if healthy && self.failures >= fall {
-                return Some(false);
-            }
-        }
-        None
-    }
-}
-
-/// One server's checks.
-#[derive(Debug)]
-struct Checks {
-    state: HealthState,
-    /// A probe is out; the next round skips this server rather than stacking probes.
-    probing: bool,
-    /// When the server last went in or out of rotation (or joined): the status page says
-    /// how long it has been in its state.
-    since: Instant,
-    /// The last probe's outcome, for the status page.
-    last: Option<LastCheck>,
-}
-
-impl Checks {
-    fn new(state: HealthState) -> Self {
-        Self {
-            state,
-            probing: false,
-            since: Instant::now(),
-            last: None,
-        }
-    }
-}
-
-/// A probe's outcome, as the status page shows it.
-#[derive(Debug, Clone)]
-pub struct LastCheck {
-    /// When its answer (or failure) came.
-    pub at: Instant,
-    pub ok: bool,
-    /// What the log says of it: `status 200`, `connection refused`, `timed out after 1s`.
-    pub result: String,
-    /// From sending the probe to its answer or failure.
-    pub latency: Duration,
-}
-
 /// One pool's checks: its settings, and the timer of its rounds.
 struct PoolChecks {
     settings: HealthCheckSection,
@@ -123,7 +54,7 @@ struct PoolChecks {
 }
 
 /// A member's key: its pool and label.
-type Key = (PoolId, Arc<str>);
+pub(super) type Key = (PoolId, Arc<str>);
 
 /// The process-wide health checker; owner of the server registry.
 pub struct HealthActor {
@@ -137,6 +68,14 @@ pub struct HealthActor {
     client: Option<awc::Client>,
     /// How `https://` servers are verified (probes go over HTTPS to them).
     upstream_tls: Arc<rustls::ClientConfig>,
+    /// Every server's ejections (passive health).
+    ejections: Ejections,
+    /// The pools in panic now (fewer in rotation than their `panic_threshold`).
+    panicking: HashSet<PoolId>,
+    /// Each pool's servers known by name, looked up again every `resolve_interval`.
+    names: names::ByPool,
+    /// The pools as configured, until `started` schedules their names' lookups.
+    configured: Vec<PoolConfig>,
 }
 
 /// A pool as the registry announces it.
@@ -146,51 +85,51 @@ fn spec(pool: &PoolConfig, retired: bool) -> PoolSpec {
         name: pool.name.clone(),
         strategy: pool.strategy,
         retired,
+        panic_threshold: pool.panic_threshold,
+        eject_after_5xx: pool.health_check.eject_after_5xx,
     }
 }
 
 impl HealthActor {
     /// A registry over the configured pools and their servers, all in rotation.
+    /// `resolved` holds the addresses of the servers given by name (`resolve_at_start`).
     pub fn new(
         pools: &[PoolConfig],
+        resolved: &Resolved,
         upstream_tls: Arc<rustls::ClientConfig>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut checks = HashMap::new();
+        let mut actor = Self {
+            registry: Registry::default(),
+            checks: HashMap::new(),
+            pools: HashMap::new(),
+            metrics,
+            client: None,
+            upstream_tls,
+            ejections: Ejections::default(),
+            panicking: HashSet::new(),
+            names: names::ByPool::new(),
+            configured: pools.to_vec(),
+        };
         let mut members = Vec::with_capacity(pools.len());
         for pool in pools {
-            let servers: Vec<Arc<Upstream>> = pool
-                .servers
-                .iter()
-                .map(|s| Arc::new(Upstream::new(&pool.name, s).with_metrics(&metrics)))
-                .collect();
+            let servers = actor.expand(pool, resolved);
             for u in &servers {
-                metrics.set_healthy(&key_of(u), true);
-                checks.insert(
+                actor.metrics.set_healthy(&key_of(u), true);
+                actor.checks.insert(
                     (u.pool, u.label.clone()),
                     Checks::new(HealthState::default()),
                 );
             }
             members.push((spec(pool, false), servers));
+            let checks = PoolChecks {
+                settings: pool.health_check.clone(),
+                rounds: None,
+            };
+            actor.pools.insert(PoolId::of(&pool.name), checks);
         }
-        let pools = pools
-            .iter()
-            .map(|p| {
-                let checks = PoolChecks {
-                    settings: p.health_check.clone(),
-                    rounds: None,
-                };
-                (PoolId::of(&p.name), checks)
-            })
-            .collect();
-        Self {
-            registry: Registry::new(members),
-            checks,
-            pools,
-            metrics,
-            client: None,
-            upstream_tls,
-        }
+        actor.registry = Registry::new(members);
+        actor
     }
 
     /// The client probes go out with: no cap on connecting of its own (each probe is held
@@ -228,8 +167,11 @@ impl HealthActor {
     }
 
     fn untrack(&mut self, upstream: &Upstream) {
-        self.checks.remove(&(upstream.pool, upstream.label.clone()));
+        let key = (upstream.pool, upstream.label.clone());
+        self.checks.remove(&key);
+        self.ejections.forget(&key);
         self.metrics.forget_server(&key_of(upstream));
+        self.check_panic(upstream.pool);
     }
 
     fn probe_pool(&mut self, pool: PoolId, ctx: &mut Context<Self>) {
@@ -259,10 +201,13 @@ impl HealthActor {
         }
         checks.probing = true;
         let timeout = settings.timeout;
-        let request = client
+        let mut request = client
             .get(upstream.health_url(&settings.path))
-            .timeout(timeout)
-            .send();
+            .timeout(timeout);
+        if let Some(address) = upstream.address {
+            request = request.address(address);
+        }
+        let request = request.send();
         ctx.spawn(
             async move {
                 let sent = Instant::now();
@@ -328,9 +273,12 @@ impl HealthActor {
                 checks.state.failures.min(fall)
             ),
         }
-        self.metrics.set_healthy(&key_of(upstream), healthy);
+        let ejected = member.ejected;
+        self.metrics
+            .set_healthy(&key_of(upstream), healthy && !ejected);
         self.registry
             .set_healthy(upstream.pool, &upstream.label, healthy);
+        self.check_panic(upstream.pool);
     }
 
     /// The retired pool's grace is over: its servers are removed and drain.
@@ -352,13 +300,8 @@ impl HealthActor {
 }
 
 /// A server's name in the metrics: its pool's and its own.
-fn key_of(u: &Upstream) -> (Arc<str>, Arc<str>) {
+pub(super) fn key_of(u: &Upstream) -> (Arc<str>, Arc<str>) {
     (u.pool_name.clone(), u.label.clone())
-}
-
-/// A status in 200..=399 passes, as in HAProxy's default `http-check expect`.
-fn is_pass(status: StatusCode) -> bool {
-    status.is_success() || status.is_redirection()
 }
 
 impl Actor for HealthActor {
@@ -370,6 +313,9 @@ impl Actor for HealthActor {
         let pools: Vec<PoolId> = self.pools.keys().copied().collect();
         for pool in pools {
             self.schedule(pool, ctx);
+        }
+        for pool in std::mem::take(&mut self.configured) {
+            self.schedule_names(&pool, ctx);
         }
     }
 }
@@ -400,6 +346,9 @@ impl Handler<Register> for HealthActor {
 #[rtype(result = "Changes")]
 pub struct Reload {
     pub pools: Vec<PoolConfig>,
+    /// The addresses of the servers given by name, as looked up for this reload (a name
+    /// missing here keeps the addresses it has).
+    pub resolved: Resolved,
     pub limiter: Reconfigure,
     /// The verification of `https://` servers, read again with the file.
     pub upstream_tls: Arc<rustls::ClientConfig>,
@@ -412,14 +361,7 @@ impl Handler<Reload> for HealthActor {
         let pools = msg
             .pools
             .iter()
-            .map(|p| {
-                let servers = p
-                    .servers
-                    .iter()
-                    .map(|s| Arc::new(Upstream::new(&p.name, s).with_metrics(&self.metrics)))
-                    .collect();
-                (spec(p, false), servers)
-            })
+            .map(|p| (spec(p, false), self.expand(p, &msg.resolved)))
             .collect();
         let changes = self.registry.reload(pools);
         for upstream in &changes.added {
@@ -471,6 +413,9 @@ impl Handler<Reload> for HealthActor {
         }
         if new_client {
             self.client = Some(self.new_client());
+        }
+        for pool in &msg.pools {
+            self.schedule_names(pool, ctx);
         }
         MessageResult(changes)
     }
@@ -615,49 +560,5 @@ impl Handler<ListPools> for HealthActor {
 
     fn handle(&mut self, _: ListPools, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.registry.pools().to_vec())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Feeds `results` to a server that starts `healthy`; the states it goes through.
-    fn run(mut s: HealthState, mut healthy: bool, results: &[bool]) -> Vec<bool> {
-        results
-            .iter()
-            .map(|&ok| {
-                if let Some(now) = s.observe(healthy, ok, 2, 3) {
-                    healthy = now;
-                }
-                healthy
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_server_leaves_after_fall_failures_and_returns_after_rise_passes() {
-        let states = run(
-            HealthState::default(),
-            true,
-            &[false, false, false, true, true],
-        );
-        assert_eq!(states, [true, true, false, false, true]);
-    }
-
-    #[test]
-    fn a_pass_resets_the_failure_count() {
-        let states = run(
-            HealthState::default(),
-            true,
-            &[false, false, true, false, false],
-        );
-        assert_eq!(states, [true; 5]);
-    }
-
-    #[test]
-    fn a_server_on_probation_joins_after_its_first_pass() {
-        assert_eq!(run(HealthState::on_probation(), false, &[true]), [true]);
-        assert_eq!(run(HealthState::default(), false, &[true]), [false]);
     }
 }
