@@ -40,6 +40,16 @@ fn command(state: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     for (k, v) in env {
         cmd.env(k, v);
     }
+    // SIGINT as a terminal's Ctrl-C finds it: a test run started in the background by a
+    // non-interactive shell inherits SIGINT ignored, and bash cannot trap a signal ignored
+    // when it started, so the demo would never see the Ctrl-C the test sends.
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec asks.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
     cmd
 }
 
