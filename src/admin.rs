@@ -24,7 +24,7 @@ use subtle::ConstantTimeEq;
 
 use crate::{
     balancer::{ListServers, ServerView},
-    config::{default_weight, parse_server_url, Config, ServerConfig, DEFAULT_POOL},
+    config::{authority, default_weight, parse_server_url, Config, ServerConfig, DEFAULT_POOL},
     health::{AddServer, Balancers, HealthActor, ListPools, RemoveServer},
     metrics::Metrics,
     registry::MembershipError,
@@ -128,12 +128,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/servers", web::get().to(list_default_servers))
         .route("/servers", web::post().to(add_default_server))
-        .route("/servers/{server}", web::delete().to(remove_default_server))
+        // `{server:.+}`: the server as its `host:port`, or as the URL the listing shows.
+        .route(
+            "/servers/{server:.+}",
+            web::delete().to(remove_default_server),
+        )
         .route("/pools", web::get().to(list_pools))
         .route("/pools/{pool}/servers", web::get().to(list_servers))
         .route("/pools/{pool}/servers", web::post().to(add_server))
         .route(
-            "/pools/{pool}/servers/{server}",
+            "/pools/{pool}/servers/{server:.+}",
             web::delete().to(remove_server),
         )
         .route("/routes", web::get().to(list_routes))
@@ -384,7 +388,7 @@ async fn added(
         .await
         .map_err(|_| AdminError::Unavailable)??;
     Ok(HttpResponse::Created().json(ServerInfo {
-        url: upstream.url.as_str().trim_end_matches('/').to_string(),
+        url: upstream.shown_url(),
         weight,
         healthy: false,
         in_flight: 0,
@@ -422,7 +426,7 @@ async fn removed(
         .health
         .send(RemoveServer {
             pool,
-            label: server,
+            label: server_label(&server),
             by: caller(&req),
         })
         .await
@@ -430,9 +434,32 @@ async fn removed(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// The `host:port` a `DELETE` names: as given, or that of the URL the listing shows
+/// (`http://host:port`; a default port may be left out, `http://host`), so that the
+/// server's one spelling works either way.
+fn server_label(given: &str) -> String {
+    match parse_server_url(given) {
+        Ok(url) if given.contains("://") => authority(&url),
+        _ => given.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{bearer_token, token_matches};
+    use super::{bearer_token, server_label, token_matches};
+
+    #[test]
+    fn a_server_is_deleted_by_host_port_or_by_its_listed_url() {
+        for given in [
+            "127.0.0.1:80",
+            "http://127.0.0.1:80",
+            "http://127.0.0.1",
+            "http://127.0.0.1:80/",
+        ] {
+            assert_eq!(server_label(given), "127.0.0.1:80", "{given}");
+        }
+        assert_eq!(server_label("https://[::1]"), "[::1]:443");
+    }
 
     #[test]
     fn the_bearer_scheme_is_case_insensitive() {

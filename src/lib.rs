@@ -87,7 +87,6 @@ use std::{
 };
 
 use actix::{Actor, Addr};
-use actix_http::h1::OnRefused;
 use actix_web::{dev::ServerHandle, web, App};
 use tokio::sync::watch;
 
@@ -339,14 +338,9 @@ pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
     let factory_health = health.clone();
     let factory_metrics = metrics.clone();
     let factory_log = access_log.clone();
-    // Requests actix-http refuses before any handler runs still get their access line.
-    let on_refused = {
-        let log = access_log.clone();
-        OnRefused::new(move |r| {
-            log::debug!("refused with {}: {}", r.status, r.reason);
-            log.refused(r.peer_addr.map(|a| a.ip()), r.status.as_u16());
-        })
-    };
+    // Requests actix-http refuses before any handler runs still get their access line, and
+    // an answer of our own (a body saying why, an X-Request-Id).
+    let on_refused = proxy::on_refused(access_log.clone());
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     let app = move || {
         // Runs once per worker and listener, on that worker's thread: its actors live

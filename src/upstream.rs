@@ -146,13 +146,12 @@ impl Upstream {
         self.name.as_ref().map(|n| format!("{}://{n}", self.scheme))
     }
 
-    /// The URL the admin API shows: the configured one, or for a server known by name its
-    /// address's (the name beside it).
+    /// The URL the admin API and the status page show: the scheme and `host:port`, the
+    /// port always written (`http://host:80`, where `Url` drops a default port), so that it
+    /// shows the `host:port` that logs, metrics and `DELETE` name the server by; for a
+    /// server known by name, its address's (the name beside it).
     pub fn shown_url(&self) -> String {
-        match self.address {
-            Some(_) => format!("{}://{}", self.scheme, self.label),
-            None => self.url.as_str().trim_end_matches('/').to_string(),
-        }
+        format!("{}://{}", self.scheme, self.label)
     }
 
     /// The same upstream, counting its requests in `metrics`.

@@ -91,23 +91,114 @@ async fn with_the_access_log_off_nothing_is_written() {
     assert!(access_lines(&p.log()).is_empty(), "{}", p.log());
 }
 
+/// A raw HTTP/1.1 answer's header value (name in lower case) and its body.
+fn header_and_body<'a>(answer: &'a str, name: &str) -> (Option<&'a str>, &'a str) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    let value = head.lines().skip(1).find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim())
+    });
+    (value, body)
+}
+
 #[actix_rt::test]
-async fn a_malformed_request_gets_a_400_line_and_no_error_in_the_log() {
+async fn a_malformed_request_gets_a_body_saying_why_a_request_id_and_a_400_line() {
     let a = Backend::start("a");
     let p = in_front_of(&a, "").await;
     let addr = format!("127.0.0.1:{}", p.port).parse().unwrap();
-    for bad in [
-        &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
-        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-        b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+    for (bad, why) in [
+        (
+            &b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            "bad request: both Content-Length and Transfer-Encoding\n",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "bad request: two Content-Length headers\n",
+        ),
+        (
+            b"GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "bad request: invalid Header provided\n",
+        ),
     ] {
         let answer = raw(addr, bad).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+        let (id, body) = header_and_body(&answer, "x-request-id");
+        assert_eq!(body, why, "{answer:?}");
+        let id = id.unwrap_or_else(|| panic!("no X-Request-Id: {answer:?}"));
+        assert_eq!(id.len(), 32, "a new id: {answer:?}");
+        assert_eq!(
+            header_and_body(&answer, "content-type").0,
+            Some("text/plain; charset=utf-8")
+        );
+        assert_eq!(header_and_body(&answer, "connection").0, Some("close"));
+        // The access line has the body's length and the same id.
+        p.wait_log(&format!("\"-\" 400 {} ", why.len()), 1).await;
+        assert!(
+            p.log()
+                .lines()
+                .any(|l| l.contains(" 400 ") && l.ends_with(id)),
+            "{}",
+            p.log()
+        );
     }
-    p.wait_log("\"-\" 400 0 ", 3).await;
     let log = p.log();
     assert!(!log.contains("ERROR"), "{log}");
     assert_eq!(get(&p.url("/")).await.0, 200, "still serving");
+}
+
+#[actix_rt::test]
+async fn an_empty_200_from_the_server_is_logged_and_counted_as_200_not_499() {
+    // actix-http never polls a body of size 0: the answer must end its record anyway.
+    let empty = RawBackend::start(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    let (port, admin) = (free_port(), free_port());
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+             [balancer]\nservers = [\"{}\"]\n[health_check]\ninterval = \"1h\"\n\
+             [rate_limit]\nenabled = false\n[admin]\naddress = \"127.0.0.1:{admin}\"\n",
+            empty.url()
+        ),
+    )
+    .await;
+    assert_eq!(get(&p.url("/")).await, (200, String::new()));
+    p.wait_log("\"GET / HTTP/1.1\" ", 1).await;
+    let lines = access_lines(&p.log());
+    assert!(lines[0].contains("\"GET / HTTP/1.1\" 200 0 "), "{lines:?}");
+    let (_, metrics) = get(&format!("http://127.0.0.1:{admin}/metrics")).await;
+    let answered = |class: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("roundabout_requests_total{")
+                && l.contains(&format!("class=\"{class}\""))
+                && l.contains("server=\"127.0.0.1:")
+                && !l.ends_with(" 0")
+        })
+    };
+    assert!(
+        answered("2xx") && !answered("4xx"),
+        "499 is counted as 4xx: {metrics}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_502_line_names_the_last_server_tried() {
+    let dead = dead_url();
+    let port = free_port();
+    let p = Binary::start(
+        port,
+        &format!(
+            "[listen]\naddress = \"127.0.0.1:{port}\"\nworkers = 1\n\
+             [balancer]\nservers = [\"{dead}\"]\n[health_check]\ninterval = \"1h\"\n\
+             [rate_limit]\nenabled = false\n[admin]\naddress = \"\"\n"
+        ),
+    )
+    .await;
+    assert_eq!(get(&p.url("/")).await.0, 502);
+    p.wait_log("\" 502 ", 1).await;
+    let lines = access_lines(&p.log());
+    let label = dead.trim_start_matches("http://");
+    // `... 502 N "-" "user agent" 127.0.0.1:PORT ...`: not `-`.
+    assert!(lines[0].contains(&format!("\" {label} ")), "{lines:?}");
 }
 
 #[actix_rt::test]
@@ -244,6 +335,15 @@ async fn a_head_not_complete_in_time_gets_a_408_line() {
         .await
         .unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-    p.wait_log("\"-\" 408 0 ", 1).await;
+    let why = "request timeout: request head not complete in time\n";
+    p.wait_log(&format!("\"-\" 408 {} ", why.len()), 1).await;
+    // The answer says why, as every answer of our own.
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert_eq!(header_and_body(&answer, "x-request-id").1, why);
+    assert!(header_and_body(&answer, "x-request-id").0.is_some());
     assert!(!p.log().contains("ERROR"), "{}", p.log());
 }

@@ -308,3 +308,46 @@ async fn clients_that_reset_mid_request_leave_no_request_counted_in_flight() {
     // The gauge agrees.
     assert_eq!(lb.in_flight(), 0);
 }
+
+#[actix_rt::test]
+async fn a_server_is_listed_with_its_port_and_deleted_by_host_port_or_by_that_url() {
+    let a = Backend::start("a");
+    let lb = balancer(&[a.url()], "");
+    // Added with a default port, which `Url` would drop: listed with it, as `host:port`
+    // (logs, metrics, DELETE) has it.
+    for url in ["http://127.0.0.1:80", "http://127.0.0.1:81"] {
+        let (status, body) = admin(
+            &lb,
+            "POST",
+            "/servers",
+            Some(&json!({ "url": url }).to_string()),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["url"], url);
+        assert!(find(&server_list(&lb).await, url).is_some(), "{url}");
+    }
+    let (status, body) = admin(&lb, "DELETE", "/servers/127.0.0.1:80", None, None).await;
+    assert_eq!(status, 204, "by host:port: {body}");
+    let (status, body) = admin(
+        &lb,
+        "DELETE",
+        "/pools/default/servers/http://127.0.0.1:81",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 204, "by the URL as listed: {body}");
+    assert!(
+        eventually(Duration::from_secs(2), async || server_list(&lb)
+            .await
+            .len()
+            == 1)
+        .await,
+        "{:?}",
+        server_list(&lb).await
+    );
+    let (status, _) = admin(&lb, "DELETE", "/servers/http://127.0.0.1:81", None, None).await;
+    assert_eq!(status, 404, "gone");
+}

@@ -128,15 +128,34 @@ fn a_bad_config_exits_1_with_one_line_naming_file_and_key() {
 }
 
 #[test]
-fn a_port_in_use_exits_1_naming_the_key() {
+fn a_port_in_use_exits_1_saying_which_key_or_variable_moves_it() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
     let file = config_file(&format!(
         "[listen]\naddress = \"127.0.0.1:{port}\"\n[admin]\naddress = \"\"\n[rate_limit]\nenabled = false\n"
     ));
-    let out = run(&["--config", file.path().to_str().unwrap()], &[]);
+    let path = file.path().to_str().unwrap();
+    let out = run(&["--config", path], &[]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("listen.address"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    // roundabout: listen.address 127.0.0.1:P: Address already in use (os error 98); another
+    // process holds it: stop it, or move roundabout with listen.address in FILE or
+    // ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:Q
+    let line = err.lines().last().unwrap();
+    assert!(
+        line.starts_with(&format!("roundabout: listen.address 127.0.0.1:{port}: ")),
+        "{err}"
+    );
+    assert!(
+        line.contains(&format!(
+            "; another process holds it: stop it, or move roundabout with listen.address in \
+             {path} or ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:"
+        )),
+        "{err}"
+    );
+    // The port it suggests was free.
+    let suggested: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
+    assert_ne!(suggested, port);
 }
 
 #[actix_rt::test]
@@ -230,6 +249,19 @@ async fn a_dead_server_and_a_dead_redis_are_each_logged_once() {
     let dead_label = dead_server.trim_start_matches("http://");
     assert_eq!(count(&format!("{dead_label} down")), 1, "{text}");
     assert_eq!(count("rate limit store unreachable"), 1, "{text}");
+    // Every request is still served and limited (in-process): a warning, saying what to do.
+    let redis = text
+        .lines()
+        .find(|l| l.contains("rate limit store unreachable"))
+        .unwrap();
+    assert!(redis.contains(" WARN "), "{redis}");
+    assert!(
+        redis.ends_with(
+            "start Redis there, or set rate_limit.redis_url = \"\" to count in-process (one \
+             instance only)"
+        ),
+        "{redis}"
+    );
     assert_eq!(
         text.lines().count(),
         count("INFO") + 2,
@@ -291,6 +323,13 @@ fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
             "fastest",
             "ROUNDABOUT__BALANCER__STRATEGY: \"fastest\" is not one of round_robin,",
         ),
+        // The token is missing, but the address is what asks for one.
+        (
+            "ROUNDABOUT__ADMIN__ADDRESS",
+            "0.0.0.0:28001",
+            "ROUNDABOUT__ADMIN__ADDRESS: 0.0.0.0:28001 is not a loopback address, so admin.token \
+             must be set too",
+        ),
     ];
     for (var, value, want) in cases {
         let out = run(
@@ -306,73 +345,6 @@ fn an_error_from_an_environment_override_names_the_variable_not_the_file() {
         assert!(!err.contains("default.toml"), "blames the file: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err:?}");
     }
-}
-
-/// Runs `scripts/demo` on the binaries already built (no cargo build) with `env`, and
-/// returns its exit code and everything it wrote; it must be done within 20 s.
-fn demo(env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let bin_dir = std::path::Path::new(BIN).parent().unwrap();
-    let output = tempfile::NamedTempFile::new().unwrap();
-    let mut cmd = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"));
-    cmd.env("ROUNDABOUT_BIN_DIR", bin_dir)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::from(output.reopen().unwrap()))
-        .stderr(Stdio::from(output.reopen().unwrap()));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "scripts/demo still running after 20 s:\n{}",
-                std::fs::read_to_string(output.path()).unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (
-        status.code(),
-        std::fs::read_to_string(output.path()).unwrap(),
-    )
-}
-
-#[test]
-fn the_demo_on_a_busy_port_says_which_and_what_to_try_and_exits_1() {
-    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-    let busy = taken.local_addr().unwrap();
-    let (code, text) = demo(&[
-        ("ROUNDABOUT__LISTEN__ADDRESS", &busy.to_string()),
-        ("ROUNDABOUT__ADMIN__ADDRESS", ""),
-    ]);
-    assert_eq!(code, Some(1), "{text}");
-    assert!(
-        text.contains(&format!(
-            "scripts/demo: {busy} (roundabout's listen.address) is already in use"
-        )),
-        "{text}"
-    );
-    assert!(
-        text.contains("ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:"),
-        "says what to try: {text}"
-    );
-    assert!(!text.contains("is up"), "{text}");
-}
-
-#[test]
-fn the_demo_with_a_bad_override_exits_1_with_roundabout_s_one_line() {
-    let (code, text) = demo(&[("ROUNDABOUT__RATE_LIMIT__WINDOW", "0s")]);
-    assert_eq!(code, Some(1), "{text}");
-    assert_eq!(
-        text.trim_end(),
-        "scripts/demo: roundabout: invalid configuration: ROUNDABOUT__RATE_LIMIT__WINDOW: \
-         must be greater than zero"
-    );
 }
 
 #[actix_rt::test]
@@ -452,6 +424,9 @@ async fn health_changes_are_logged_in_words_that_say_the_count_was_met() {
         ),
     )
     .await;
+    // One server, in the singular.
+    p.wait_log("listening on", 1).await;
+    assert!(p.log().contains(" (1 server, round_robin)"), "{}", p.log());
     let added = client()
         .post(format!("http://127.0.0.1:{admin}/servers"))
         .send_json(&serde_json::json!({ "url": d.url() }))

@@ -164,7 +164,10 @@ fn the_binary_says_which_name_does_not_resolve_and_exits_1() {
     std::fs::write(
         &file,
         format!(
-            "[rate_limit]\nredis_url = \"\"\n{}",
+            // Ports of its own: the defaults (8000, 8001) may be another program's, and a
+            // port in use is reported before any name is resolved.
+            "[listen]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"\"\n\
+             [rate_limit]\nredis_url = \"\"\n{}",
             by_name(&dns, 5000, "")
         ),
     )

@@ -157,7 +157,12 @@ async fn a_reload_applies_a_new_requests_limit() {
 
     lb.rewrite_config(&config(port, admin, &servers, &limiter(5)));
     lb.signal(libc::SIGHUP);
-    lb.wait_log("configuration reloaded (SIGHUP)", 1).await;
+    // The reload says what it changed, old → new.
+    lb.wait_log(
+        "configuration reloaded (SIGHUP): rate_limit.requests 2 → 5",
+        1,
+    )
+    .await;
     // The window goes on: 3 counted so far, 2 more fit under the new limit.
     assert_eq!(three(&lb.url("/")).await, (vec![200, 200, 429], "5".into()));
 }
@@ -230,6 +235,13 @@ async fn a_restart_only_key_is_logged_and_not_applied() {
         lb.log().contains(
             "reload (SIGHUP): listen.address changed; it takes effect at the next restart"
         ),
+        "{}",
+        lb.log()
+    );
+    // Warned about, not listed as applied.
+    assert!(
+        lb.log()
+            .contains("configuration reloaded (SIGHUP): nothing changed"),
         "{}",
         lb.log()
     );

@@ -125,10 +125,20 @@ impl AccessLog {
     }
 
     /// A request the HTTP parser refused before it could be read (a malformed head: 400, one
-    /// too large: 431): counted as an answer of our own and logged, as nginx logs its 400s.
-    pub fn refused(&self, client: Option<IpAddr>, status: u16) {
+    /// too large: 431, one not complete in time: 408): counted as an answer of our own and
+    /// logged with the body bytes and the request id of its answer, as nginx logs its 400s.
+    pub fn refused(
+        &self,
+        client: Option<IpAddr>,
+        status: u16,
+        bytes: u64,
+        request_id: HeaderValue,
+    ) {
         self.metrics.answered(None, status);
-        self.write(Line::bare(client, None, status));
+        let mut line = Line::bare(client, None, status);
+        line.bytes = bytes;
+        line.request_id = Some(request_id);
+        self.write(line);
     }
 
     /// Asks the writer to reopen its file; waits for room in the queue, never on the disk.

@@ -105,7 +105,7 @@ mod tests {
                 .unwrap_err()
                 .to_string()
         };
-        let cases: [(&[(&str, &str)], &str); 5] = [
+        let cases: [(&[(&str, &str)], &str); 6] = [
             (
                 &[("ROUNDABOUT__RATE_LIMIT__WINDOW", "0s")],
                 "ROUNDABOUT__RATE_LIMIT__WINDOW: must be greater than zero",
@@ -124,6 +124,11 @@ mod tests {
                 &[("ROUNDABOUT__BALANCER__SERVERS", "http://a:1,ftp://b:2")],
                 "ROUNDABOUT__BALANCER__SERVERS: balancer.servers[1].url: \"ftp://b:2\": scheme \
                  \"ftp\" is not http",
+            ),
+            (
+                &[("ROUNDABOUT__ADMIN__ADDRESS", "0.0.0.0:28001")],
+                "ROUNDABOUT__ADMIN__ADDRESS: 0.0.0.0:28001 is not a loopback address, so \
+                 admin.token must be set too",
             ),
             (
                 &[("ROUNDABOUT__LISTEN__ADRESS", "x")],

@@ -147,9 +147,14 @@ impl FileConfig {
         } else {
             let addr = parse_addr(&self.admin.address).map_err(|r| key_err("admin.address", r))?;
             if !addr.ip().is_loopback() && self.admin.token.is_empty() {
+                // Named by the address, which is what asks for a token: the error then names
+                // where that came from (the file, or the variable that set it).
                 return Err(key_err(
-                    "admin.token",
-                    format!("must be set when admin.address ({addr}) is not a loopback address"),
+                    "admin.address",
+                    format!(
+                        "{addr} is not a loopback address, so admin.token must be set too \
+                         (the bearer token the admin API will ask for)"
+                    ),
                 ));
             }
             Some(addr)

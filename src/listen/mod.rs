@@ -93,12 +93,12 @@ impl Sockets {
             }
             found[i] = Some(listener);
         }
+        let file = config.source.as_ref().map(|s| s.path.display().to_string());
         for (i, addr) in wanted.iter().enumerate() {
             if let (None, Some(addr)) = (&found[i], addr) {
-                found[i] =
-                    Some(bind(*addr).map_err(|e| {
-                        io::Error::new(e.kind(), format!("{} {addr}: {e}", KEYS[i]))
-                    })?);
+                found[i] = Some(bind(*addr).map_err(|e| {
+                    io::Error::new(e.kind(), bind_error(KEYS[i], *addr, &e, file.as_deref()))
+                })?);
             }
         }
         let [plain, tls, admin] = found;
@@ -167,6 +167,27 @@ fn match_handed(
         ));
     };
     Ok((i, h.socket.into()))
+}
+
+/// What a listener that could not bind says: the key, the address, why, and (the address
+/// being someone else's) how to move roundabout: the key in the file, or its variable, with
+/// a port that is free now.
+fn bind_error(key: &str, addr: SocketAddr, e: &io::Error, file: Option<&str>) -> String {
+    let var = format!(
+        "ROUNDABOUT__{}",
+        key.replace('.', "__").to_ascii_uppercase()
+    );
+    let free = (addr.port().saturating_add(80)..=u16::MAX)
+        .take(100)
+        .map(|port| SocketAddr::new(addr.ip(), port))
+        .find(|&a| TcpListener::bind(a).is_ok())
+        .map_or_else(|| "IP:PORT".to_string(), |a| a.to_string());
+    let whose = match e.kind() {
+        io::ErrorKind::AddrInUse => "another process holds it: stop it, or ",
+        _ => "",
+    };
+    let file = file.map_or_else(String::new, |f| format!(" in {f}"));
+    format!("{key} {addr}: {e}; {whose}move roundabout with {key}{file} or {var}={free}")
 }
 
 /// A listening socket on `addr`, with [`BACKLOG`]. Address reuse as std's `bind` sets it:

@@ -124,7 +124,14 @@ pub fn respond(
         armed: false,
         record: Some(record),
         bytes: 0,
-        ending: Ending::ClientGone,
+        // actix-http never polls a body of size 0: it writes the head and drops the body,
+        // so such an answer is complete once dropped. Any other body is complete only
+        // when polled to its end; dropped before, the client has gone away.
+        ending: if length == Some(0) {
+            Ending::Complete
+        } else {
+            Ending::ClientGone
+        },
     };
     match length {
         Some(n) => built.set_body(BoxBody::new(SizedStream::new(n, stream))),

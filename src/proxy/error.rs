@@ -2,13 +2,21 @@
 //! mapped to a status, headers and a short plain-text body. Nothing here decides when to
 //! answer so.
 
+use actix_http::{
+    body::{BoxBody, MessageBody as _},
+    h1::OnRefused,
+    Response,
+};
 use actix_web::{
-    http::{header, header::HeaderValue, StatusCode},
+    http::{
+        header::{self, HeaderMap, HeaderValue},
+        StatusCode,
+    },
     HttpResponse, ResponseError,
 };
 
-use super::checks::MAX_HEAD_BYTES;
-use crate::rate_limit::Decision;
+use super::{checks::MAX_HEAD_BYTES, headers};
+use crate::{access_log::AccessLog, rate_limit::Decision};
 
 /// Why the proxy answered for itself.
 #[derive(Debug, thiserror::Error)]
@@ -96,4 +104,36 @@ impl ResponseError for ProxyError {
         }
         res.body(format!("{self}\n"))
     }
+}
+
+/// The answer to a request actix-http refuses before any handler runs (a malformed head:
+/// 400, one too large: 431, one not complete in time: 408), as every answer of our own: a
+/// short plain-text body saying what is wrong and a new `X-Request-Id`, which its
+/// access-log line carries too.
+pub fn on_refused(log: AccessLog) -> OnRefused {
+    OnRefused::answering(move |refused| {
+        log::debug!("refused with {}: {}", refused.status, refused.reason);
+        // No header of the client's can be trusted here: always a new id.
+        let id = headers::request_id(&HeaderMap::new());
+        let what = refused
+            .status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_ascii_lowercase();
+        let body = format!("{what}: {}\n", refused.reason);
+        log.refused(
+            refused.peer_addr.map(|a| a.ip()),
+            refused.status.as_u16(),
+            body.len() as u64,
+            id.clone(),
+        );
+        let mut res: Response<BoxBody> = Response::with_body(refused.status, body.boxed());
+        let headers = res.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(headers::X_REQUEST_ID, id);
+        res
+    })
 }

@@ -32,6 +32,7 @@ use actix_web::{
 };
 use awc::{error::SendRequestError, BoxedSocket, UpgradeResponse};
 
+pub(crate) use self::error::on_refused;
 pub use self::error::ProxyError;
 use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},

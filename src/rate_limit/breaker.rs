@@ -186,8 +186,23 @@ impl Breaker {
             self.generation.fetch_add(1, Ordering::Release);
             circuit
         };
-        log::error!(
-            "rate limit store unreachable: {}: {error}; on_store_error = \"{policy}\": {} until it is back",
+        // With the local fallback every request is still served and limited: a warning.
+        // Forwarded uncounted or refused, the service is not what was configured: an error.
+        let level = match policy {
+            OnStoreError::Local => log::Level::Warn,
+            OnStoreError::Allow | OnStoreError::Deny => log::Level::Error,
+        };
+        // What to do, for a whole store (one Redis) down: often no Redis was ever started.
+        let hint = match slot {
+            None => {
+                "; start Redis there, or set rate_limit.redis_url = \"\" to count in-process \
+                     (one instance only)"
+            }
+            Some(_) => "",
+        };
+        log::log!(
+            level,
+            "rate limit store unreachable: {}: {error}; on_store_error = \"{policy}\": {} until it is back{hint}",
             circuit.label,
             match policy {
                 OnStoreError::Local => "counting in-process, each instance on its own,",

@@ -175,6 +175,12 @@ pub enum ParseError {
     #[display("invalid Header provided")]
     Header,
 
+    /// A message head that breaks one of RFC 9112's rules on its framing or its `Host`
+    /// (vendored patch: the rule, in words a client can act on, e.g. "both Content-Length
+    /// and Transfer-Encoding"; upstream answers these `Header`).
+    #[display("{}", _0)]
+    HeadRule(#[error(not(source))] &'static str),
+
     /// A message head is too large to be reasonable.
     #[display("message head is too large")]
     TooLarge,

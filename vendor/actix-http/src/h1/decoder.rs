@@ -106,13 +106,13 @@ pub(crate) trait MessageType: Sized {
                 match name {
                     header::CONTENT_LENGTH if content_length.is_some() => {
                         debug!("multiple Content-Length");
-                        return Err(ParseError::Header);
+                        return Err(ParseError::HeadRule("two Content-Length headers"));
                     }
 
                     header::CONTENT_LENGTH => match value.to_str().map(str::trim) {
                         Ok(val) if val.starts_with('+') => {
                             debug!("illegal Content-Length: {:?}", val);
-                            return Err(ParseError::Header);
+                            return Err(ParseError::HeadRule("Content-Length is not a number"));
                         }
 
                         Ok(val) => {
@@ -122,26 +122,26 @@ pub(crate) trait MessageType: Sized {
                                 content_length = Some(len);
                             } else {
                                 debug!("illegal Content-Length: {:?}", val);
-                                return Err(ParseError::Header);
+                                return Err(ParseError::HeadRule("Content-Length is not a number"));
                             }
                         }
 
                         Err(_) => {
                             debug!("illegal Content-Length: {:?}", value);
-                            return Err(ParseError::Header);
+                            return Err(ParseError::HeadRule("Content-Length is not a number"));
                         }
                     },
 
                     // transfer-encoding
                     header::TRANSFER_ENCODING if seen_te => {
                         debug!("multiple Transfer-Encoding not allowed");
-                        return Err(ParseError::Header);
+                        return Err(ParseError::HeadRule("two Transfer-Encoding headers"));
                     }
 
                     // host
                     header::HOST if seen_host => {
                         debug!("multiple Host headers not allowed");
-                        return Err(ParseError::Header);
+                        return Err(ParseError::HeadRule("two Host headers"));
                     }
 
                     header::HOST => {
@@ -158,10 +158,14 @@ pub(crate) trait MessageType: Sized {
                                 // allow silently since multiple TE headers are already checked
                             } else {
                                 debug!("illegal Transfer-Encoding: {:?}", val);
-                                return Err(ParseError::Header);
+                                return Err(ParseError::HeadRule(
+                                    "a Transfer-Encoding other than chunked",
+                                ));
                             }
                         } else {
-                            return Err(ParseError::Header);
+                            return Err(ParseError::HeadRule(
+                                "a Transfer-Encoding other than chunked",
+                            ));
                         }
                     }
 
@@ -324,23 +328,31 @@ impl MessageType for Request {
         // see https://datatracker.ietf.org/doc/html/rfc9112#section-3.2
         if ver == Version::HTTP_11 && !msg.head().headers.contains_key(header::HOST) {
             debug!("missing Host header for HTTP/1.1 request");
-            return Err(ParseError::Header);
+            return Err(ParseError::HeadRule(
+                "no Host header (HTTP/1.1 requires one)",
+            ));
         }
 
         if msg.head().headers.contains_key(header::TRANSFER_ENCODING) {
             if ver == Version::HTTP_10 {
                 debug!("Transfer-Encoding is not allowed in HTTP/1.0 requests");
-                return Err(ParseError::Header);
+                return Err(ParseError::HeadRule(
+                    "Transfer-Encoding in an HTTP/1.0 request",
+                ));
             }
 
             if !crate::HttpMessage::chunked(&msg)? {
                 debug!("request Transfer-Encoding must be chunked");
-                return Err(ParseError::Header);
+                return Err(ParseError::HeadRule(
+                    "a Transfer-Encoding other than chunked",
+                ));
             }
 
             if msg.head().headers.contains_key(header::CONTENT_LENGTH) {
                 debug!("both Content-Length and Transfer-Encoding are set");
-                return Err(ParseError::Header);
+                return Err(ParseError::HeadRule(
+                    "both Content-Length and Transfer-Encoding",
+                ));
             }
         }
 
@@ -348,7 +360,9 @@ impl MessageType for Request {
         // see https://datatracker.ietf.org/doc/html/rfc1945#section-7.2.2
         if ver == Version::HTTP_10 && method == Method::POST && length.is_none() {
             debug!("no Content-Length specified for HTTP/1.0 POST request");
-            return Err(ParseError::Header);
+            return Err(ParseError::HeadRule(
+                "an HTTP/1.0 POST without Content-Length",
+            ));
         }
 
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
@@ -850,7 +864,9 @@ mod tests {
 
         let mut reader = MessageDecoder::<Request>::default();
         let err = reader.decode(&mut buf).unwrap_err();
-        assert!(err.to_string().contains("Header"))
+        // Vendored patch (VENDORED.md, "Refused requests say why"): upstream's message is
+        // `Header`'s ("invalid Header provided"); this one names the rule.
+        assert_eq!(err.to_string(), "an HTTP/1.0 POST without Content-Length")
     }
 
     #[test]
@@ -1430,7 +1446,11 @@ mod tests {
 
         let mut reader = MessageDecoder::<Request>::default();
         let err = reader.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, ParseError::Header));
+        // Vendored patch (VENDORED.md, "Refused requests say why"): upstream's `Header`.
+        assert!(matches!(
+            err,
+            ParseError::HeadRule("no Host header (HTTP/1.1 requires one)")
+        ));
     }
 
     #[test]
@@ -1443,7 +1463,8 @@ mod tests {
 
         let mut reader = MessageDecoder::<Request>::default();
         let err = reader.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, ParseError::Header));
+        // Vendored patch (VENDORED.md, "Refused requests say why"): upstream's `Header`.
+        assert!(matches!(err, ParseError::HeadRule("two Host headers")));
     }
 
     #[test]

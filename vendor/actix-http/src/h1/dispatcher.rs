@@ -209,7 +209,7 @@ pin_project! {
 enum DispatcherMessage {
     Item(Request),
     Upgrade(Request),
-    Error(Response<()>),
+    Error(Response<BoxBody>),
 }
 
 pin_project! {
@@ -520,20 +520,50 @@ where
         Ok(size)
     }
 
-    /// Tells the connection's [`OnRefused`], if it has one, of a request answered here.
+    /// Tells the connection's [`OnRefused`], if it has one, of a request answered here, and
+    /// returns the answer: the hook's, with `Connection: close` (the connection closes after
+    /// it), or else `default`, upstream's.
     fn refused(
         conn_data: &Option<Rc<Extensions>>,
         peer_addr: Option<net::SocketAddr>,
         status: StatusCode,
         reason: &dyn fmt::Display,
-    ) {
-        if let Some(hook) = conn_data.as_ref().and_then(|d| d.get::<OnRefused>()) {
-            hook.call(&Refused {
-                status,
-                reason,
-                peer_addr,
+        default: Response<()>,
+    ) -> Response<BoxBody> {
+        let answer = conn_data
+            .as_ref()
+            .and_then(|d| d.get::<OnRefused>())
+            .and_then(|hook| {
+                hook.call(&Refused {
+                    status,
+                    reason,
+                    peer_addr,
+                })
             });
+        match answer {
+            Some(mut res) => {
+                res.head_mut().set_connection_type(ConnectionType::Close);
+                res
+            }
+            None => default.map_into_boxed_body(),
         }
+    }
+
+    /// Writes an answer whole, head and body, into the write buffer, for a connection that
+    /// shuts down next and so polls no response body. Only a body at hand is written (a
+    /// refused request's answer has one); any other is sent as empty.
+    fn write_whole(mut self: Pin<&mut Self>, res: Response<BoxBody>) -> Result<(), DispatchError> {
+        let (res, body) = res.into_parts();
+        let body = body.try_into_bytes().unwrap_or_default();
+        self.as_mut().send_response_inner(res, &body)?;
+        let this = self.project();
+        if !body.is_empty() {
+            this.codec
+                .encode(Message::Chunk(Some(body)), this.write_buf)?;
+        }
+        this.codec.encode(Message::Chunk(None), this.write_buf)?;
+        this.flags.insert(Flags::FINISHED);
+        Ok(())
     }
 
     /// A response body failed mid-way: what was written of it goes out, then the connection
@@ -694,7 +724,8 @@ where
                         // send_response would update InnerDispatcher state to SendPayload or None
                         // (If response body is empty)
                         // continue loop to poll it
-                        self.as_mut().send_error_response(res, BoxBody::new(()))?;
+                        let (res, body) = res.into_parts();
+                        self.as_mut().send_error_response(res, body)?;
                     }
 
                     // return with upgrade request and poll it exclusively
@@ -1045,7 +1076,9 @@ where
                                 error!("Internal server error: unexpected payload chunk");
                                 this.flags.insert(Flags::READ_DISCONNECT);
                                 this.messages.push_back(DispatcherMessage::Error(
-                                    Response::internal_server_error().drop_body(),
+                                    Response::internal_server_error()
+                                        .drop_body()
+                                        .map_into_boxed_body(),
                                 ));
                                 *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
@@ -1060,7 +1093,9 @@ where
                                 error!("Internal server error: unexpected eof");
                                 this.flags.insert(Flags::READ_DISCONNECT);
                                 this.messages.push_back(DispatcherMessage::Error(
-                                    Response::internal_server_error().drop_body(),
+                                    Response::internal_server_error()
+                                        .drop_body()
+                                        .map_into_boxed_body(),
                                 ));
                                 *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
@@ -1083,11 +1118,12 @@ where
 
                 Err(ParseError::TooLarge) => {
                     trace!("request head was too big; returning 431 response");
-                    Self::refused(
+                    let answer = Self::refused(
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         &ParseError::TooLarge,
+                        Response::with_body(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, ()),
                     );
 
                     if let Some(mut payload) = this.payload.take() {
@@ -1095,11 +1131,7 @@ where
                     }
 
                     // request heads that overflow buffer size return a 431 error
-                    this.messages
-                        .push_back(DispatcherMessage::Error(Response::with_body(
-                            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                            (),
-                        )));
+                    this.messages.push_back(DispatcherMessage::Error(answer));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
                     *this.error = Some(Box::new(ParseError::TooLarge.into()));
@@ -1109,11 +1141,12 @@ where
 
                 Err(err) => {
                     trace!("parse error {}", &err);
-                    Self::refused(
+                    let answer = Self::refused(
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::BAD_REQUEST,
                         &err,
+                        Response::bad_request().drop_body(),
                     );
 
                     if let Some(mut payload) = this.payload.take() {
@@ -1121,9 +1154,7 @@ where
                     }
 
                     // malformed requests should be responded with 400
-                    this.messages.push_back(DispatcherMessage::Error(
-                        Response::bad_request().drop_body(),
-                    ));
+                    this.messages.push_back(DispatcherMessage::Error(answer));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
                     *this.error = Some(Box::new(err.into()));
@@ -1153,21 +1184,23 @@ where
                 }
 
                 trace!("timed out on slow request; replying with 408 and closing connection");
+                // The codec would otherwise answer with the previous request's keep-alive.
+                let mut res = Response::with_body(StatusCode::REQUEST_TIMEOUT, ());
+                res.head_mut().set_connection_type(ConnectionType::Close);
                 // A connection that sent nothing is closed, as it would be without an
                 // answer; one that began a head was refused.
-                if !this.read_buf.is_empty() {
+                let res = if this.read_buf.is_empty() {
+                    res.map_into_boxed_body()
+                } else {
                     Self::refused(
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_TIMEOUT,
                         &"request head not complete in time",
-                    );
-                }
-
-                // The codec would otherwise answer with the previous request's keep-alive.
-                let mut res = Response::with_body(StatusCode::REQUEST_TIMEOUT, ());
-                res.head_mut().set_connection_type(ConnectionType::Close);
-                let _ = self.as_mut().send_error_response(res, BoxBody::new(()));
+                        res,
+                    )
+                };
+                let _ = self.as_mut().write_whole(res);
 
                 self.project().flags.insert(Flags::SHUTDOWN);
             }
