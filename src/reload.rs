@@ -15,8 +15,9 @@ use actix::Addr;
 use tokio::sync::watch;
 
 use crate::{
+    balancer::ListServers,
     config::Config,
-    health::{HealthActor, Reload},
+    health::{Balancers, HealthActor, Reload},
     proxy::Settings,
     rate_limit::Reconfigure,
     resolve::Resolved,
@@ -108,6 +109,16 @@ pub async fn apply(
     // table that names it is published. One gone from the file is retired, and keeps
     // serving requests the old table sent to it for a grace, then drains.
     let changes = health.send(reload).await.unwrap_or_default();
+    // The HealthActor has sent the workers their events, but a handler takes its lease
+    // from its worker's lists without a message (DESIGN.md), so it would see a new table
+    // before its BalancerActor has read the mailbox: a request routed to a new pool found
+    // it empty (503). A message sent now queues behind those events; its answer means
+    // they are applied.
+    if let Ok(balancers) = health.send(Balancers).await {
+        for b in balancers {
+            let _ = b.send(ListServers).await;
+        }
+    }
     let tls = settings.borrow().tls_port;
     settings.send_replace(Arc::new(Settings::with_tls_port(next, tls)));
     // RUST_LOG, when set, wins over the file (as at start).
