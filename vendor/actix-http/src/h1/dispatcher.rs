@@ -520,14 +520,19 @@ where
         Ok(size)
     }
 
-    /// Tells the connection's [`OnRefused`], if it has one, of a request answered here.
+    /// Tells the service's [`OnRefused`] (its config's, else the connection's data's), if it
+    /// has one, of a request answered here.
     fn refused(
+        config: &ServiceConfig,
         conn_data: &Option<Rc<Extensions>>,
         peer_addr: Option<net::SocketAddr>,
         status: StatusCode,
         reason: &dyn fmt::Display,
     ) {
-        if let Some(hook) = conn_data.as_ref().and_then(|d| d.get::<OnRefused>()) {
+        let hook = config
+            .on_refused()
+            .or_else(|| conn_data.as_ref().and_then(|d| d.get::<OnRefused>()));
+        if let Some(hook) = hook {
             hook.call(&Refused {
                 status,
                 reason,
@@ -1084,6 +1089,7 @@ where
                 Err(ParseError::TooLarge) => {
                     trace!("request head was too big; returning 431 response");
                     Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -1110,6 +1116,7 @@ where
                 Err(err) => {
                     trace!("parse error {}", &err);
                     Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::BAD_REQUEST,
@@ -1157,6 +1164,7 @@ where
                 // answer; one that began a head was refused.
                 if !this.read_buf.is_empty() {
                     Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_TIMEOUT,

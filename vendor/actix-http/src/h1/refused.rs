@@ -16,8 +16,9 @@ pub struct Refused<'a> {
     pub peer_addr: Option<SocketAddr>,
 }
 
-/// Called for every [`Refused`] request on a connection whose data holds it: put it there
-/// with `on_connect_ext` (actix-web: `HttpServer::on_connect`) to log or count them.
+/// Called for every [`Refused`] request, to log or count them: given to the service with
+/// `HttpServiceBuilder::on_refused` (one for all its connections), or put in a connection's
+/// data with `on_connect_ext` (actix-web: `HttpServer::on_connect`).
 #[derive(Clone)]
 pub struct OnRefused(Arc<dyn Fn(&Refused<'_>) + Send + Sync>);
 
