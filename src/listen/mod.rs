@@ -18,7 +18,7 @@ pub mod activation;
 mod proxy_protocol;
 
 use std::{
-    future::Future,
+    future::{ready, Ready},
     io,
     net::{SocketAddr, TcpListener},
     sync::{
@@ -43,9 +43,10 @@ use actix_tls::accept::{
     TlsError,
 };
 use actix_web::dev::{AppConfig, ServiceResponse};
+use futures_util::future::{Either, LocalBoxFuture, TryFutureExt as _};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::watch,
+    sync::{futures::OwnedNotified, Notify},
 };
 
 use self::activation::Handed;
@@ -218,14 +219,17 @@ struct DrainState {
     /// A stop (SIGTERM): idle kept-alive connections are closed at once and answers under
     /// way close theirs (actix-http's graceful shutdown), so the process ends as soon as
     /// the requests in flight have, and a restart under systemd is not held up.
-    close_idle: watch::Sender<bool>,
+    close_idle: AtomicBool,
+    /// Wakes the connections waiting on [`Drain::closing`] when `close_idle` is set.
+    closed: Arc<Notify>,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain(Arc::new(DrainState {
             announce: AtomicBool::new(false),
-            close_idle: watch::channel(false).0,
+            close_idle: AtomicBool::new(false),
+            closed: Arc::new(Notify::new()),
         }))
     }
 }
@@ -238,17 +242,22 @@ impl Drain {
 
     /// Idle connections close now; answers under way close theirs.
     pub fn close_idle(&self) {
-        self.0.close_idle.send_replace(true);
+        self.0.close_idle.store(true, Ordering::SeqCst);
+        self.0.closed.notify_waiters();
     }
 
     /// Resolves when [`Drain::close_idle`] is called: actix-http's graceful-shutdown signal,
-    /// asked for once per connection.
-    fn closing(&self) -> impl Future<Output = ()> + 'static {
-        let mut rx = self.0.close_idle.subscribe();
-        async move {
-            if rx.wait_for(|closing| *closing).await.is_err() {
-                std::future::pending::<()>().await;
-            }
+    /// asked for once per connection and held (boxed) by every connection, idle ones
+    /// included, so it is the bare `Notified` (80 bytes), not an async block over a watch
+    /// receiver (168).
+    fn closing(&self) -> Either<Ready<()>, OwnedNotified> {
+        // Made before the flag is read: a `close_idle` between the two still wakes it, as
+        // `notify_waiters` reaches every `Notified` made before it.
+        let notified = Arc::clone(&self.0.closed).notified_owned();
+        if self.0.close_idle.load(Ordering::SeqCst) {
+            Either::Left(ready(()))
+        } else {
+            Either::Right(notified)
         }
     }
 }
@@ -266,6 +275,29 @@ pub struct Http {
     /// Called by actix-http for a request it refuses before any App sees it.
     pub on_refused: Option<OnRefused>,
     pub drain: Drain,
+}
+
+/// The client's address for `io` ([`client_address`]), boxed. actix-server spawns each
+/// connection's futures (this one, then actix-http's) as one task sized for the largest of
+/// them, held twice (captured and awaited), for as long as the connection lives: an inline
+/// header read (its timer, its buffer) made every connection's task 1536 bytes, idle ones
+/// included, and the stream and address alone 384. Boxed, this step is a pointer in the
+/// task (256 bytes), and its allocation is freed once the address is known.
+fn accepted<T: 'static>(
+    mut io: TcpStream,
+    header: Option<Duration>,
+    then: impl FnOnce(TcpStream, Option<SocketAddr>) -> T + 'static,
+) -> LocalBoxFuture<'static, Result<T, io::Error>> {
+    match header {
+        None => {
+            let peer = io.peer_addr().ok();
+            Box::pin(ready(Ok(then(io, peer))))
+        }
+        Some(deadline) => Box::pin(async move {
+            let peer = client_address(&mut io, Some(deadline)).await?;
+            Ok(then(io, peer))
+        }),
+    }
 }
 
 /// The client's address for the connection `io`: the PROXY protocol header's, read off it
@@ -369,10 +401,9 @@ impl Http {
         if !secure {
             builder = builder.local_addr(addr);
         }
+        // In the service's config, not each connection's data (a map per connection).
         if let Some(on_refused) = self.on_refused.clone() {
-            builder = builder.on_connect_ext(move |_: &T, data| {
-                data.insert(on_refused.clone());
-            });
+            builder = builder.on_refused(on_refused);
         }
         let host = addr.to_string();
         // `AppConfig::new` is actix-web's own; this is its constructor for servers built
@@ -409,9 +440,8 @@ where
     let addr = listener.local_addr()?;
     builder.listen(name, listener, move || {
         let header = http.header_deadline();
-        fn_service(move |mut io: TcpStream| async move {
-            let peer = client_address(&mut io, header).await;
-            Ok((io, Protocol::Http1, peer.map_err(DispatchError::Io)?))
+        fn_service(move |io: TcpStream| {
+            accepted(io, header, |io, peer| (io, Protocol::Http1, peer)).map_err(DispatchError::Io)
         })
         .and_then(http.service(app(), addr, false))
     })
@@ -459,20 +489,20 @@ where
             }),
             |(io, peer): (TcpStream, Option<SocketAddr>), acceptor| {
                 let handshake = acceptor.call(io);
-                async move {
+                // Boxed for the handshake's time only (its rustls state and timer would
+                // otherwise size the connection's task, as `accepted` says).
+                let handshake: LocalBoxFuture<'static, _> = Box::pin(async move {
                     let tls: TlsStream<TcpStream> = handshake.await?;
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let protocol = if h2 { Protocol::Http2 } else { Protocol::Http1 };
                     Ok((tls, protocol, peer))
-                }
+                });
+                handshake
             },
         );
-        fn_service(move |mut io: TcpStream| async move {
-            let peer = client_address(&mut io, header).await?;
-            Ok((io, peer))
-        })
-        .and_then(handshake)
-        .map_err(DispatchError::Io)
-        .and_then(http.service(app(), addr, true))
+        fn_service(move |io: TcpStream| accepted(io, header, |io, peer| (io, peer)))
+            .and_then(handshake)
+            .map_err(DispatchError::Io)
+            .and_then(http.service(app(), addr, true))
     })
 }

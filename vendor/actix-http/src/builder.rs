@@ -29,6 +29,7 @@ pub struct HttpServiceBuilder<T, S, X = ExpectHandler, U = UpgradeHandler> {
     h2_conn_window_size: u32,
     h2_stream_window_size: u32,
     graceful_shutdown_signal: Option<GracefulShutdownSignal>,
+    on_refused: Option<h1::OnRefused>,
     expect: X,
     upgrade: Option<U>,
     on_connect_ext: Option<Rc<ConnectCallback<T>>>,
@@ -56,6 +57,7 @@ where
             h2_conn_window_size: DEFAULT_H2_CONN_WINDOW_SIZE,
             h2_stream_window_size: DEFAULT_H2_STREAM_WINDOW_SIZE,
             graceful_shutdown_signal: None,
+            on_refused: None,
 
             // dispatcher parts
             expect: ExpectHandler,
@@ -188,6 +190,15 @@ where
         self
     }
 
+    /// Tells `hook` of every request the HTTP/1 dispatcher refuses on its own (see
+    /// [`h1::OnRefused`]). Kept in the service's config, shared by its connections: put in
+    /// each connection's data with `on_connect_ext` instead, it costs every connection a map
+    /// of its own (212 bytes), idle ones included.
+    pub fn on_refused(mut self, hook: h1::OnRefused) -> Self {
+        self.on_refused = Some(hook);
+        self
+    }
+
     /// Sets initial stream-level flow control window size for HTTP/2 connections.
     ///
     /// See [`ServiceConfigBuilder::h2_initial_window_size`] for more details.
@@ -228,6 +239,7 @@ where
             h2_conn_window_size: self.h2_conn_window_size,
             h2_stream_window_size: self.h2_stream_window_size,
             graceful_shutdown_signal: self.graceful_shutdown_signal,
+            on_refused: self.on_refused,
             expect: expect.into_factory(),
             upgrade: self.upgrade,
             on_connect_ext: self.on_connect_ext,
@@ -258,6 +270,7 @@ where
             h2_conn_window_size: self.h2_conn_window_size,
             h2_stream_window_size: self.h2_stream_window_size,
             graceful_shutdown_signal: self.graceful_shutdown_signal,
+            on_refused: self.on_refused,
             expect: self.expect,
             upgrade: Some(upgrade.into_factory()),
             on_connect_ext: self.on_connect_ext,
@@ -299,6 +312,7 @@ where
             .h2_initial_window_size(self.h2_stream_window_size)
             .h2_initial_connection_window_size(self.h2_conn_window_size)
             .graceful_shutdown_signal(self.graceful_shutdown_signal)
+            .on_refused(self.on_refused)
             .build();
 
         H1Service::with_config(cfg, service.into_factory())
@@ -330,6 +344,7 @@ where
             .h2_initial_window_size(self.h2_stream_window_size)
             .h2_initial_connection_window_size(self.h2_conn_window_size)
             .graceful_shutdown_signal(self.graceful_shutdown_signal)
+            .on_refused(self.on_refused)
             .build();
 
         crate::h2::H2Service::with_config(cfg, service.into_factory())
@@ -358,6 +373,7 @@ where
             .h2_initial_window_size(self.h2_stream_window_size)
             .h2_initial_connection_window_size(self.h2_conn_window_size)
             .graceful_shutdown_signal(self.graceful_shutdown_signal)
+            .on_refused(self.on_refused)
             .build();
 
         HttpService::with_config(cfg, service.into_factory())

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 
 use crate::{
     date::{DateService, DATE_VALUE_LENGTH},
+    h1::OnRefused,
     KeepAlive,
 };
 
@@ -148,6 +149,13 @@ impl ServiceConfigBuilder {
         self
     }
 
+    /// Sets the hook told of the requests the HTTP/1 dispatcher refuses on its own (see
+    /// [`OnRefused`]), for every connection of this config.
+    pub fn on_refused(mut self, hook: Option<OnRefused>) -> Self {
+        self.inner.on_refused = hook;
+        self
+    }
+
     /// Sets initial stream-level flow control window size for HTTP/2 connections.
     ///
     /// Higher values can improve upload performance on high-latency links at the cost of higher
@@ -194,6 +202,7 @@ struct Inner {
     h2_conn_window_size: u32,
     h2_stream_window_size: u32,
     graceful_shutdown_signal: Option<GracefulShutdownSignal>,
+    on_refused: Option<OnRefused>,
 }
 
 impl Default for Inner {
@@ -211,6 +220,7 @@ impl Default for Inner {
             h2_conn_window_size: DEFAULT_H2_CONN_WINDOW_SIZE,
             h2_stream_window_size: DEFAULT_H2_STREAM_WINDOW_SIZE,
             graceful_shutdown_signal: None,
+            on_refused: None,
         }
     }
 }
@@ -237,6 +247,7 @@ impl ServiceConfig {
             h2_conn_window_size: DEFAULT_H2_CONN_WINDOW_SIZE,
             h2_stream_window_size: DEFAULT_H2_STREAM_WINDOW_SIZE,
             graceful_shutdown_signal: None,
+            on_refused: None,
         }))
     }
 
@@ -306,6 +317,12 @@ impl ServiceConfig {
             .graceful_shutdown_signal
             .as_ref()
             .map(GracefulShutdownSignal::notified)
+    }
+
+    /// The hook told of the requests the HTTP/1 dispatcher refuses on its own, if any.
+    #[inline]
+    pub fn on_refused(&self) -> Option<&OnRefused> {
+        self.0.on_refused.as_ref()
     }
 
     /// Returns configured `TCP_NODELAY` setting for accepted TCP connections.

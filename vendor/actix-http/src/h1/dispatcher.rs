@@ -520,19 +520,20 @@ where
         Ok(size)
     }
 
-    /// Tells the connection's [`OnRefused`], if it has one, of a request answered here, and
-    /// returns the answer: the hook's, with `Connection: close` (the connection closes after
-    /// it), or else `default`, upstream's.
+    /// Tells the service's [`OnRefused`] (its config's, else the connection's data's), if it
+    /// has one, of a request answered here, and returns the answer: the hook's, with
+    /// `Connection: close` (the connection closes after it), or else `default`, upstream's.
     fn refused(
+        config: &ServiceConfig,
         conn_data: &Option<Rc<Extensions>>,
         peer_addr: Option<net::SocketAddr>,
         status: StatusCode,
         reason: &dyn fmt::Display,
         default: Response<()>,
     ) -> Response<BoxBody> {
-        let answer = conn_data
-            .as_ref()
-            .and_then(|d| d.get::<OnRefused>())
+        let answer = config
+            .on_refused()
+            .or_else(|| conn_data.as_ref().and_then(|d| d.get::<OnRefused>()))
             .and_then(|hook| {
                 hook.call(&Refused {
                     status,
@@ -1119,6 +1120,7 @@ where
                 Err(ParseError::TooLarge) => {
                     trace!("request head was too big; returning 431 response");
                     let answer = Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -1142,6 +1144,7 @@ where
                 Err(err) => {
                     trace!("parse error {}", &err);
                     let answer = Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::BAD_REQUEST,
@@ -1193,6 +1196,7 @@ where
                     res.map_into_boxed_body()
                 } else {
                     Self::refused(
+                        this.config,
                         this.conn_data,
                         *this.peer_addr,
                         StatusCode::REQUEST_TIMEOUT,

@@ -226,3 +226,40 @@ async fn a_closed_connection_gives_its_buffers_back() {
     })
     .await;
 }
+
+/// roundabout patch "The refused-request hook in the service's config" (VENDORED.md): given
+/// with the config, the hook is told of a refused request and the connection carries no
+/// data of its own for it (upstream's way, `on_connect_ext`, cost each connection a map).
+#[actix_rt::test]
+async fn the_configs_refused_hook_is_told_and_the_connection_holds_no_data() {
+    use std::sync::{Arc, Mutex};
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = Arc::clone(&seen);
+        OnRefused::new(move |refused| seen.lock().unwrap().push(refused.status))
+    };
+    let config = crate::ServiceConfigBuilder::new()
+        .on_refused(Some(hook))
+        .build();
+    let buf = TestBuffer::new("GET / HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n");
+    let h1 = Dispatcher::new(
+        buf.clone(),
+        ok_flow(),
+        config,
+        None,
+        OnConnectData::default(),
+    );
+    let mut h1 = pin!(h1);
+    let DispatcherState::Normal { inner } = &h1.inner else {
+        panic!("not an HTTP/1 dispatcher")
+    };
+    assert!(inner.conn_data.is_none());
+
+    lazy(|cx| {
+        let _ = h1.as_mut().poll(cx);
+    })
+    .await;
+    assert_eq!(*seen.lock().unwrap(), [StatusCode::BAD_REQUEST]);
+    assert!(buf.take_write_buf().starts_with(b"HTTP/1.1 400"));
+}

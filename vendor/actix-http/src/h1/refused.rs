@@ -19,9 +19,10 @@ pub struct Refused<'a> {
     pub peer_addr: Option<SocketAddr>,
 }
 
-/// Called for every [`Refused`] request on a connection whose data holds it: put it there
-/// with `on_connect_ext` (actix-web: `HttpServer::on_connect`) to log or count them, and,
-/// made with [`OnRefused::answering`], to answer them.
+/// Called for every [`Refused`] request: given to the service with
+/// `HttpServiceBuilder::on_refused` (one for all its connections), or put in a connection's
+/// data with `on_connect_ext` (actix-web: `HttpServer::on_connect`), to log or count them,
+/// and, made with [`OnRefused::answering`], to answer them.
 #[derive(Clone)]
 pub struct OnRefused(Arc<dyn Fn(&Refused<'_>) -> Option<Response<BoxBody>> + Send + Sync>);
 
