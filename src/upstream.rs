@@ -14,7 +14,7 @@ use std::{
 
 use actix_web::http::{
     header::HeaderValue,
-    uri::{Authority, Scheme},
+    uri::{Authority, PathAndQuery, Scheme, Uri},
 };
 use awc::error::{ConnectError, SendRequestError};
 use url::Url;
@@ -76,6 +76,9 @@ pub struct Upstream {
     /// The authority for the upstream request URI; cheap to clone (shared bytes, this
     /// worker's own: see [`Upstream::for_worker`]).
     pub authority: Authority,
+    /// `scheme://authority/`: where a forwarded request connects (its path is the
+    /// client's), made once rather than put together per request.
+    pub uri: Uri,
     /// `Host` to send when `proxy.preserve_host = false`.
     pub host_header: HeaderValue,
     /// Relative share for the weighted strategies.
@@ -104,6 +107,7 @@ impl Upstream {
             pool_name: pool.into(),
             label: label.into(),
             url: url.clone(),
+            uri: base_uri(&scheme, &authority),
             scheme,
             authority,
             host_header,
@@ -131,6 +135,10 @@ impl Upstream {
             // Parsed again, not cloned: a clone would share the bytes (and their reference
             // count, touched per request) with every other worker.
             authority: self.label.parse().expect("parsed once already"),
+            uri: base_uri(
+                &self.scheme,
+                &self.label.parse().expect("parsed once already"),
+            ),
             host_header: HeaderValue::from_str(&self.label).expect("parsed once already"),
             weight: self.weight,
             counters: self.counters.for_worker(),
@@ -142,6 +150,15 @@ impl Upstream {
     pub fn health_url(&self, path: &str) -> String {
         format!("{}://{}{}", self.scheme, self.label, path)
     }
+}
+
+/// `scheme://authority/`.
+fn base_uri(scheme: &Scheme, authority: &Authority) -> Uri {
+    let mut parts = actix_web::http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    Uri::from_parts(parts).expect("a scheme and an authority make a URI")
 }
 
 #[cfg(test)]
@@ -239,6 +256,7 @@ mod tests {
         );
         assert_eq!(&*v6.label, "[::1]:5000");
         assert_eq!(v6.authority.as_str(), "[::1]:5000");
+        assert_eq!(v6.uri.to_string(), "http://[::1]:5000/");
         let tls = Upstream::new(
             DEFAULT_POOL,
             &ServerConfig {
