@@ -98,6 +98,9 @@ pub struct ServerInfo {
     pub draining: bool,
     /// Taken out for a while after failures in a row (`health_check.eject_after_5xx`).
     pub ejected: bool,
+    /// For a server known by name: the URL with the name (`url` is its address's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// The body of `POST /servers`.
@@ -237,7 +240,8 @@ pub async fn server_views(health: &Addr<HealthActor>) -> Result<Vec<ServerView>,
 impl ServerInfo {
     fn of(v: &ServerView) -> Self {
         ServerInfo {
-            url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+            url: v.upstream.shown_url(),
+            name: v.upstream.shown_name(),
             weight: v.upstream.weight,
             healthy: v.healthy,
             in_flight: v.in_flight,
@@ -386,6 +390,7 @@ async fn added(
         in_flight: 0,
         draining: false,
         ejected: false,
+        name: None,
     }))
 }
 

@@ -125,6 +125,8 @@ impl Samples {
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
+    /// This process's: after a SIGUSR2 upgrade, the new process's.
+    pid: u32,
     uptime_seconds: f64,
     /// The default pool's.
     strategy: &'static str,
@@ -194,6 +196,9 @@ struct ServerReport {
     /// The pool it serves in.
     pool: String,
     url: String,
+    /// For a server known by name: the URL with the name (`url` is its address's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     /// `host:port`: what `DELETE /servers/{host:port}` takes.
     label: String,
     weight: u32,
@@ -302,7 +307,8 @@ fn report(
                 .find(|h| h.label == *label && h.pool == v.upstream.pool);
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
-                url: v.upstream.url.as_str().trim_end_matches('/').to_string(),
+                url: v.upstream.shown_url(),
+                name: v.upstream.shown_name(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
                 state: match (v.draining, v.ejected, v.healthy) {
@@ -343,6 +349,7 @@ fn report(
     let rl = &config.rate_limit;
     Report {
         version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
         uptime_seconds: now.saturating_duration_since(state.started).as_secs_f64(),
         strategy: config.default_pool().strategy.name(),
         health_check: HealthCheckReport::of(&config.default_pool().health_check),

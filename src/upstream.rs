@@ -8,6 +8,7 @@
 
 use std::{
     fmt,
+    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -88,6 +89,14 @@ pub struct Upstream {
     /// What a sticky cookie names it by: the same on every worker and instance, and not
     /// its address.
     pub sticky_id: ServerId,
+    /// What consistent hashing and sticky ids know it by, the same on every instance: its
+    /// URL, or for a server known by name the URL of its address.
+    pub key: Arc<str>,
+    /// For a server known by name: the address of the name's it stands for (connections go
+    /// there; `Host` and the TLS name stay the name's).
+    pub address: Option<SocketAddr>,
+    /// For a server known by name: the name and port (`api.internal:8080`).
+    pub name: Option<Arc<str>>,
 }
 
 impl Upstream {
@@ -114,6 +123,39 @@ impl Upstream {
             weight: server.weight,
             counters: ServerCounters::default(),
             sticky_id: ServerId::of(pool, url.as_str()),
+            key: url.as_str().into(),
+            address: None,
+            name: None,
+        }
+    }
+
+    /// One address of a server known by name: labelled by the address (its identity in the
+    /// pool, the metrics and the admin API), sent to it with the name's authority and Host.
+    pub fn resolved(pool: &str, server: &ServerConfig, address: SocketAddr) -> Upstream {
+        let by_name = Upstream::new(pool, server);
+        let label = address.to_string();
+        let key = format!("{}://{label}/", by_name.scheme);
+        Upstream {
+            name: Some(by_name.label.clone()),
+            label: label.into(),
+            sticky_id: ServerId::of(pool, &key),
+            key: key.into(),
+            address: Some(address),
+            ..by_name
+        }
+    }
+
+    /// For a server known by name, its URL with the name, shown beside its address's.
+    pub fn shown_name(&self) -> Option<String> {
+        self.name.as_ref().map(|n| format!("{}://{n}", self.scheme))
+    }
+
+    /// The URL the admin API shows: the configured one, or for a server known by name its
+    /// address's (the name beside it).
+    pub fn shown_url(&self) -> String {
+        match self.address {
+            Some(_) => format!("{}://{}", self.scheme, self.label),
+            None => self.url.as_str().trim_end_matches('/').to_string(),
         }
     }
 
@@ -125,6 +167,13 @@ impl Upstream {
 
     /// A copy for one worker: the same server, with that worker's own counters.
     pub fn for_worker(&self) -> Upstream {
+        // Parsed again, not cloned: a clone would share the bytes (and their reference
+        // count, touched per request) with every other worker.
+        let authority: Authority = self
+            .authority
+            .as_str()
+            .parse()
+            .expect("parsed once already");
         Upstream {
             pool: self.pool,
             // Strings of its own too: the access log clones them per request.
@@ -132,23 +181,23 @@ impl Upstream {
             label: Arc::from(&*self.label),
             url: self.url.clone(),
             scheme: self.scheme.clone(),
-            // Parsed again, not cloned: a clone would share the bytes (and their reference
-            // count, touched per request) with every other worker.
-            authority: self.label.parse().expect("parsed once already"),
-            uri: base_uri(
-                &self.scheme,
-                &self.label.parse().expect("parsed once already"),
-            ),
-            host_header: HeaderValue::from_str(&self.label).expect("parsed once already"),
+            uri: base_uri(&self.scheme, &authority),
+            authority,
+            host_header: HeaderValue::from_bytes(self.host_header.as_bytes())
+                .expect("parsed once already"),
             weight: self.weight,
             counters: self.counters.for_worker(),
             sticky_id: self.sticky_id,
+            key: self.key.clone(),
+            address: self.address,
+            name: self.name.clone(),
         }
     }
 
-    /// The URL to probe for health: the server's URL with `path`.
+    /// The URL to probe for health: the server's URL with `path` (for a server known by
+    /// name, the name's: the probe connects to [`Upstream::address`]).
     pub fn health_url(&self, path: &str) -> String {
-        format!("{}://{}{}", self.scheme, self.label, path)
+        format!("{}://{}{}", self.scheme, self.authority, path)
     }
 }
 
@@ -179,10 +228,12 @@ impl fmt::Display for Upstream {
     /// As logs name it: `host:port`, and its pool unless it is the default one
     /// (`10.0.0.7:8080 (pool api)`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.pool == PoolId::DEFAULT {
-            f.write_str(&self.label)
-        } else {
-            write!(f, "{} (pool {})", self.label, self.pool_name)
+        f.write_str(&self.label)?;
+        match (&self.name, self.pool == PoolId::DEFAULT) {
+            (Some(name), true) => write!(f, " ({name})"),
+            (Some(name), false) => write!(f, " ({name}, pool {})", self.pool_name),
+            (None, false) => write!(f, " (pool {})", self.pool_name),
+            (None, true) => Ok(()),
         }
     }
 }

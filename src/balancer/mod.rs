@@ -10,10 +10,11 @@
 //! leaving the thread): a handler takes its [`Lease`] from it and the lease's end gives it
 //! back synchronously, without a message (DESIGN.md: a same-worker message costs more than
 //! 2% of a request's instructions). The logic is the plain [`Pools`] of
-//! [`ServerList`](list::ServerList)s (`list.rs`); the actor is a thin shell around it. It
+//! [`ServerList`](list::ServerList)s (`pools.rs`, `list.rs`); the actor is a thin shell around it. It
 //! must not block, and must not share its lists with another thread.
 
 mod list;
+mod pools;
 
 use std::{
     cell::{Cell, RefCell},
@@ -28,7 +29,7 @@ use std::{
 
 use actix::prelude::*;
 
-use self::list::Pools;
+use self::pools::Pools;
 use crate::{
     config,
     metrics::Metrics,

@@ -1,7 +1,7 @@
 //! The checked pools: `[balancer]` as the pool `default`, and every `[pools.NAME]`, each
 //! with its servers, strategy, and the health checks and proxy timeouts it overrides.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use actix_web::http::header::HeaderName;
 
@@ -33,6 +33,10 @@ pub struct PoolConfig {
     pub sticky_cookie: Option<Arc<str>>,
     /// Percent of servers in rotation below which the pool uses them all (0: never).
     pub panic_threshold: u8,
+    /// How often host names in `servers` are resolved again.
+    pub resolve_interval: Duration,
+    /// DNS servers to ask; empty: the system's.
+    pub resolvers: Vec<SocketAddr>,
 }
 
 /// The part of a request `consistent_hash` keys on.
@@ -84,11 +88,22 @@ struct Written<'a> {
     hash_on: &'a str,
     sticky_cookie: &'a str,
     panic_threshold: u8,
+    resolve_interval: Duration,
+    resolvers: &'a [String],
+}
+
+/// The pool keys `Written::check` reads, checked.
+struct Checked {
+    hash_on: HashOn,
+    sticky_cookie: Option<Arc<str>>,
+    panic_threshold: u8,
+    resolve_interval: Duration,
+    resolvers: Vec<SocketAddr>,
 }
 
 impl Written<'_> {
     /// Checked; errors name `at.KEY`.
-    fn check(&self, at: &str) -> Result<(HashOn, Option<Arc<str>>, u8), KeyError> {
+    fn check(&self, at: &str) -> Result<Checked, KeyError> {
         let hash_on =
             HashOn::parse(self.hash_on).map_err(|e| key_err(format!("{at}.hash_on"), e))?;
         let sticky = match self.sticky_cookie {
@@ -107,7 +122,28 @@ impl Written<'_> {
                 format!("{} is not a percentage (0 to 100)", self.panic_threshold),
             ));
         }
-        Ok((hash_on, sticky, self.panic_threshold))
+        nonzero(self.resolve_interval, &format!("{at}.resolve_interval"))?;
+        let mut resolvers = Vec::with_capacity(self.resolvers.len());
+        for (i, r) in self.resolvers.iter().enumerate() {
+            let r = r.trim();
+            let addr = r
+                .parse::<SocketAddr>()
+                .or_else(|_| r.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| {
+                    key_err(
+                        format!("{at}.resolvers[{i}]"),
+                        format!("{r:?} is not an address of a DNS server (\"10.0.0.2\" or \"10.0.0.2:53\")"),
+                    )
+                })?;
+            resolvers.push(addr);
+        }
+        Ok(Checked {
+            hash_on,
+            sticky_cookie: sticky,
+            panic_threshold: self.panic_threshold,
+            resolve_interval: self.resolve_interval,
+            resolvers,
+        })
     }
 }
 
@@ -134,10 +170,12 @@ impl FileConfig {
     pub(super) fn validate_pools(&self) -> Result<Vec<PoolConfig>, KeyError> {
         let base_proxy = PoolProxy::of(&self.proxy);
         let b = &self.balancer;
-        let (hash_on, sticky_cookie, panic_threshold) = Written {
+        let checked = Written {
             hash_on: &b.hash_on,
             sticky_cookie: &b.sticky_cookie,
             panic_threshold: b.panic_threshold,
+            resolve_interval: b.resolve_interval,
+            resolvers: &b.resolvers,
         }
         .check("balancer")?;
         let mut pools = vec![PoolConfig {
@@ -146,9 +184,11 @@ impl FileConfig {
             servers: servers(&b.servers, "balancer.servers")?,
             health_check: checked_health(self.health_check.clone(), "health_check")?,
             proxy: base_proxy,
-            hash_on,
-            sticky_cookie,
-            panic_threshold,
+            hash_on: checked.hash_on,
+            sticky_cookie: checked.sticky_cookie,
+            panic_threshold: checked.panic_threshold,
+            resolve_interval: checked.resolve_interval,
+            resolvers: checked.resolvers,
         }];
         for (name, pool) in &self.pools {
             let key = format!("pools.{name}");
@@ -187,10 +227,12 @@ impl FileConfig {
                     nonzero(proxy.timeout, &format!("{key}.proxy.timeout"))?;
                 }
             }
-            let (hash_on, sticky_cookie, panic_threshold) = Written {
+            let checked = Written {
                 hash_on: &pool.hash_on,
                 sticky_cookie: &pool.sticky_cookie,
                 panic_threshold: pool.panic_threshold,
+                resolve_interval: pool.resolve_interval,
+                resolvers: &pool.resolvers,
             }
             .check(&key)?;
             pools.push(PoolConfig {
@@ -199,9 +241,11 @@ impl FileConfig {
                 servers: servers(&pool.servers, &format!("{key}.servers"))?,
                 health_check: checked_health(health, &format!("{key}.health_check"))?,
                 proxy,
-                hash_on,
-                sticky_cookie,
-                panic_threshold,
+                hash_on: checked.hash_on,
+                sticky_cookie: checked.sticky_cookie,
+                panic_threshold: checked.panic_threshold,
+                resolve_interval: checked.resolve_interval,
+                resolvers: checked.resolvers,
             });
         }
         Ok(pools)

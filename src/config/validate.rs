@@ -28,6 +28,22 @@ pub struct ServerConfig {
     pub weight: u32,
 }
 
+impl ServerConfig {
+    /// The host name, when the URL has one rather than an IP address: it stands for every
+    /// address the name resolves to.
+    pub fn host_name(&self) -> Option<&str> {
+        match self.url.host()? {
+            url::Host::Domain(name) => Some(name),
+            url::Host::Ipv4(_) | url::Host::Ipv6(_) => None,
+        }
+    }
+
+    /// The port, written or the scheme's.
+    pub fn port(&self) -> u16 {
+        self.url.port_or_known_default().unwrap_or(80)
+    }
+}
+
 /// The validated configuration the program runs on.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -45,6 +61,8 @@ pub struct Config {
     pub(crate) keepalive_timeout: Duration,
     /// Open client connections for the whole process (at least 1).
     pub(crate) max_connections: usize,
+    /// Every client connection opens with a PROXY protocol header (`listen.proxy_protocol`).
+    pub(crate) proxy_protocol: bool,
     /// The default pool (`[balancer]`) first, then `[pools.*]` by name.
     pub(crate) pools: Vec<PoolConfig>,
     /// `[[routes]]`, in file order.
@@ -178,6 +196,7 @@ impl FileConfig {
             header_timeout: self.listen.header_timeout,
             keepalive_timeout: self.listen.keepalive_timeout,
             max_connections: self.listen.max_connections,
+            proxy_protocol: self.listen.proxy_protocol,
             pools,
             routes,
             proxy: self.proxy.clone(),

@@ -21,6 +21,7 @@ use std::{
 use actix::prelude::*;
 
 mod eject;
+mod names;
 mod state;
 
 pub use self::state::{HealthState, LastCheck};
@@ -34,6 +35,7 @@ use crate::{
     metrics::Metrics,
     rate_limit::Reconfigure,
     registry::{Changes, MembershipError, Registry, WorkerHandles},
+    resolve::Resolved,
     upstream::{self, describe, PoolId, Upstream},
 };
 
@@ -70,6 +72,10 @@ pub struct HealthActor {
     ejections: Ejections,
     /// The pools in panic now (fewer in rotation than their `panic_threshold`).
     panicking: HashSet<PoolId>,
+    /// Each pool's servers known by name, looked up again every `resolve_interval`.
+    names: names::ByPool,
+    /// The pools as configured, until `started` schedules their names' lookups.
+    configured: Vec<PoolConfig>,
 }
 
 /// A pool as the registry announces it.
@@ -86,48 +92,44 @@ fn spec(pool: &PoolConfig, retired: bool) -> PoolSpec {
 
 impl HealthActor {
     /// A registry over the configured pools and their servers, all in rotation.
+    /// `resolved` holds the addresses of the servers given by name (`resolve_at_start`).
     pub fn new(
         pools: &[PoolConfig],
+        resolved: &Resolved,
         upstream_tls: Arc<rustls::ClientConfig>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut checks = HashMap::new();
-        let mut members = Vec::with_capacity(pools.len());
-        for pool in pools {
-            let servers: Vec<Arc<Upstream>> = pool
-                .servers
-                .iter()
-                .map(|s| Arc::new(Upstream::new(&pool.name, s).with_metrics(&metrics)))
-                .collect();
-            for u in &servers {
-                metrics.set_healthy(&key_of(u), true);
-                checks.insert(
-                    (u.pool, u.label.clone()),
-                    Checks::new(HealthState::default()),
-                );
-            }
-            members.push((spec(pool, false), servers));
-        }
-        let pools = pools
-            .iter()
-            .map(|p| {
-                let checks = PoolChecks {
-                    settings: p.health_check.clone(),
-                    rounds: None,
-                };
-                (PoolId::of(&p.name), checks)
-            })
-            .collect();
-        Self {
-            registry: Registry::new(members),
-            checks,
-            pools,
+        let mut actor = Self {
+            registry: Registry::default(),
+            checks: HashMap::new(),
+            pools: HashMap::new(),
             metrics,
             client: None,
             upstream_tls,
             ejections: Ejections::default(),
             panicking: HashSet::new(),
+            names: names::ByPool::new(),
+            configured: pools.to_vec(),
+        };
+        let mut members = Vec::with_capacity(pools.len());
+        for pool in pools {
+            let servers = actor.expand(pool, resolved);
+            for u in &servers {
+                actor.metrics.set_healthy(&key_of(u), true);
+                actor.checks.insert(
+                    (u.pool, u.label.clone()),
+                    Checks::new(HealthState::default()),
+                );
+            }
+            members.push((spec(pool, false), servers));
+            let checks = PoolChecks {
+                settings: pool.health_check.clone(),
+                rounds: None,
+            };
+            actor.pools.insert(PoolId::of(&pool.name), checks);
         }
+        actor.registry = Registry::new(members);
+        actor
     }
 
     /// The client probes go out with: no cap on connecting of its own (each probe is held
@@ -199,10 +201,13 @@ impl HealthActor {
         }
         checks.probing = true;
         let timeout = settings.timeout;
-        let request = client
+        let mut request = client
             .get(upstream.health_url(&settings.path))
-            .timeout(timeout)
-            .send();
+            .timeout(timeout);
+        if let Some(address) = upstream.address {
+            request = request.address(address);
+        }
+        let request = request.send();
         ctx.spawn(
             async move {
                 let sent = Instant::now();
@@ -309,6 +314,9 @@ impl Actor for HealthActor {
         for pool in pools {
             self.schedule(pool, ctx);
         }
+        for pool in std::mem::take(&mut self.configured) {
+            self.schedule_names(&pool, ctx);
+        }
     }
 }
 
@@ -338,6 +346,9 @@ impl Handler<Register> for HealthActor {
 #[rtype(result = "Changes")]
 pub struct Reload {
     pub pools: Vec<PoolConfig>,
+    /// The addresses of the servers given by name, as looked up for this reload (a name
+    /// missing here keeps the addresses it has).
+    pub resolved: Resolved,
     pub limiter: Reconfigure,
     /// The verification of `https://` servers, read again with the file.
     pub upstream_tls: Arc<rustls::ClientConfig>,
@@ -350,14 +361,7 @@ impl Handler<Reload> for HealthActor {
         let pools = msg
             .pools
             .iter()
-            .map(|p| {
-                let servers = p
-                    .servers
-                    .iter()
-                    .map(|s| Arc::new(Upstream::new(&p.name, s).with_metrics(&self.metrics)))
-                    .collect();
-                (spec(p, false), servers)
-            })
+            .map(|p| (spec(p, false), self.expand(p, &msg.resolved)))
             .collect();
         let changes = self.registry.reload(pools);
         for upstream in &changes.added {
@@ -409,6 +413,9 @@ impl Handler<Reload> for HealthActor {
         }
         if new_client {
             self.client = Some(self.new_client());
+        }
+        for pool in &msg.pools {
+            self.schedule_names(pool, ctx);
         }
         MessageResult(changes)
     }

@@ -443,6 +443,10 @@ async fn send(
             // An upgrade goes through awc's own request (its tunnel takes a head of its own).
             let uri = upstream_uri(req, &upstream, to.path.as_deref());
             let mut creq = client.request(req.method().clone(), uri).no_decompress();
+            if let Some(address) = upstream.address {
+                // A server known by name: this address of the name's, the name in Host and SNI.
+                creq = creq.address(address);
+            }
             *creq.headers_mut() = head.header_map();
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
             head_within(creq.send_upgrade(), pool.timeout, None)
@@ -456,14 +460,18 @@ async fn send(
         } else {
             let head = Box::new(head);
             let sending = match (&body, framing) {
-                (Some(b), Framing::Length(n)) => {
-                    client.send_forwarded(head, None, SizedStream::new(n, BodyReader(b.clone())))
-                }
-                (Some(b), _) => {
-                    client.send_forwarded(head, None, BodyStream::new(BodyReader(b.clone())))
-                }
+                (Some(b), Framing::Length(n)) => client.send_forwarded(
+                    head,
+                    upstream.address,
+                    SizedStream::new(n, BodyReader(b.clone())),
+                ),
+                (Some(b), _) => client.send_forwarded(
+                    head,
+                    upstream.address,
+                    BodyStream::new(BodyReader(b.clone())),
+                ),
                 // No body at all (not an empty one): no Content-Length: 0 on a GET.
-                (None, _) => client.send_forwarded(head, None, NoBody::new()),
+                (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
             };
             head_within(sending, pool.timeout, body.as_deref())
                 .await

@@ -20,7 +20,7 @@ use std::{
 
 use actix::prelude::*;
 
-use super::{Budget, ClientKey, Decision, Hit, Stores, Store, StoreError, Verdict, View};
+use super::{Budget, ClientKey, Decision, Hit, Store, StoreError, Stores, Verdict, View};
 use crate::{
     config::{OnStoreError, RateLimit},
     metrics::Metrics,
@@ -228,7 +228,10 @@ impl Actor for RateLimitActor {
         let window = self.state.borrow().window;
         ctx.run_interval(window, |act, _| {
             let now = Instant::now();
-            act.state.borrow_mut().blocked.retain(|_, until| *until > now);
+            act.state
+                .borrow_mut()
+                .blocked
+                .retain(|_, until| *until > now);
         });
     }
 }
@@ -254,9 +257,11 @@ impl Handler<Check> for RateLimitActor {
         match state.hit(key, budget.as_ref()) {
             // Answered at once: no future to box.
             Hit::Ready(result) => ActorResponse::reply(state.settle(key, budget.as_ref(), result)),
-            Hit::Pending(hit) => ActorResponse::r#async(hit.into_actor(self).map(
-                move |result, act, _| act.state.borrow_mut().settle(key, budget.as_ref(), result),
-            )),
+            Hit::Pending(hit) => {
+                ActorResponse::r#async(hit.into_actor(self).map(move |result, act, _| {
+                    act.state.borrow_mut().settle(key, budget.as_ref(), result)
+                }))
+            }
         }
     }
 }

@@ -240,11 +240,7 @@ impl RouteTable {
         for (i, route) in routes.iter().enumerate() {
             let i = u32::try_from(i).expect("fewer than 4 billion routes");
             match &route.host {
-                Some(Host::Exact(h)) => table
-                    .exact
-                    .entry(h.as_bytes().into())
-                    .or_default()
-                    .push(i),
+                Some(Host::Exact(h)) => table.exact.entry(h.as_bytes().into()).or_default().push(i),
                 Some(Host::Suffix(_)) => table.suffixes.push(i),
                 None => table.hostless.push(i),
             }

@@ -4,6 +4,8 @@
 
 mod binary;
 pub mod cluster;
+pub mod dns;
+pub mod handover;
 mod raw;
 mod redis;
 pub mod tls;
@@ -70,12 +72,17 @@ impl Backend {
 
     /// Starts a backend on `port` (0 = a free one), e.g. to bring one back where it was.
     pub fn start_on(name: &str, port: u16) -> Backend {
-        Self::launch(name, port, None, Self::routes)
+        Self::launch(name, ("127.0.0.1", port), None, Self::routes)
+    }
+
+    /// Starts a backend on `ip:port` (another loopback address, say 127.0.0.2).
+    pub fn start_at(name: &str, ip: &str, port: u16) -> Backend {
+        Self::launch(name, (ip, port), None, Self::routes)
     }
 
     /// Starts a backend on a free port that speaks HTTPS (HTTP/1.1) with `tls`.
     pub fn start_tls(name: &str, tls: rustls::ServerConfig) -> Backend {
-        Self::launch(name, 0, Some(tls), Self::routes)
+        Self::launch(name, ("127.0.0.1", 0), Some(tls), Self::routes)
     }
 
     fn routes(cfg: &mut web::ServiceConfig) {
@@ -102,7 +109,7 @@ impl Backend {
     /// strategies, whichever path the proxy is asked for.
     pub fn start_slow(name: &str, ms: u64) -> Backend {
         let delay = Duration::from_millis(ms);
-        Self::launch(name, 0, None, move |cfg| {
+        Self::launch(name, ("127.0.0.1", 0), None, move |cfg| {
             cfg.default_service(web::to(move |state: web::Data<BackendState>| async move {
                 state.hits.fetch_add(1, Ordering::SeqCst);
                 actix_rt::time::sleep(delay).await;
@@ -111,14 +118,14 @@ impl Backend {
         })
     }
 
-    /// One worker on `127.0.0.1:port` serving `/health` and the routes of `routes`.
+    /// One worker on `ip:port` (port 0: a free one) serving `/health` and the routes of `routes`.
     fn launch(
         name: &str,
-        port: u16,
+        (ip, port): (&str, u16),
         tls: Option<rustls::ServerConfig>,
         routes: impl Fn(&mut web::ServiceConfig) + Clone + Send + 'static,
     ) -> Backend {
-        let listener = bind_retry(port);
+        let listener = bind_retry(ip, port);
         let addr = listener.local_addr().unwrap();
         let state = BackendState {
             name: name.to_string(),
@@ -192,12 +199,12 @@ pub fn dead_url() -> String {
 }
 
 /// Binds `127.0.0.1:port`, retrying a little while a just-closed port is released.
-fn bind_retry(port: u16) -> TcpListener {
+fn bind_retry(ip: &str, port: u16) -> TcpListener {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match TcpListener::bind(("127.0.0.1", port)) {
+        match TcpListener::bind((ip, port)) {
             Ok(l) => return l,
-            Err(e) if Instant::now() > deadline => panic!("bind 127.0.0.1:{port}: {e}"),
+            Err(e) if Instant::now() > deadline => panic!("bind {ip}:{port}: {e}"),
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     }

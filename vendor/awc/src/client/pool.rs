@@ -31,14 +31,22 @@ use super::{
     Connect,
 };
 
+/// What pooled connections are kept by: the authority, and the address connected to when
+/// the request named one (`ClientRequest::address`). (roundabout patch: servers known by
+/// name, VENDORED.md: two addresses of one name are two servers, and a connection to one
+/// must not be handed to a request for the other.)
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     authority: Authority,
+    addr: Option<std::net::SocketAddr>,
 }
 
 impl From<Authority> for Key {
     fn from(authority: Authority) -> Key {
-        Key { authority }
+        Key {
+            authority,
+            addr: None,
+        }
     }
 }
 
@@ -171,7 +179,10 @@ where
 
         Box::pin(async move {
             let key = if let Some(authority) = req.uri.authority() {
-                authority.clone().into()
+                Key {
+                    authority: authority.clone(),
+                    addr: req.addr,
+                }
             } else {
                 return Err(ConnectError::Unresolved);
             };
@@ -612,6 +623,33 @@ mod test {
         let conn = pool.call(req).await.unwrap();
         assert_eq!(2, generated_clone.get());
         release(conn);
+    }
+
+    /// roundabout patch: one authority at two addresses is two keys (VENDORED.md, "Pooled
+    /// connections are kept by authority and address").
+    #[actix_rt::test]
+    async fn test_pool_authority_and_address_key() {
+        let generated = Rc::new(Cell::new(0));
+        let connector = TestPoolConnector {
+            generated: generated.clone(),
+        };
+        let pool = super::ConnectionPool::new(connector, ConnectorConfig::default());
+        let at = |ip: &str| Connect {
+            uri: Uri::from_static("http://api.internal:8080"),
+            addr: Some(format!("{ip}:8080").parse().unwrap()),
+        };
+
+        release(pool.call(at("127.0.0.1")).await.unwrap());
+        release(pool.call(at("127.0.0.1")).await.unwrap());
+        assert_eq!(1, generated.get(), "the same address reuses its connection");
+        release(pool.call(at("127.0.0.2")).await.unwrap());
+        assert_eq!(
+            2,
+            generated.get(),
+            "another address of the name gets its own"
+        );
+        release(pool.call(at("127.0.0.1")).await.unwrap());
+        assert_eq!(2, generated.get());
     }
 
     #[actix_rt::test]
