@@ -15,7 +15,7 @@ use std::{
 
 use actix_web::http::{
     header::HeaderValue,
-    uri::{Authority, Scheme},
+    uri::{Authority, PathAndQuery, Scheme, Uri},
 };
 use awc::error::{ConnectError, SendRequestError};
 use url::Url;
@@ -77,6 +77,9 @@ pub struct Upstream {
     /// The authority for the upstream request URI; cheap to clone (shared bytes, this
     /// worker's own: see [`Upstream::for_worker`]).
     pub authority: Authority,
+    /// `scheme://authority/`: where a forwarded request connects (its path is the
+    /// client's), made once rather than put together per request.
+    pub uri: Uri,
     /// `Host` to send when `proxy.preserve_host = false`.
     pub host_header: HeaderValue,
     /// Relative share for the weighted strategies.
@@ -113,6 +116,7 @@ impl Upstream {
             pool_name: pool.into(),
             label: label.into(),
             url: url.clone(),
+            uri: base_uri(&scheme, &authority),
             scheme,
             authority,
             host_header,
@@ -162,6 +166,13 @@ impl Upstream {
 
     /// A copy for one worker: the same server, with that worker's own counters.
     pub fn for_worker(&self) -> Upstream {
+        // Parsed again, not cloned: a clone would share the bytes (and their reference
+        // count, touched per request) with every other worker.
+        let authority: Authority = self
+            .authority
+            .as_str()
+            .parse()
+            .expect("parsed once already");
         Upstream {
             pool: self.pool,
             // Strings of its own too: the access log clones them per request.
@@ -169,13 +180,8 @@ impl Upstream {
             label: Arc::from(&*self.label),
             url: self.url.clone(),
             scheme: self.scheme.clone(),
-            // Parsed again, not cloned: a clone would share the bytes (and their reference
-            // count, touched per request) with every other worker.
-            authority: self
-                .authority
-                .as_str()
-                .parse()
-                .expect("parsed once already"),
+            uri: base_uri(&self.scheme, &authority),
+            authority,
             host_header: HeaderValue::from_bytes(self.host_header.as_bytes())
                 .expect("parsed once already"),
             weight: self.weight,
@@ -192,6 +198,15 @@ impl Upstream {
     pub fn health_url(&self, path: &str) -> String {
         format!("{}://{}{}", self.scheme, self.authority, path)
     }
+}
+
+/// `scheme://authority/`.
+fn base_uri(scheme: &Scheme, authority: &Authority) -> Uri {
+    let mut parts = actix_web::http::uri::Parts::default();
+    parts.scheme = Some(scheme.clone());
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    Uri::from_parts(parts).expect("a scheme and an authority make a URI")
 }
 
 #[cfg(test)]
@@ -291,6 +306,7 @@ mod tests {
         );
         assert_eq!(&*v6.label, "[::1]:5000");
         assert_eq!(v6.authority.as_str(), "[::1]:5000");
+        assert_eq!(v6.uri.to_string(), "http://[::1]:5000/");
         let tls = Upstream::new(
             DEFAULT_POOL,
             &ServerConfig {

@@ -430,3 +430,102 @@ async fn upgrade_request_needs_an_upgrade_header() {
         Err(awc::error::SendRequestError::MissingUpgradeHeader)
     ));
 }
+
+// --- a forwarded head (roundabout's patch for issue #25) ----------------------------------
+
+/// A proxy's head: the incoming headers but those it drops, then its own.
+struct Forwarded {
+    head: actix_http::RequestHead,
+    incoming: awc::http::header::HeaderMap,
+    own: Vec<(
+        awc::http::header::HeaderName,
+        awc::http::header::HeaderValue,
+    )>,
+}
+
+impl actix_http::ForwardedHead for Forwarded {
+    fn head(&self) -> &actix_http::RequestHead {
+        &self.head
+    }
+
+    fn target(&self) -> &str {
+        "/from/the/client?q=1"
+    }
+
+    fn headers(
+        &self,
+        f: &mut dyn FnMut(&awc::http::header::HeaderName, &awc::http::header::HeaderValue),
+    ) {
+        for (name, value) in self.incoming.iter() {
+            if name != "x-dropped" {
+                f(name, value);
+            }
+        }
+        for (name, value) in &self.own {
+            f(name, value);
+        }
+    }
+
+    fn has(&self, name: &awc::http::header::HeaderName) -> bool {
+        self.own.iter().any(|(n, _)| n == name)
+            || (name != "x-dropped" && self.incoming.contains_key(name))
+    }
+}
+
+#[actix_rt::test]
+async fn a_forwarded_head_goes_out_as_its_parts_say_on_a_kept_alive_connection() {
+    use awc::http::header::{HeaderMap, HeaderName, HeaderValue};
+    let backend = Scripted::start(|mut c| {
+        while c.head().is_some() {
+            c.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let client = client();
+    for _ in 0..2 {
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            HeaderName::from_static("host"),
+            HeaderValue::from_static("client.test"),
+        );
+        incoming.insert(
+            HeaderName::from_static("x-dropped"),
+            HeaderValue::from_static("1"),
+        );
+        incoming.insert(
+            HeaderName::from_static("accept"),
+            HeaderValue::from_static("*/*"),
+        );
+        let head = Forwarded {
+            head: actix_http::RequestHead::bare(
+                awc::http::Method::GET,
+                backend.url("/").parse().unwrap(),
+            ),
+            incoming,
+            own: vec![(
+                HeaderName::from_static("x-own"),
+                HeaderValue::from_static("2"),
+            )],
+        };
+        let sent = client.send_forwarded(Box::new(head), None, ());
+        let mut res = actix_rt::time::timeout(STEP, sent)
+            .await
+            .expect("response head in time")
+            .expect("response head");
+        assert_eq!(body(&mut res).await.unwrap(), "ok");
+    }
+    assert_eq!(backend.connections.load(Ordering::SeqCst), 1, "kept alive");
+    let heads = backend.heads();
+    assert_eq!(heads.len(), 2);
+    let head = &heads[1];
+    // The target, not the URI's path; the client's Host kept, not the URI's authority;
+    // no body, so no length.
+    assert!(
+        head.starts_with("GET /from/the/client?q=1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("host: client.test\r\n"), "{head}");
+    assert!(head.contains("accept: */*\r\n"), "{head}");
+    assert!(head.contains("x-own: 2\r\n"), "{head}");
+    assert!(!head.contains("x-dropped"), "{head}");
+    assert!(!head.contains("content-length"), "{head}");
+}

@@ -8,7 +8,6 @@ use actix_web::{
     http::{
         header::{self, HeaderMap, HeaderName, HeaderValue},
         uri::{PathAndQuery, Uri},
-        Version,
     },
     HttpRequest,
 };
@@ -22,7 +21,8 @@ use crate::{
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
 /// `Expect` is among them because it is answered here (actix sends the 100 Continue).
 /// `Host` is copied, and replaced by the server's authority when `preserve_host = false`.
-pub const HOP_BY_HOP: [HeaderName; 10] = [
+/// A `static`, not a `const`: a `const` of names is built and dropped again at every use.
+pub static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -35,9 +35,9 @@ pub const HOP_BY_HOP: [HeaderName; 10] = [
     header::EXPECT,
 ];
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
@@ -111,7 +111,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The options a message's `Connection` fields list (those that are text), trimmed.
-fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
@@ -121,115 +121,8 @@ fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// A `Connection` option that names a header field, not only the connection's fate.
-fn names_a_field(option: &str) -> bool {
+pub fn names_a_field(option: &str) -> bool {
     !option.eq_ignore_ascii_case("keep-alive") && !option.eq_ignore_ascii_case("close")
-}
-
-/// The hop-by-hop rule for one message: [`HOP_BY_HOP`], plus every header its
-/// `Connection` names.
-pub struct HopByHop<'a> {
-    /// The message's headers when its `Connection` names more than `keep-alive` or `close`
-    /// (rare); `None` skips the per-header look at `Connection`.
-    connection: Option<&'a HeaderMap>,
-}
-
-impl<'a> HopByHop<'a> {
-    pub fn of(headers: &'a HeaderMap) -> Self {
-        let names_more = headers
-            .get_all(header::CONNECTION)
-            .any(|v| v.to_str().is_err())
-            || connection_options(headers).any(names_a_field);
-        Self {
-            connection: names_more.then_some(headers),
-        }
-    }
-
-    /// True when `name` must not cross the proxy.
-    pub fn drops(&self, name: &HeaderName) -> bool {
-        HOP_BY_HOP.contains(name)
-            || self.connection.is_some_and(|headers| {
-                connection_options(headers).any(|t| t.eq_ignore_ascii_case(name.as_str()))
-            })
-    }
-}
-
-/// The request headers to send upstream.
-pub fn upstream_headers(req: &HttpRequest, peer: Option<IpAddr>, trusted: &[IpNet]) -> HeaderMap {
-    let incoming = req.headers();
-    let mut out = HeaderMap::with_capacity(incoming.len() + 3);
-    let hop = HopByHop::of(incoming);
-    for (name, value) in incoming.iter() {
-        if hop.drops(name)
-            || *name == X_FORWARDED_FOR
-            || *name == X_FORWARDED_PROTO
-            || *name == X_FORWARDED_HOST
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    if let Some(peer) = peer {
-        let trusted = trusted.iter().any(|n| n.contains(&peer));
-        let mut xff = String::with_capacity(48);
-        if trusted {
-            for v in incoming.get_all(X_FORWARDED_FOR) {
-                if let Ok(v) = v.to_str() {
-                    xff.push_str(v);
-                    xff.push_str(", ");
-                }
-            }
-        }
-        // Written in place: no String of its own for the address.
-        let _ = std::fmt::Write::write_fmt(&mut xff, format_args!("{peer}"));
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            out.insert(X_FORWARDED_FOR, v);
-        }
-    }
-    // `secure` is the listener's (TLS or not), never anything the client sent.
-    let proto = if req.app_config().secure() {
-        "https"
-    } else {
-        "http"
-    };
-    out.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host = incoming.get(header::HOST).cloned().or_else(|| {
-        let host = req
-            .uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-        // HTTP/2 carries the host as `:authority`, which is the Host an HTTP/1.1 server
-        // needs (RFC 9113 §8.3.1).
-        if let Some(host) = &host {
-            out.insert(header::HOST, host.clone());
-        }
-        host
-    });
-    if let Some(host) = host {
-        out.insert(X_FORWARDED_HOST, host);
-    }
-    if req.version() == Version::HTTP_2 {
-        join_cookies(&mut out);
-    }
-    out
-}
-
-/// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 server expects one
-/// field, joined with "; " (RFC 9113 §8.2.3).
-fn join_cookies(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::COOKIE);
-    if values.next().is_none() || values.next().is_none() {
-        return;
-    }
-    let mut joined = Vec::new();
-    for v in headers.get_all(header::COOKIE) {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b"; ");
-        }
-        joined.extend_from_slice(v.as_bytes());
-    }
-    if let Ok(v) = HeaderValue::from_bytes(&joined) {
-        headers.insert(header::COOKIE, v);
-    }
 }
 
 /// The client IP per the SPEC: the TCP peer, or, when the peer is a trusted proxy, the
@@ -435,16 +328,6 @@ mod tests {
     }
 
     #[test]
-    fn split_cookies_are_joined_into_one_field() {
-        let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
-        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
-        join_cookies(&mut h);
-        let all: Vec<_> = h.get_all(header::COOKIE).collect();
-        assert_eq!(all, ["a=1; b=2"]);
-    }
-
-    #[test]
     fn stripping_in_place_drops_what_the_rule_drops() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -472,20 +355,5 @@ mod tests {
         for n in [0, 1, 9, 10, 99, 100, 4321, 9_999, 10_000, 1 << 40] {
             assert_eq!(number(n), n.to_string().as_str(), "{n}");
         }
-    }
-
-    #[test]
-    fn connection_named_headers_are_hop_by_hop() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Secret"),
-        );
-        let hop = HopByHop::of(&h);
-        assert!(hop.drops(&HeaderName::from_static("x-secret")));
-        assert!(hop.drops(&header::TE));
-        assert!(!hop.drops(&header::ACCEPT));
-        let plain = HeaderMap::new();
-        assert!(HopByHop::of(&plain).connection.is_none());
     }
 }

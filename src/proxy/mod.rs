@@ -16,6 +16,7 @@
 mod body;
 pub mod checks;
 mod error;
+mod forward;
 mod headers;
 mod settings;
 mod tunnel;
@@ -25,7 +26,7 @@ use std::{net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 use actix_codec::Framed;
 use actix_http::h1::ClientCodec;
 use actix_web::{
-    body::{BodySize, MessageBody as _, None as NoBody, SizedStream},
+    body::{BodySize, BodyStream, MessageBody as _, None as NoBody, SizedStream},
     dev::Payload,
     http::{header, header::HeaderValue, Method},
     web, HttpRequest, HttpResponse, ResponseError,
@@ -37,7 +38,8 @@ pub use self::error::ProxyError;
 use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
-    headers::{rate_limit_headers, upstream_headers, upstream_uri, X_REQUEST_ID},
+    forward::{Rewrite, UpstreamHead},
+    headers::{rate_limit_headers, upstream_uri, X_REQUEST_ID},
     settings::{Current, PoolSettings},
     tunnel::tunnel,
 };
@@ -392,19 +394,14 @@ async fn send(
     let settings = &current.settings;
     let pool = to.proxy.proxy;
     let client = current.client(pool.connect_timeout);
-    let route = ctx.route;
-    let rewrite = |mut headers| {
-        if let Some(route) = route {
-            route.request_headers.apply(&mut headers);
-        }
-        headers
+    let rewrite = Rewrite {
+        peer: ctx.peer,
+        trusted: &settings.trusted_proxies,
+        rules: ctx.route.map(|r| &r.request_headers),
+        path: to.path.as_deref(),
+        request_id: &ctx.request_id,
+        preserve_host: settings.proxy.preserve_host,
     };
-    // Moved into the first try; a retry (rare) builds them again.
-    let mut headers = Some(rewrite(upstream_headers(
-        req,
-        ctx.peer,
-        &settings.trusted_proxies,
-    )));
     let idempotent = matches!(
         *req.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
@@ -440,25 +437,18 @@ async fn send(
         let upstream = lease.upstream().clone();
         last = Some(upstream.clone());
 
-        let uri = upstream_uri(req, &upstream, to.path.as_deref());
-        // no_decompress: no Accept-Encoding of awc's own when the client sent none.
-        let mut creq = client.request(req.method().clone(), uri).no_decompress();
-        if let Some(address) = upstream.address {
-            // A server known by name: this address of the name's, the name in Host and SNI.
-            creq = creq.address(address);
-        }
-        *creq.headers_mut() = match headers.take() {
-            Some(h) => h,
-            None => rewrite(upstream_headers(req, ctx.peer, &settings.trusted_proxies)),
-        };
-        creq.headers_mut()
-            .insert(X_REQUEST_ID, ctx.request_id.clone());
-        if !settings.proxy.preserve_host || !creq.headers().contains_key(header::HOST) {
-            creq.headers_mut()
-                .insert(header::HOST, upstream.host_header.clone());
-        }
+        // Phase **rewrite**: the client's head, forwarded (forward.rs).
+        let head = UpstreamHead::new(req, &upstream, &rewrite);
         let sent = Instant::now();
         let result = if let Some(protocol) = to.upgrade {
+            // An upgrade goes through awc's own request (its tunnel takes a head of its own).
+            let uri = upstream_uri(req, &upstream, to.path.as_deref());
+            let mut creq = client.request(req.method().clone(), uri).no_decompress();
+            if let Some(address) = upstream.address {
+                // A server known by name: this address of the name's, the name in Host and SNI.
+                creq = creq.address(address);
+            }
+            *creq.headers_mut() = head.header_map();
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
             head_within(creq.send_upgrade(), pool.timeout, None)
                 .await
@@ -469,13 +459,20 @@ async fn send(
                     })
                 })
         } else {
+            let head = Box::new(head);
             let sending = match (&body, framing) {
-                (Some(b), Framing::Length(n)) => {
-                    creq.send_body(SizedStream::new(n, BodyReader(b.clone())))
-                }
-                (Some(b), _) => creq.send_stream(BodyReader(b.clone())),
+                (Some(b), Framing::Length(n)) => client.send_forwarded(
+                    head,
+                    upstream.address,
+                    SizedStream::new(n, BodyReader(b.clone())),
+                ),
+                (Some(b), _) => client.send_forwarded(
+                    head,
+                    upstream.address,
+                    BodyStream::new(BodyReader(b.clone())),
+                ),
                 // No body at all (not an empty one): no Content-Length: 0 on a GET.
-                (None, _) => creq.send_body(NoBody::new()),
+                (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
             };
             head_within(sending, pool.timeout, body.as_deref())
                 .await

@@ -71,7 +71,7 @@ pub use self::{
     keep_alive::KeepAlive,
     message::{ConnectionType, Message},
     payload::{BoxedPayloadStream, Payload},
-    requests::{Request, RequestHead, RequestHeadType},
+    requests::{ForwardedHead, Request, RequestHead, RequestHeadType},
     responses::{Response, ResponseBuilder, ResponseHead},
     service::HttpService,
 };

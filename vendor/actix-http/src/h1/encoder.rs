@@ -11,10 +11,11 @@ use bytes::{BufMut, BytesMut};
 use crate::{
     body::BodySize,
     header::{
-        map::Value, HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING,
-        UPGRADE,
+        map::Value, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, DATE,
+        TRANSFER_ENCODING, UPGRADE,
     },
-    helpers, ConnectionType, RequestHeadType, Response, ServiceConfig, StatusCode, Version,
+    helpers, ConnectionType, ForwardedHead, RequestHeadType, Response, ServiceConfig, StatusCode,
+    Version,
 };
 
 const AVERAGE_HEADER_SIZE: usize = 30;
@@ -170,7 +171,7 @@ pub(crate) trait MessageType: Sized {
         // container's knowledge, this is used to sync the containers cursor after data is written
         let mut pos = 0;
 
-        self.write_headers(|key, value| {
+        self.write_headers(|key, val| {
             match *key {
                 CONNECTION => return,
                 TRANSFER_ENCODING | CONTENT_LENGTH if skip_len => return,
@@ -181,54 +182,52 @@ pub(crate) trait MessageType: Sized {
             let k = key.as_str().as_bytes();
             let k_len = k.len();
 
-            for val in value.iter() {
-                let v = val.as_ref();
-                let v_len = v.len();
+            let v = val.as_ref();
+            let v_len = v.len();
 
-                // key length + value length + colon + space + \r\n
-                let len = k_len + v_len + HEADER_DELIMITER_LEN;
+            // key length + value length + colon + space + \r\n
+            let len = k_len + v_len + HEADER_DELIMITER_LEN;
 
-                if len > remaining {
-                    // SAFETY: all the bytes written up to position "pos" are initialized
-                    // the written byte count and pointer advancement are kept in sync
-                    unsafe {
-                        dst.advance_mut(pos);
-                    }
-
-                    pos = 0;
-                    dst.reserve(len * 2);
-                    remaining = dst.capacity() - dst.len();
-
-                    // re-assign buf raw pointer since it's possible that the buffer was
-                    // reallocated and/or resized
-                    buf = dst.chunk_mut().as_mut_ptr();
+            if len > remaining {
+                // SAFETY: all the bytes written up to position "pos" are initialized
+                // the written byte count and pointer advancement are kept in sync
+                unsafe {
+                    dst.advance_mut(pos);
                 }
 
-                // SAFETY: on each write, it is enough to ensure that the advancement of
-                // the cursor matches the number of bytes written
-                unsafe {
-                    if camel_case {
-                        // use Camel-Case headers
-                        write_camel_case(k, buf, k_len);
-                    } else {
-                        write_data(k, buf, k_len);
-                    }
+                pos = 0;
+                dst.reserve(len * 2);
+                remaining = dst.capacity() - dst.len();
 
-                    buf = buf.add(k_len);
-
-                    write_data(b": ", buf, COLON_SPACE_LEN);
-                    buf = buf.add(COLON_SPACE_LEN);
-
-                    write_data(v, buf, v_len);
-                    buf = buf.add(v_len);
-
-                    write_data(b"\r\n", buf, CRLF_LEN);
-                    buf = buf.add(CRLF_LEN);
-                };
-
-                pos += len;
-                remaining -= len;
+                // re-assign buf raw pointer since it's possible that the buffer was
+                // reallocated and/or resized
+                buf = dst.chunk_mut().as_mut_ptr();
             }
+
+            // SAFETY: on each write, it is enough to ensure that the advancement of
+            // the cursor matches the number of bytes written
+            unsafe {
+                if camel_case {
+                    // use Camel-Case headers
+                    write_camel_case(k, buf, k_len);
+                } else {
+                    write_data(k, buf, k_len);
+                }
+
+                buf = buf.add(k_len);
+
+                write_data(b": ", buf, COLON_SPACE_LEN);
+                buf = buf.add(COLON_SPACE_LEN);
+
+                write_data(v, buf, v_len);
+                buf = buf.add(v_len);
+
+                write_data(b"\r\n", buf, CRLF_LEN);
+                buf = buf.add(CRLF_LEN);
+            };
+
+            pos += len;
+            remaining -= len;
         });
 
         // final cursor synchronization with the bytes container
@@ -250,10 +249,20 @@ pub(crate) trait MessageType: Sized {
         Ok(())
     }
 
+    /// A head whose headers are a proxy's forwarded ones (`RequestHeadType::Forward`).
+    fn forwarded(&self) -> Option<&dyn ForwardedHead> {
+        None
+    }
+
+    /// Calls `f` with each header to write, each value of a repeated one apart.
     fn write_headers<F>(&mut self, mut f: F)
     where
-        F: FnMut(&HeaderName, &Value),
+        F: FnMut(&HeaderName, &HeaderValue),
     {
+        if let Some(fwd) = self.forwarded() {
+            return fwd.headers(&mut |k, v| f(k, v));
+        }
+        let mut each = |(k, v): (&HeaderName, &Value)| v.iter().for_each(|v| f(k, v));
         match self.extra_headers() {
             Some(headers) => {
                 // merging headers from head and extra headers.
@@ -262,9 +271,9 @@ pub(crate) trait MessageType: Sized {
                     .iter()
                     .filter(|(name, _)| !headers.contains_key(*name))
                     .chain(headers.inner.iter())
-                    .for_each(|(k, v)| f(k, v))
+                    .for_each(each)
             }
-            None => self.headers().inner.iter().for_each(|(k, v)| f(k, v)),
+            None => self.headers().inner.iter().for_each(&mut each),
         }
     }
 }
@@ -327,7 +336,32 @@ impl MessageType for RequestHeadType {
         self.extra_headers()
     }
 
+    fn forwarded(&self) -> Option<&dyn ForwardedHead> {
+        match self {
+            RequestHeadType::Forward(fwd) => Some(&**fwd),
+            _ => None,
+        }
+    }
+
     fn encode_status(&mut self, dst: &mut BytesMut) -> io::Result<()> {
+        if let RequestHeadType::Forward(fwd) = self {
+            // The request line from its parts, with no formatter: a proxy writes one per
+            // request.
+            let head = fwd.head();
+            let version: &[u8] = match head.version {
+                Version::HTTP_10 => b" HTTP/1.0",
+                Version::HTTP_11 => b" HTTP/1.1",
+                _ => return Err(io::Error::other("Unsupported version")),
+            };
+            let target = fwd.target().as_bytes();
+            let method = head.method.as_str().as_bytes();
+            dst.reserve(INITIAL_HEAD_CAPACITY + method.len() + target.len());
+            dst.put_slice(method);
+            dst.put_slice(b" ");
+            dst.put_slice(target);
+            dst.put_slice(version);
+            return Ok(());
+        }
         let head = self.as_ref();
         dst.reserve(INITIAL_HEAD_CAPACITY + head.headers.len() * AVERAGE_HEADER_SIZE);
         write!(
@@ -687,6 +721,88 @@ mod tests {
         assert!(data.contains("connection: close\r\n"));
         assert!(data.contains("authorization: another authorization\r\n"));
         assert!(data.contains("date: date\r\n"));
+    }
+
+    /// A proxy's forwarded head (roundabout, issue #25): the incoming headers it keeps,
+    /// then its own.
+    struct Forwarded {
+        head: RequestHead,
+        incoming: HeaderMap,
+        own: Vec<(HeaderName, HeaderValue)>,
+    }
+
+    impl ForwardedHead for Forwarded {
+        fn head(&self) -> &RequestHead {
+            &self.head
+        }
+
+        fn target(&self) -> &str {
+            "/a/b?c=1"
+        }
+
+        fn headers(&self, f: &mut dyn FnMut(&HeaderName, &HeaderValue)) {
+            for (name, value) in self.incoming.iter() {
+                if *name != AUTHORIZATION {
+                    f(name, value);
+                }
+            }
+            for (name, value) in &self.own {
+                f(name, value);
+            }
+        }
+
+        fn has(&self, name: &HeaderName) -> bool {
+            self.own.iter().any(|(n, _)| n == name)
+                || (*name != AUTHORIZATION && self.incoming.contains_key(name))
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_forwarded_head_is_written_from_its_parts() {
+        let mut incoming = HeaderMap::new();
+        incoming.insert(AUTHORIZATION, HeaderValue::from_static("dropped"));
+        incoming.append(CONTENT_TYPE, HeaderValue::from_static("a"));
+        incoming.append(CONTENT_TYPE, HeaderValue::from_static("b"));
+        incoming.insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
+        incoming.insert(CONNECTION, HeaderValue::from_static("close"));
+        let head = Forwarded {
+            head: RequestHead::bare(
+                http::Method::PUT,
+                "http://upstream.test:8080/".parse().unwrap(),
+            ),
+            incoming,
+            own: vec![(DATE, HeaderValue::from_static("then"))],
+        };
+        let mut head = RequestHeadType::Forward(Box::new(head));
+        assert!(head.has_header(&CONTENT_TYPE) && !head.has_header(&AUTHORIZATION));
+        assert!(
+            head.as_ref().headers.is_empty(),
+            "bare: the head's own map is unused"
+        );
+
+        let mut bytes = BytesMut::with_capacity(2048);
+        head.encode_status(&mut bytes).unwrap();
+        let _ = head.encode_headers(
+            &mut bytes,
+            Version::HTTP_11,
+            BodySize::Sized(3),
+            ConnectionType::KeepAlive,
+            &ServiceConfig::default(),
+        );
+        let data = String::from_utf8(Vec::from(bytes.split().freeze().as_ref())).unwrap();
+        // The target, not the URI's path; the length from the body, not the forwarded one;
+        // no `Connection` but the codec's; each value of a repeated header.
+        assert!(
+            data.starts_with("PUT /a/b?c=1 HTTP/1.1\r\ncontent-length: 3\r\n"),
+            "{data}"
+        );
+        assert!(
+            data.contains("content-type: a\r\ncontent-type: b\r\n"),
+            "{data}"
+        );
+        assert!(data.ends_with("date: then\r\n\r\n"), "{data}");
+        assert!(!data.contains("authorization"), "{data}");
+        assert!(!data.contains("99") && !data.contains("close"), "{data}");
     }
 
     #[actix_rt::test]

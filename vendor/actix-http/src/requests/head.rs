@@ -1,7 +1,7 @@
-use std::{net, rc::Rc};
+use std::{fmt, net, rc::Rc};
 
 use crate::{
-    header::{self, HeaderMap},
+    header::{self, HeaderMap, HeaderName, HeaderValue},
     message::{Flags, Head, MessagePool},
     ConnectionType, Method, Uri, Version,
 };
@@ -54,6 +54,20 @@ impl Head for RequestHead {
 }
 
 impl RequestHead {
+    /// A head of `method` and `uri`, HTTP/1.1, with no headers and none of their room
+    /// allocated (`Default` makes room for 16): for a [`ForwardedHead`], whose headers are
+    /// elsewhere.
+    pub fn bare(method: Method, uri: Uri) -> RequestHead {
+        RequestHead {
+            method,
+            uri,
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            peer_addr: None,
+            flags: Flags::empty(),
+        }
+    }
+
     /// Read the message headers.
     pub fn headers(&self) -> &HeaderMap {
         &self.headers
@@ -154,18 +168,72 @@ impl RequestHead {
     }
 }
 
+/// A request head that a proxy forwards: the head it received, written out as it came
+/// but for the headers the proxy drops and its own, without copying the received headers
+/// into a map of their own (HAProxy and nginx edit the head they parsed in place; this is
+/// the nearest a head held by another layer allows).
+pub trait ForwardedHead {
+    /// Method, URI, version and connection flags of the request to send. The URI says where
+    /// to connect (scheme and authority); its path is not sent ([`ForwardedHead::target`]
+    /// is). Its header map is not read: [`ForwardedHead::headers`] gives the headers.
+    fn head(&self) -> &RequestHead;
+
+    /// The request target written on the request line: a path and query.
+    fn target(&self) -> &str;
+
+    /// Calls `f` with every header to send (each value of a repeated one), in the order
+    /// they are to be written.
+    fn headers(&self, f: &mut dyn FnMut(&HeaderName, &HeaderValue));
+
+    /// Whether a header named `name` is among those [`ForwardedHead::headers`] gives.
+    fn has(&self, name: &HeaderName) -> bool;
+}
+
 #[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
 pub enum RequestHeadType {
     Owned(RequestHead),
     Rc(Rc<RequestHead>, Option<HeaderMap>),
+    /// A head a proxy forwards (see [`ForwardedHead`]).
+    Forward(Box<dyn ForwardedHead>),
+}
+
+impl fmt::Debug for RequestHeadType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestHeadType::Owned(head) => f.debug_tuple("Owned").field(head).finish(),
+            RequestHeadType::Rc(head, extra) => {
+                f.debug_tuple("Rc").field(head).field(extra).finish()
+            }
+            RequestHeadType::Forward(fwd) => {
+                let mut headers = Vec::new();
+                fwd.headers(&mut |name, value| headers.push((name.clone(), value.clone())));
+                f.debug_struct("Forward")
+                    .field("head", fwd.head())
+                    .field("target", &fwd.target())
+                    .field("headers", &headers)
+                    .finish()
+            }
+        }
+    }
 }
 
 impl RequestHeadType {
     pub fn extra_headers(&self) -> Option<&HeaderMap> {
         match self {
-            RequestHeadType::Owned(_) => None,
+            RequestHeadType::Owned(_) | RequestHeadType::Forward(_) => None,
             RequestHeadType::Rc(_, headers) => headers.as_ref(),
+        }
+    }
+
+    /// Whether the request sends a header named `name`, wherever this kind of head keeps
+    /// its headers.
+    pub fn has_header(&self, name: &HeaderName) -> bool {
+        match self {
+            RequestHeadType::Owned(head) => head.headers.contains_key(name),
+            RequestHeadType::Rc(head, extra) => {
+                head.headers.contains_key(name) || extra.iter().any(|h| h.contains_key(name))
+            }
+            RequestHeadType::Forward(fwd) => fwd.has(name),
         }
     }
 }
@@ -175,6 +243,7 @@ impl AsRef<RequestHead> for RequestHeadType {
         match self {
             RequestHeadType::Owned(head) => head,
             RequestHeadType::Rc(head, _) => head.as_ref(),
+            RequestHeadType::Forward(fwd) => fwd.head(),
         }
     }
 }

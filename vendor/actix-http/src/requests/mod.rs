@@ -4,6 +4,6 @@ mod head;
 mod request;
 
 pub use self::{
-    head::{RequestHead, RequestHeadType},
+    head::{ForwardedHead, RequestHead, RequestHeadType},
     request::Request,
 };

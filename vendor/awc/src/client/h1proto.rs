@@ -64,9 +64,7 @@ where
     }
 
     // set request host header
-    if !head.as_ref().headers.contains_key(HOST)
-        && !head.extra_headers().iter().any(|h| h.contains_key(HOST))
-    {
+    if !head.has_header(&HOST) {
         if let Some(host) = head.as_ref().uri.host() {
             let mut wrt = BytesMut::with_capacity(host.len() + 5).writer();
 
@@ -84,6 +82,8 @@ where
                         let headers = extra_headers.get_or_insert(HeaderMap::new());
                         headers.insert(HOST, value);
                     }
+                    // A forwarded head carries the Host its proxy chose.
+                    RequestHeadType::Forward(_) => {}
                 },
                 Err(err) => log::error!("Can not set HOST header {err}"),
             }
@@ -94,7 +94,7 @@ where
 
     // Check EXPECT header and enable expect handle flag accordingly.
     // See https://datatracker.ietf.org/doc/html/rfc7231#section-5.1.1
-    let is_expect = if head.as_ref().headers.contains_key(EXPECT) {
+    let is_expect = if head.has_header(&EXPECT) {
         match orig_length {
             BodySize::None | BodySize::Sized(0) => {
                 let keep_alive = exchange.codec.keep_alive();

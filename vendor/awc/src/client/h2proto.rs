@@ -2,6 +2,7 @@ use std::{future::Future, pin::pin};
 
 use actix_http::{
     body::{BodySize, MessageBody},
+    error::HttpError,
     header::HeaderMap,
     Payload, RequestHeadType, ResponseHead,
 };
@@ -12,7 +13,7 @@ use h2::{
     SendStream,
 };
 use http::{
-    header::{HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING},
+    header::{HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING},
     request::Request,
     Method, Version,
 };
@@ -42,7 +43,15 @@ where
     let eof = matches!(length, BodySize::None | BodySize::Sized(0));
 
     let mut req = Request::new(());
-    *req.uri_mut() = head.as_ref().uri.clone();
+    *req.uri_mut() = match &head {
+        // Its URI says where to connect; the path and query are its target.
+        RequestHeadType::Forward(fwd) => {
+            let mut parts = fwd.head().uri.clone().into_parts();
+            parts.path_and_query = Some(fwd.target().parse().map_err(HttpError::from)?);
+            http::Uri::from_parts(parts).map_err(HttpError::from)?
+        }
+        _ => head.as_ref().uri.clone(),
+    };
     *req.method_mut() = head.as_ref().method.clone();
     *req.version_mut() = Version::HTTP_2;
 
@@ -74,6 +83,20 @@ where
         }
     };
 
+    // copy headers
+    let mut copy = |key: &HeaderName, value: &HeaderValue| {
+        match *key {
+            // TODO: consider skipping other headers according to:
+            //       https://datatracker.ietf.org/doc/html/rfc7540#section-8.1.2.2
+            // omit HTTP/1.x only headers
+            CONNECTION | TRANSFER_ENCODING | HOST => return,
+            CONTENT_LENGTH if skip_len => return,
+            // DATE => has_date = true,
+            _ => {}
+        }
+        req.headers_mut().append(key, value.clone());
+    };
+
     // Extracting extra headers from RequestHeadType. HeaderMap::new() does not allocate.
     let (head, extra_headers) = match head {
         RequestHeadType::Owned(head) => (RequestHeadType::Owned(head), HeaderMap::new()),
@@ -81,6 +104,10 @@ where
             RequestHeadType::Rc(head, None),
             extra_headers.unwrap_or_else(HeaderMap::new),
         ),
+        RequestHeadType::Forward(fwd) => {
+            fwd.headers(&mut copy);
+            (RequestHeadType::Forward(fwd), HeaderMap::new())
+        }
     };
 
     // merging headers from head and extra headers.
@@ -91,18 +118,8 @@ where
         .filter(|(name, _)| !extra_headers.contains_key(*name))
         .chain(extra_headers.iter());
 
-    // copy headers
     for (key, value) in headers {
-        match *key {
-            // TODO: consider skipping other headers according to:
-            //       https://datatracker.ietf.org/doc/html/rfc7540#section-8.1.2.2
-            // omit HTTP/1.x only headers
-            CONNECTION | TRANSFER_ENCODING | HOST => continue,
-            CONTENT_LENGTH if skip_len => continue,
-            // DATE => has_date = true,
-            _ => {}
-        }
-        req.headers_mut().append(key, value.clone());
+        copy(key, value);
     }
 
     let res = poll_fn(|cx| io.poll_ready(cx)).await;

@@ -1,15 +1,21 @@
 //! HTTP client.
 
-use std::{rc::Rc, time::Duration};
+use std::{net::SocketAddr, rc::Rc, time::Duration};
 
-use actix_http::{error::HttpError, header::HeaderMap, Method, RequestHead, Uri};
+use actix_http::{
+    body::MessageBody, error::HttpError, header::HeaderMap, ForwardedHead, Method, RequestHead,
+    RequestHeadType, Uri,
+};
 use actix_rt::net::TcpStream;
 use actix_service::Service;
 pub use actix_tls::connect::{
     ConnectError as TcpConnectError, ConnectInfo, Connection as TcpConnection,
 };
 
-use crate::{ws, BoxConnectorService, ClientBuilder, ClientRequest};
+use crate::{
+    any_body::AnyBody, sender::SendClientRequest, ws, BoxConnectorService, ClientBuilder,
+    ClientRequest, ConnectRequest,
+};
 
 mod config;
 mod connection;
@@ -203,6 +209,32 @@ impl Client {
             req.head.headers.insert(key.clone(), value.clone());
         }
         req
+    }
+
+    /// Sends the request a proxy forwards: `head` as the caller made it (the headers it
+    /// keeps of the request it received, and its own; see [`ForwardedHead`]), with `body`,
+    /// to `addr` when given, else to the head's URI (its scheme and authority; the path
+    /// sent is the head's target). Nothing is added: none of this client's default
+    /// headers, no `Accept-Encoding` (the answer's body is not decompressed), no `Host`
+    /// (the head must carry one); no redirect is followed (the answer is for the proxy's
+    /// client). The client's timeout, if it has one, bounds the wait for the answer's head.
+    ///
+    /// Unlike [`Client::request`] and [`ClientRequest::send_body`], the request is not
+    /// built again in a head of its own: no URI is parsed or put together from parts, no
+    /// header map is made, no header copied (a proxy's forwarding path, issue #25 of
+    /// roundabout; see its `vendor/awc/VENDORED.md`).
+    pub fn send_forwarded<B>(
+        &self,
+        head: Box<dyn ForwardedHead>,
+        addr: Option<SocketAddr>,
+        body: B,
+    ) -> SendClientRequest
+    where
+        B: MessageBody + 'static,
+    {
+        let body = AnyBody::from_message_body(body).into_boxed();
+        let req = ConnectRequest::Client(RequestHeadType::Forward(head), body, addr);
+        SendClientRequest::new(self.0.connector.call(req), false, self.0.timeout)
     }
 
     /// Get default HeaderMap of Client.

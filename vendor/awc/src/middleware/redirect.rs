@@ -77,18 +77,22 @@ where
                 let fut = self.connector.call(ConnectRequest::Tunnel(head, addr));
                 RedirectServiceFuture::Tunnel { fut }
             }
+            // A proxy's forwarded request: its answer, a redirect too, is for the proxy's
+            // client.
+            ConnectRequest::Client(head @ RequestHeadType::Forward(_), body, addr) => {
+                let fut = self
+                    .connector
+                    .call(ConnectRequest::Client(head, body, addr));
+                RedirectServiceFuture::Tunnel { fut }
+            }
             ConnectRequest::Client(head, body, addr) => {
                 let connector = Rc::clone(&self.connector);
                 let max_redirect_times = self.max_redirect_times;
 
                 // backup the uri and method for reuse schema and authority.
-                let (uri, method, headers) = match head {
-                    RequestHeadType::Owned(ref head) => {
-                        (head.uri.clone(), head.method.clone(), head.headers.clone())
-                    }
-                    RequestHeadType::Rc(ref head, ..) => {
-                        (head.uri.clone(), head.method.clone(), head.headers.clone())
-                    }
+                let (uri, method, headers) = {
+                    let head = head.as_ref();
+                    (head.uri.clone(), head.method.clone(), head.headers.clone())
                 };
 
                 let body_opt = match body {
