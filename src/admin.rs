@@ -241,11 +241,7 @@ impl ServerInfo {
     fn of(v: &ServerView) -> Self {
         ServerInfo {
             url: v.upstream.shown_url(),
-            name: v
-                .upstream
-                .name
-                .as_ref()
-                .map(|n| format!("{}://{n}", v.upstream.scheme)),
+            name: v.upstream.shown_name(),
             weight: v.upstream.weight,
             healthy: v.healthy,
             in_flight: v.in_flight,

@@ -6,7 +6,8 @@
 //! this worker's) → **pick** ([`balancer::BalancerActor`], this worker's, in the pool) →
 //! **rewrite** the upstream request → `awc` → **respond** (streamed back) → **log**. The
 //! actors on that path live on the handler's own worker thread, so asking them never
-//! crosses a thread (DESIGN.md).
+//! crosses a thread; the handler reads and writes their state there directly when no wait
+//! is needed (a lease, an in-process count), without a message (DESIGN.md).
 //!
 //! # Layout
 //! - [`config`]: TOML + environment → `FileConfig` → validated [`config::Config`].
@@ -16,7 +17,8 @@
 //! - [`routing`]: the route table (hosts, path prefixes, headers, methods → pools), data
 //!   swapped as a whole on reload.
 //! - [`balancer`]: `BalancerActor`, one per worker: every pool's server list, cursor and
-//!   in-flight counts, and the [`balancer::Lease`] each request holds.
+//!   in-flight counts (shared with the worker's handlers), and the [`balancer::Lease`]
+//!   each request holds.
 //! - [`strategy`]: round robin, smooth weighted, least requests, power of two, consistent
 //!   hashing (Maglev), peak EWMA; no actors.
 //! - [`sticky`]: the opaque server ids sticky cookies carry.
@@ -34,6 +36,9 @@
 //! - [`resolve`]: servers known by name: their addresses, at start and every
 //!   `resolve_interval`.
 //! - [`reload`]: what SIGHUP does: the config file read again and applied where it can be.
+//! - [`listen`]: the listening sockets (bound, or handed over: socket activation) and what a
+//!   connection goes through before the App (the PROXY protocol header, TLS, actix-http).
+//! - [`upgrade`]: what SIGUSR2 does: the executable started again, handed the listeners.
 //! - [`tls`]: rustls: the listener's certificate (swapped on reload), `https://` servers.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
 //!
@@ -52,6 +57,7 @@ mod admin;
 mod balancer;
 pub mod config;
 mod health;
+mod listen;
 mod metrics;
 pub mod proxy;
 mod rate_limit;
@@ -63,12 +69,16 @@ mod status;
 mod sticky;
 mod strategy;
 pub mod tls;
+mod upgrade;
 mod upstream;
+
+pub use listen::activation::Inherited;
 
 use std::{
     cell::RefCell,
     io,
     net::SocketAddr,
+    os::fd::{AsFd as _, OwnedFd},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -78,7 +88,7 @@ use std::{
 
 use actix::{Actor, Addr};
 use actix_http::h1::OnRefused;
-use actix_web::{dev::ServerHandle, http::KeepAlive, web, App, HttpServer};
+use actix_web::{dev::ServerHandle, web, App};
 use tokio::sync::watch;
 
 use crate::{
@@ -87,6 +97,7 @@ use crate::{
     balancer::BalancerActor,
     config::{Config, ConfigError},
     health::{HealthActor, Register},
+    listen::{Drain, Http, Sockets},
     metrics::Metrics,
     proxy::{Settings, Worker},
     rate_limit::{RateLimitActor, Stores},
@@ -96,6 +107,11 @@ use crate::{
 
 /// How long a graceful stop waits for in-flight requests (SPEC, "Signals").
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After a hand-over's pause, how long the old process still takes the connections its
+/// accept thread took before it paused: actix-server's `pause` returns before that thread
+/// has stopped, and a worker that is told to stop drops the connections still queued to it.
+const ACCEPT_SETTLE: Duration = Duration::from_millis(250);
 
 /// Tells apart the balancers started in one process (tests start several).
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -128,12 +144,46 @@ pub struct Running {
     config: Arc<Mutex<Config>>,
     /// The TLS listener's certificate, which a reload replaces.
     certs: Option<Arc<CertStore>>,
+    /// Copies of the listening sockets, each with its key, for a SIGUSR2 upgrade to hand
+    /// over; closed when the process stops, so that the sockets close with actix-server's.
+    sockets: Vec<(OwnedFd, &'static str)>,
+    /// How the connections end when this process stops or hands over.
+    drain: Drain,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish (up to [`SHUTDOWN_TIMEOUT`]) when
-    /// `graceful`, and returns once both listeners are down.
+    /// `graceful`, and returns once both listeners are down. Idle kept-alive connections are
+    /// closed at once, and answers under way close theirs.
     pub async fn stop(self, graceful: bool) {
+        if graceful {
+            self.drain.close_idle();
+        }
+        self.finish(graceful).await;
+    }
+
+    /// What a SIGUSR2 upgrade's old process does once the new one serves: accepts no more
+    /// (the connections waiting in the sockets' backlog are the new process's), answers each
+    /// request still coming on an open connection with `Connection: close` and closes it
+    /// after, and returns when none is left (at most [`SHUTDOWN_TIMEOUT`]). An idle
+    /// connection is never closed unannounced before that, keepalive_timeout aside.
+    pub async fn hand_over(self) {
+        self.drain.announce();
+        let admin = self.admin.clone();
+        futures_util::future::join(self.proxy.pause(), async move {
+            if let Some(a) = admin {
+                a.pause().await;
+            }
+        })
+        .await;
+        actix_rt::time::sleep(ACCEPT_SETTLE).await;
+        self.finish(true).await;
+    }
+
+    async fn finish(self, graceful: bool) {
+        // This process's copies of the sockets go first: the listeners close with
+        // actix-server's, and a client is refused rather than left in a backlog.
+        drop(self.sockets);
         let admin = self.admin.clone();
         let proxy = self.proxy.stop(graceful);
         let admin = async move {
@@ -155,6 +205,20 @@ impl Running {
     /// `roundabout_in_flight_requests` gauge).
     pub fn in_flight(&self) -> i64 {
         self.metrics.in_flight_now()
+    }
+
+    /// Starts `exec` as a new process handed this one's listeners (SIGUSR2); the future
+    /// resolves with its pid once it serves, or with why it will not.
+    fn upgrade(
+        &self,
+        exec: &io::Result<upgrade::Exec>,
+    ) -> io::Result<impl std::future::Future<Output = Result<i32, String>>> {
+        let sockets: Vec<_> = self
+            .sockets
+            .iter()
+            .map(|(fd, key)| (fd.as_fd(), *key))
+            .collect();
+        upgrade::start(exec, &sockets)
     }
 
     /// Reopens the access log file, as SIGUSR1 does (for logrotate).
@@ -199,10 +263,19 @@ impl Running {
     }
 }
 
-/// Starts the balancer inside the current actix system: binds both listeners (before which
+/// Starts the balancer inside the current actix system: binds its listeners (before which
 /// nothing is started that could outlive a bind error), starts the HealthActor on this
 /// thread and one BalancerActor and RateLimitActor per worker.
 pub fn start(config: Config) -> io::Result<Running> {
+    start_with(config, Inherited::none())
+}
+
+/// [`start`], serving on the sockets `inherited` hands over (socket activation) where they
+/// match a configured listener.
+pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
+    if let Some(e) = inherited.error {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+    }
     let metrics = Arc::new(Metrics::new());
     // Made even with limiting off, so that a reload can turn it on; each worker's Redis
     // connection is made lazily, on its thread.
@@ -215,25 +288,18 @@ pub fn start(config: Config) -> io::Result<Running> {
     let access_log = AccessLog::start(config.access_log.clone(), metrics.clone())?;
 
     // Bind first: a port in use is reported before any actor starts.
-    let bind = |key: &str, addr: Option<SocketAddr>| {
-        addr.map(|addr| {
-            std::net::TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("{key} {addr}: {e}")))
-        })
-        .transpose()
-    };
-    let proxy_listener = bind("listen.address", config.listen)?;
-    let tls_listener = bind("listen.tls_address", config.tls.as_ref().map(|t| t.address))?;
-    let admin_listener = bind("admin.address", config.admin)?;
-    let tls_addr = tls_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-    let proxy_addr = match &proxy_listener {
+    let sockets = Sockets::open(&config, inherited.sockets)?;
+    let kept = sockets
+        .named()
+        .map(|(l, key)| Ok((l.as_fd().try_clone_to_owned()?, key)))
+        .collect::<io::Result<Vec<_>>>()?;
+    let Sockets { plain, tls, admin } = sockets;
+    let tls_addr = tls.as_ref().map(|l| l.local_addr()).transpose()?;
+    let proxy_addr = match &plain {
         Some(l) => l.local_addr()?,
         None => tls_addr.expect("validation asks for at least one listener"),
     };
-    let admin_addr = admin_listener
-        .as_ref()
-        .map(|l| l.local_addr())
-        .transpose()?;
+    let admin_addr = admin.as_ref().map(|l| l.local_addr()).transpose()?;
     let (settings, updates) = watch::channel(Arc::new(Settings::new(&config, tls_addr)));
     if config.default_pool().servers.is_empty() {
         // Not an error (servers can come at runtime), but a new user's first 503s need a why.
@@ -282,7 +348,7 @@ pub fn start(config: Config) -> io::Result<Running> {
         })
     };
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
-    let mut server = HttpServer::new(move || {
+    let app = move || {
         // Runs once per worker and listener, on that worker's thread: its actors live
         // there, and the listeners of one worker share them.
         if let Some(worker) = WORKER.with_borrow(|w| {
@@ -303,9 +369,8 @@ pub fn start(config: Config) -> io::Result<Running> {
             );
         }
         let limiter =
-            RateLimitActor::new(&rate_limit, store, stores.clone(), factory_metrics.clone())
-                .start();
-        let limiter_handle = Some(limiter.clone().recipient());
+            RateLimitActor::start(&rate_limit, store, stores.clone(), factory_metrics.clone());
+        let limiter_handle = Some(limiter.actor().clone().recipient());
         let registry = factory_health.clone();
         let eject = factory_health.clone().recipient();
         let balancer = BalancerActor::start(factory_metrics.clone(), eject, move |balancer| {
@@ -329,42 +394,38 @@ pub fn start(config: Config) -> io::Result<Running> {
         App::new()
             .app_data(worker)
             .default_service(web::to(proxy::forward))
-    })
-    .on_connect(move |_, data| {
-        data.insert(on_refused.clone());
-    })
-    .keep_alive(if config.keepalive_timeout.is_zero() {
-        KeepAlive::Disabled
-    } else {
-        KeepAlive::Timeout(config.keepalive_timeout)
-    })
-    // The vendored actix-http holds every request head to this, not only the first.
-    .client_request_timeout(config.header_timeout)
-    // A TLS handshake is the start of a request head: the same deadline.
-    .tls_handshake_timeout(config.header_timeout)
-    .backlog(4096)
-    .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
-    .disable_signals();
+    };
+    let drain = Drain::default();
+    let http = Http::clients(&config, on_refused, &drain);
     // actix-server counts connections per worker; the config's count is the process's.
     let workers = worker_count(config.workers);
-    server = server
+    let mut server = actix_server::Server::build()
         .workers(workers)
-        .max_connections((config.max_connections / workers).max(1));
-    if let Some(listener) = proxy_listener {
-        server = server.listen(listener)?;
+        .max_concurrent_connections((config.max_connections / workers).max(1))
+        .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+        .disable_signals();
+    if let Some(listener) = plain {
+        server = listen::plain(
+            server,
+            "listen.address",
+            listener,
+            http.clone(),
+            app.clone(),
+        )?;
     }
     let certs = config.tls.as_ref().map(|t| {
         t.cert.warn_if_expired();
         CertStore::new(&t.cert)
     });
-    if let (Some(listener), Some(certs)) = (tls_listener, &certs) {
-        server = server.listen_rustls_0_23(listener, tls::server_config(certs.clone()))?;
+    if let (Some(listener), Some(certs)) = (tls, &certs) {
+        let tls = tls::server_config(certs.clone());
+        server = listen::tls(server, "listen.tls_address", listener, http, tls, app)?;
     }
     let proxy_server = server.run();
     let proxy = proxy_server.handle();
     let mut tasks = vec![actix_rt::spawn(proxy_server)];
 
-    let admin = match admin_listener {
+    let admin = match admin {
         None => None,
         Some(listener) => {
             let state = web::Data::new(AdminState {
@@ -380,17 +441,18 @@ pub fn start(config: Config) -> io::Result<Running> {
             ));
             status::start_sampling(&status);
             let status = web::Data::from(status);
-            let admin_server = HttpServer::new(move || {
+            let http = Http::admin(&drain);
+            let server = actix_server::Server::build()
+                .workers(1)
+                .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
+                .disable_signals();
+            let admin_server = listen::plain(server, "admin.address", listener, http, move || {
                 App::new()
                     .app_data(state.clone())
                     .app_data(status.clone())
                     .configure(status::routes)
                     .configure(admin::routes)
-            })
-            .workers(1)
-            .shutdown_timeout(SHUTDOWN_TIMEOUT.as_secs())
-            .disable_signals()
-            .listen(listener)?
+            })?
             .run();
             let handle = admin_server.handle();
             tasks.push(actix_rt::spawn(admin_server));
@@ -432,6 +494,8 @@ pub fn start(config: Config) -> io::Result<Running> {
         settings,
         access_log,
         config: running_config,
+        sockets: kept,
+        drain,
     })
 }
 
@@ -454,27 +518,76 @@ fn worker_count(configured: usize) -> usize {
     }
 }
 
-/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully. SIGHUP reloads the
-/// configuration file; SIGUSR1 reopens the access log.
-pub async fn run(config: Config) -> io::Result<()> {
+/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully, serving on the sockets
+/// `inherited` hands over where they match. SIGHUP reloads the configuration file; SIGUSR1
+/// reopens the access log; SIGUSR2 starts the executable again, hands it the listeners and,
+/// once it serves, drains and returns.
+pub async fn run(config: Config, mut inherited: Inherited) -> io::Result<()> {
     // Before the listeners: a SIGHUP that finds the port open must not find its default
     // action (the end of the process) still in place.
     let mut signals = reload::Signals::new()?;
-    let running = start(config)?;
-    loop {
-        match signals.next().await {
-            reload::Signal::Stop => break,
-            reload::Signal::Reload => {
-                let _ = running.reload("SIGHUP").await;
-            }
-            reload::Signal::ReopenLogs => running.reopen_logs(),
+    // At start: the path this process was started from, before anything replaces it.
+    let exec = upgrade::Exec::current();
+    let mut notify = std::mem::take(&mut inherited.notify);
+    let running = match start_with(config, inherited) {
+        Ok(running) => running,
+        Err(e) => {
+            notify.fail(&e.to_string());
+            return Err(e);
         }
+    };
+    notify.ready();
+    let mut successor = None;
+    let handed_over = loop {
+        let upgrading = async {
+            match &mut successor {
+                Some(s) => s.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            signal = signals.next() => match signal {
+                reload::Signal::Stop => break false,
+                reload::Signal::Reload => {
+                    let _ = running.reload("SIGHUP").await;
+                }
+                reload::Signal::ReopenLogs => running.reopen_logs(),
+                reload::Signal::Upgrade if successor.is_some() => {
+                    log::warn!("upgrade (SIGUSR2): one is under way already; this signal is ignored");
+                }
+                reload::Signal::Upgrade => match running.upgrade(&exec) {
+                    Ok(started) => successor = Some(Box::pin(started)),
+                    Err(e) => log::error!("upgrade (SIGUSR2) failed: {e}; this process keeps serving"),
+                },
+            },
+            done = upgrading => {
+                successor = None;
+                match done {
+                    Ok(pid) => {
+                        log::info!(
+                            "upgrade (SIGUSR2): process {pid} serves; this one accepts no more \
+                             connections and finishes its requests (up to {}s)",
+                            SHUTDOWN_TIMEOUT.as_secs()
+                        );
+                        break true;
+                    }
+                    Err(why) => log::error!(
+                        "upgrade (SIGUSR2) failed: the new process {why}; this process keeps serving"
+                    ),
+                }
+            }
+        }
+    };
+    notify.stopping();
+    if handed_over {
+        running.hand_over().await;
+    } else {
+        log::info!(
+            "stopping: no new connections; waiting up to {}s for in-flight requests",
+            SHUTDOWN_TIMEOUT.as_secs()
+        );
+        running.stop(true).await;
     }
-    log::info!(
-        "stopping: no new connections; waiting up to {}s for in-flight requests",
-        SHUTDOWN_TIMEOUT.as_secs()
-    );
-    running.stop(true).await;
     log::info!("stopped");
     Ok(())
 }

@@ -33,10 +33,14 @@ fn main() -> ExitCode {
     #[cfg(feature = "dhat-heap")]
     let _profiling = dhat_heap::start();
     let cli = Cli::parse();
+    // While the process has one thread (the environment is not safe to change with more):
+    // the sockets systemd or an upgrading roundabout hands over, and where to say it serves.
+    let mut inherited = roundabout::Inherited::from_env();
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("roundabout: invalid configuration: {e}");
+            inherited.fail(&format!("invalid configuration: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -70,7 +74,7 @@ fn main() -> ExitCode {
     logger.format_timestamp_millis().init();
 
     let system = actix_rt::System::new();
-    match system.block_on(roundabout::run(config)) {
+    match system.block_on(roundabout::run(config, inherited)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roundabout: {e}");

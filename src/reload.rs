@@ -1,5 +1,6 @@
 //! What the operator's signals do, like nginx's: SIGTERM and SIGINT stop, SIGHUP reloads
-//! the config file, SIGUSR1 reopens the access log.
+//! the config file, SIGUSR1 reopens the access log, SIGUSR2 upgrades the binary in place
+//! (`upgrade`).
 //!
 //! A reload diffs the new configuration against the running one: the servers from the file
 //! and the live keys go to the registry, which hands them to every worker; the settings of
@@ -30,13 +31,15 @@ pub enum Signal {
     Reload,
     /// SIGUSR1: reopen the access log file.
     ReopenLogs,
+    /// SIGUSR2: start the executable again and hand it the listeners.
+    Upgrade,
 }
 
 /// The signals roundabout handles; installed at once, so that none of them keeps its
-/// default action (SIGHUP and SIGUSR1 would end the process).
+/// default action (SIGHUP, SIGUSR1 and SIGUSR2 would end the process).
 pub struct Signals {
     #[cfg(unix)]
-    streams: [(tokio::signal::unix::Signal, Signal); 4],
+    streams: [(tokio::signal::unix::Signal, Signal); 5],
 }
 
 impl Signals {
@@ -50,6 +53,7 @@ impl Signals {
                     (signal(SignalKind::interrupt())?, Signal::Stop),
                     (signal(SignalKind::hangup())?, Signal::Reload),
                     (signal(SignalKind::user_defined1())?, Signal::ReopenLogs),
+                    (signal(SignalKind::user_defined2())?, Signal::Upgrade),
                 ],
             })
         }
@@ -202,6 +206,10 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
             "listen.max_connections",
             a.listen.max_connections != b.listen.max_connections,
         ),
+        (
+            "listen.proxy_protocol",
+            a.listen.proxy_protocol != b.listen.proxy_protocol,
+        ),
         ("admin.address", a.admin.address != b.admin.address),
         ("admin.token", a.admin.token != b.admin.token),
         (
@@ -230,11 +238,15 @@ mod tests {
     fn restart_only_keys_are_named_and_live_ones_are_not() {
         let a = parse("[listen]\naddress = \"127.0.0.1:8000\"\n[proxy]\nretries = 1");
         let b = parse(
-            "[listen]\naddress = \"127.0.0.1:9000\"\n[proxy]\nretries = 3\n[rate_limit]\nkey_prefix = \"x\"",
+            "[listen]\naddress = \"127.0.0.1:9000\"\nproxy_protocol = true\n[proxy]\nretries = 3\n[rate_limit]\nkey_prefix = \"x\"",
         );
         assert_eq!(
             restart_only_changes(&a, &b),
-            ["listen.address", "rate_limit.key_prefix"]
+            [
+                "listen.address",
+                "listen.proxy_protocol",
+                "rate_limit.key_prefix"
+            ]
         );
         assert!(restart_only_changes(&a, &a).is_empty());
     }

@@ -125,6 +125,8 @@ impl Samples {
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
+    /// This process's: after a SIGUSR2 upgrade, the new process's.
+    pid: u32,
     uptime_seconds: f64,
     /// The default pool's.
     strategy: &'static str,
@@ -306,11 +308,7 @@ fn report(
             ServerReport {
                 pool: v.upstream.pool_name.to_string(),
                 url: v.upstream.shown_url(),
-                name: v
-                    .upstream
-                    .name
-                    .as_ref()
-                    .map(|n| format!("{}://{n}", v.upstream.scheme)),
+                name: v.upstream.shown_name(),
                 label: label.to_string(),
                 weight: v.upstream.weight,
                 state: match (v.draining, v.ejected, v.healthy) {
@@ -351,6 +349,7 @@ fn report(
     let rl = &config.rate_limit;
     Report {
         version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
         uptime_seconds: now.saturating_duration_since(state.started).as_secs_f64(),
         strategy: config.default_pool().strategy.name(),
         health_check: HealthCheckReport::of(&config.default_pool().health_check),

@@ -141,6 +141,11 @@ impl Upstream {
         }
     }
 
+    /// For a server known by name, its URL with the name, shown beside its address's.
+    pub fn shown_name(&self) -> Option<String> {
+        self.name.as_ref().map(|n| format!("{}://{n}", self.scheme))
+    }
+
     /// The URL the admin API shows: the configured one, or for a server known by name its
     /// address's (the name beside it).
     pub fn shown_url(&self) -> String {

@@ -357,8 +357,10 @@ async fn an_untrusted_https_server_is_a_502_and_logged_once() {
     let loaded = ServerCert::load(&cert, &key).unwrap();
     let a = Backend::start_tls("a", roundabout::tls::server_config(CertStore::new(&loaded)));
     let (listen, port, _) = binary_listen(&ca.leaf("server", "server", false));
+    // By address: `localhost` is a name, one server per address it resolves to (::1
+    // too, where nothing listens), which would muddle the one failure this test watches.
     let config = format!(
-        "{listen}[balancer]\nservers = [\"https://localhost:{}\"]\n\
+        "{listen}[balancer]\nservers = [\"https://127.0.0.1:{}\"]\n\
          [health_check]\ninterval = \"1h\"\n",
         a.addr.port()
     );

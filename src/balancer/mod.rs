@@ -2,19 +2,24 @@
 //! pool) and their cursors.
 //!
 //! It is started inside the `HttpServer::new` factory, so it runs on the same arbiter as the
-//! handlers that ask it for a server: a `send().await` to it never crosses a thread (see
-//! DESIGN.md for the measurements). It learns about health and membership only through the
-//! [`ServerEvent`]s it is sent, from whoever it joined at start (the HealthActor, wired in
-//! `lib.rs`; this module knows nothing of it), and it keeps the in-flight count of every
-//! server from [`NextServer`] and the [`Lease`]s it hands out. The logic is the plain
-//! [`Pools`] of [`ServerList`](list::ServerList)s (`list.rs`); the actor is a thin shell
-//! around it. It must not block, and must not share its lists with another thread.
+//! handlers that ask it for a server: nothing here crosses a thread (see DESIGN.md for the
+//! measurements). It learns about health and membership only through the [`ServerEvent`]s
+//! it is sent, from whoever it joined at start (the HealthActor, wired in `lib.rs`; this
+//! module knows nothing of it), and it is their only writer. The lists live in a
+//! [`Balancer`] that the actor shares with the worker's handlers (`Rc<Balancer>`, never
+//! leaving the thread): a handler takes its [`Lease`] from it and the lease's end gives it
+//! back synchronously, without a message (DESIGN.md: a same-worker message costs more than
+//! 2% of a request's instructions). The logic is the plain [`Pools`] of
+//! [`ServerList`](list::ServerList)s (`pools.rs`, `list.rs`); the actor is a thin shell around it. It
+//! must not block, and must not share its lists with another thread.
 
 mod list;
+mod pools;
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     future::Future,
+    rc::Rc,
     sync::{
         atomic::{AtomicI64, Ordering::Relaxed},
         Arc,
@@ -24,7 +29,7 @@ use std::{
 
 use actix::prelude::*;
 
-use self::list::Pools;
+use self::pools::Pools;
 use crate::{
     config,
     metrics::Metrics,
@@ -32,10 +37,14 @@ use crate::{
     upstream::{PoolId, Upstream},
 };
 
-/// The worker-local balancer: every pool's [`ServerList`](list::ServerList) behind a
-/// mailbox.
-pub struct BalancerActor {
-    pools: Pools,
+/// One worker's server lists, shared by its [`BalancerActor`] (the only one to apply
+/// [`ServerEvent`]s to them) and its handlers (which begin and end requests on them,
+/// synchronously). Never leaves the worker's thread.
+pub struct Balancer {
+    pools: RefCell<Pools>,
+    /// The first snapshot has been applied. Until then a request asks the actor, which
+    /// holds every message back until it has: no request sees an empty list at start.
+    ready: Cell<bool>,
     /// Where a server whose failures in a row reached its pool's `eject_after_5xx` is
     /// reported (the HealthActor decides).
     eject: Recipient<Eject>,
@@ -43,19 +52,87 @@ pub struct BalancerActor {
     in_flight: Arc<AtomicI64>,
 }
 
+impl Balancer {
+    /// Chooses a server of `pool` for a request and counts it in flight there (see
+    /// [`Pools::begin`]); `None` when the pool has none in rotation.
+    fn begin(self: &Rc<Self>, next: &NextServer) -> Option<Lease> {
+        let upstream =
+            self.pools
+                .borrow_mut()
+                .begin(next.pool, &next.tried, next.key, next.sticky)?;
+        self.in_flight.fetch_add(1, Relaxed);
+        Some(Lease {
+            upstream,
+            balancer: self.clone(),
+            outcome: Cell::default(),
+        })
+    }
+
+    /// A request on `upstream` ended so.
+    fn end(&self, upstream: &Upstream, outcome: Outcome) {
+        self.in_flight.fetch_sub(1, Relaxed);
+        if self.pools.borrow_mut().end(upstream, outcome) {
+            self.eject.do_send(Eject {
+                pool: upstream.pool,
+                label: Arc::from(&*upstream.label),
+            });
+        }
+    }
+}
+
+/// A worker's way to its balancer: the shared lists, and the actor for the time before
+/// its first snapshot.
+#[derive(Clone)]
+pub struct BalancerHandle {
+    state: Rc<Balancer>,
+    actor: Addr<BalancerActor>,
+}
+
+impl BalancerHandle {
+    /// A lease on the server of `next.pool` the request goes to: taken from the worker's
+    /// lists at once, or, before the balancer has its first snapshot, from the actor once
+    /// it has. `Ok(None)`: the pool has no server in rotation.
+    pub async fn lease(&self, next: NextServer) -> Result<Option<Lease>, MailboxError> {
+        if !self.state.ready.get() {
+            self.actor.send(WhenReady).await?;
+        }
+        Ok(self.state.begin(&next))
+    }
+
+    /// The actor (the registry is handed its recipients at start).
+    #[cfg(test)]
+    pub fn actor(&self) -> &Addr<BalancerActor> {
+        &self.actor
+    }
+}
+
+/// The worker-local balancer: every pool's [`ServerList`](list::ServerList) behind a
+/// mailbox, for the events that change them and the admin API's view of them.
+pub struct BalancerActor {
+    state: Rc<Balancer>,
+}
+
 impl BalancerActor {
     /// Starts a balancer on the current arbiter. `join` is given the balancer's recipients
     /// and answers with the current server list; until that answer arrives the balancer
-    /// holds every other message back, so no request sees an empty list at start.
+    /// holds every other message back, and handlers ask it rather than the lists, so no
+    /// request sees an empty list at start.
     pub fn start<F>(
         metrics: Arc<Metrics>,
         eject: Recipient<Eject>,
         join: impl FnOnce(BalancerHandles) -> F,
-    ) -> Addr<Self>
+    ) -> BalancerHandle
     where
         F: Future<Output = Result<ServerEvent, MailboxError>> + 'static,
     {
-        BalancerActor::create(move |ctx| {
+        let state = Rc::new(Balancer {
+            pools: RefCell::new(Pools::default()),
+            ready: Cell::new(false),
+            eject,
+            in_flight: metrics.worker_in_flight(),
+        });
+        let shared = state.clone();
+        let actor = BalancerActor::create(move |ctx| {
             let address = ctx.address();
             let joined = join(BalancerHandles {
                 events: address.clone().recipient(),
@@ -65,16 +142,14 @@ impl BalancerActor {
             ctx.wait(
                 actix::fut::wrap_future::<_, Self>(joined).map(|snapshot, act, _| {
                     if let Ok(snapshot) = snapshot {
-                        act.pools.apply(snapshot.for_worker());
+                        act.state.pools.borrow_mut().apply(snapshot.for_worker());
                     }
+                    act.state.ready.set(true);
                 }),
             );
-            BalancerActor {
-                pools: Pools::default(),
-                eject,
-                in_flight: metrics.worker_in_flight(),
-            }
-        })
+            BalancerActor { state: shared }
+        });
+        BalancerHandle { state, actor }
     }
 }
 
@@ -88,7 +163,7 @@ pub struct BalancerHandles {
     pub list: Recipient<ListServers>,
 }
 
-/// Asks for the server of `pool` the next request goes to; the answer is a [`Lease`] on it.
+/// What a request asks its balancer for: a server of `pool`, as a [`Lease`] on it.
 #[derive(Debug)]
 pub struct NextServer {
     /// The pool the request was routed to.
@@ -101,21 +176,36 @@ pub struct NextServer {
     pub tried: Vec<Arc<Upstream>>,
 }
 
-impl Message for NextServer {
-    type Result = Option<Lease>;
+/// Answered once the balancer has its first snapshot (the actor holds it until then).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct WhenReady;
+
+impl Handler<WhenReady> for BalancerActor {
+    type Result = ();
+
+    fn handle(&mut self, _: WhenReady, _: &mut Self::Context) {}
 }
 
 /// One request's claim on a server: while it lives, the request counts as in flight there
 /// (this worker's count, and the process's gauge).
 ///
 /// Dropping it ends the count, however the request ended: answered, failed, or abandoned
-/// by a client that went away, even before the handler received the reply that carries it.
-#[derive(Debug)]
+/// by a client that went away.
 pub struct Lease {
     upstream: Arc<Upstream>,
-    balancer: Addr<BalancerActor>,
+    balancer: Rc<Balancer>,
     /// How the request ended on the server, told to the balancer with the lease's end.
     outcome: Cell<Outcome>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("upstream", &self.upstream.label)
+            .field("outcome", &self.outcome.get())
+            .finish()
+    }
 }
 
 impl Lease {
@@ -145,10 +235,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.balancer.do_send(RequestEnded {
-            upstream: Arc::clone(&self.upstream),
-            outcome: self.outcome.get(),
-        });
+        self.balancer.end(&self.upstream, self.outcome.get());
     }
 }
 
@@ -161,44 +248,6 @@ pub struct Outcome {
     pub failed: bool,
     /// From the request to the answer's head (`peak_ewma` learns from it).
     pub head_time: Option<Duration>,
-}
-
-impl Handler<NextServer> for BalancerActor {
-    type Result = Option<Lease>;
-
-    fn handle(&mut self, msg: NextServer, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = self
-            .pools
-            .begin(msg.pool, &msg.tried, msg.key, msg.sticky)?;
-        self.in_flight.fetch_add(1, Relaxed);
-        Some(Lease {
-            upstream,
-            balancer: ctx.address(),
-            outcome: Cell::default(),
-        })
-    }
-}
-
-/// A request's [`Lease`] has ended; sent by its `Drop`.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-struct RequestEnded {
-    upstream: Arc<Upstream>,
-    outcome: Outcome,
-}
-
-impl Handler<RequestEnded> for BalancerActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: RequestEnded, _: &mut Self::Context) {
-        self.in_flight.fetch_sub(1, Relaxed);
-        if self.pools.end(&msg.upstream, msg.outcome) {
-            self.eject.do_send(Eject {
-                pool: msg.upstream.pool,
-                label: Arc::from(&*msg.upstream.label),
-            });
-        }
-    }
 }
 
 /// A server's 5xx answers, failed connections or time-outs in a row, as one worker counted
@@ -300,7 +349,7 @@ impl Handler<ServerEvent> for BalancerActor {
     type Result = ();
 
     fn handle(&mut self, event: ServerEvent, _: &mut Self::Context) {
-        self.pools.apply(event.for_worker());
+        self.state.pools.borrow_mut().apply(event.for_worker());
     }
 }
 
@@ -324,47 +373,52 @@ impl Handler<ListServers> for BalancerActor {
     type Result = MessageResult<ListServers>;
 
     fn handle(&mut self, _: ListServers, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.pools.views())
+        MessageResult(self.state.pools.borrow().views())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt as _;
+
     use super::*;
 
+    /// Stands in for the HealthActor: takes ejections and does nothing.
+    struct Ignore;
+
+    impl Actor for Ignore {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Eject> for Ignore {
+        type Result = ();
+
+        fn handle(&mut self, _: Eject, _: &mut Self::Context) {}
+    }
+
     #[actix_rt::test]
-    async fn a_lease_whose_reply_is_never_read_still_ends_its_count() {
-        use crate::{
-            config::{Config, HealthCheckSection},
-            health::{HealthActor, Register},
+    async fn a_request_before_the_first_snapshot_waits_for_it_and_its_lease_ends_its_count() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let health = Ignore.start().recipient();
+        let server = Upstream::local(9);
+        let snapshot = ServerEvent::Snapshot {
+            pools: vec![PoolSpec {
+                id: PoolId::DEFAULT,
+                name: "default".into(),
+                strategy: config::Strategy::RoundRobin,
+                panic_threshold: 0,
+                eject_after_5xx: 0,
+                retired: false,
+            }],
+            servers: vec![ServerState {
+                upstream: server,
+                healthy: true,
+                ejected: false,
+            }],
         };
-        // Nobody listens on port 9: the one probe at start fails, and an hour's interval
-        // keeps the server in rotation meanwhile.
-        let config = Config::from_toml_with_env(
-            "t.toml",
-            "[balancer]\nservers = [\"http://127.0.0.1:9\"]",
-            Some(Default::default()),
-        )
-        .unwrap();
-        let mut pools = config.pools.clone();
-        pools[0].health_check = HealthCheckSection {
-            interval: std::time::Duration::from_secs(3600),
-            ..Default::default()
-        };
-        let metrics = Arc::new(Metrics::new());
-        let health = HealthActor::new(
-            &pools,
-            &Default::default(),
-            config.upstream_tls,
-            metrics.clone(),
-        )
-        .start();
-        let eject = health.clone().recipient();
-        let balancer = BalancerActor::start(metrics, eject, move |balancer| {
-            health.send(Register {
-                balancer,
-                limiter: None,
-            })
+        let balancer = BalancerActor::start(Arc::new(Metrics::new()), health, move |_| async {
+            let _ = rx.await;
+            Ok(snapshot)
         });
         let next = || NextServer {
             pool: PoolId::DEFAULT,
@@ -372,23 +426,17 @@ mod tests {
             sticky: None,
             tried: Vec::new(),
         };
-        let in_flight = async || balancer.send(ListServers).await.unwrap()[0].in_flight;
-        drop(balancer.send(next()).await.unwrap());
-        assert_eq!(in_flight().await, 0);
-
-        // The request is queued and handled, but whoever asked has gone before reading it.
-        let unread = balancer.send(next());
+        let asked = balancer.lease(next());
+        tokio::pin!(asked);
         for _ in 0..10 {
             actix_rt::task::yield_now().await;
+            assert!(asked.as_mut().now_or_never().is_none(), "no list yet");
         }
-        drop(unread);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        while in_flight().await != 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the count never ended"
-            );
-            actix_rt::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
+        tx.send(()).unwrap();
+        let lease = asked.await.unwrap().expect("the snapshot's server");
+        let in_flight = async || balancer.actor().send(ListServers).await.unwrap()[0].in_flight;
+        assert_eq!(in_flight().await, 1);
+        drop(lease);
+        assert_eq!(in_flight().await, 0, "ended at once, no message");
     }
 }

@@ -20,6 +20,7 @@ mod env;
 mod file;
 mod limits;
 mod pools;
+mod readers;
 mod routes;
 mod validate;
 mod words;

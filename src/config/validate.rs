@@ -61,6 +61,8 @@ pub struct Config {
     pub(crate) keepalive_timeout: Duration,
     /// Open client connections for the whole process (at least 1).
     pub(crate) max_connections: usize,
+    /// Every client connection opens with a PROXY protocol header (`listen.proxy_protocol`).
+    pub(crate) proxy_protocol: bool,
     /// The default pool (`[balancer]`) first, then `[pools.*]` by name.
     pub(crate) pools: Vec<PoolConfig>,
     /// `[[routes]]`, in file order.
@@ -194,6 +196,7 @@ impl FileConfig {
             header_timeout: self.listen.header_timeout,
             keepalive_timeout: self.listen.keepalive_timeout,
             max_connections: self.listen.max_connections,
+            proxy_protocol: self.listen.proxy_protocol,
             pools,
             routes,
             proxy: self.proxy.clone(),

@@ -48,7 +48,7 @@ use crate::{
     access_log::{AccessEntry, Ending, Record, CLIENT_CLOSED},
     balancer::{Lease, NextServer},
     health::ConnectFailed,
-    rate_limit::{Budget, Check, Decision, Verdict},
+    rate_limit::{Budget, Decision, Verdict},
     routing::{Limit, Route, RouteRequest},
     sticky::ServerId,
     upstream::{describe, PoolId, Upstream},
@@ -349,7 +349,7 @@ async fn limit(
     ip: IpAddr,
     budget: Option<Budget>,
 ) -> Result<Option<Decision>, ProxyError> {
-    match worker.limiter.send(Check { ip, budget }).await {
+    match worker.limiter.check(ip, budget).await {
         Ok(Verdict::Counted(d)) if d.allowed => Ok(Some(d)),
         Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
         Ok(Verdict::Uncounted) => Ok(None),
@@ -418,7 +418,7 @@ async fn send(
         attempts += 1;
         let lease = worker
             .balancer
-            .send(NextServer {
+            .lease(NextServer {
                 pool: to.pool,
                 key: to.key,
                 sticky: ctx.sticky,

@@ -15,10 +15,10 @@ use tokio::sync::watch;
 
 use crate::{
     access_log::Sink,
-    balancer::BalancerActor,
+    balancer::BalancerHandle,
     config::{Config, HashOn, PoolProxy, ProxySection, Strategy},
     health::HealthActor,
-    rate_limit::{ceil_secs, RateLimitActor},
+    rate_limit::{ceil_secs, LimiterHandle},
     routing::{Route, RouteTable},
     upstream::{self, PoolId},
 };
@@ -192,8 +192,8 @@ impl Current {
 
 /// One worker's handles: its balancer and limiter (same thread), its settings and clients.
 pub(crate) struct Worker {
-    pub balancer: Addr<BalancerActor>,
-    pub limiter: Addr<RateLimitActor>,
+    pub balancer: BalancerHandle,
+    pub limiter: LimiterHandle,
     pub health: Addr<HealthActor>,
     /// Where this worker's exchanges are counted and logged.
     pub sink: Rc<Sink>,
@@ -207,8 +207,8 @@ pub(crate) struct Worker {
 impl Worker {
     /// The handles of the worker whose factory runs this.
     pub fn new(
-        balancer: Addr<BalancerActor>,
-        limiter: Addr<RateLimitActor>,
+        balancer: BalancerHandle,
+        limiter: LimiterHandle,
         health: Addr<HealthActor>,
         sink: Sink,
         updates: watch::Receiver<Arc<Settings>>,

@@ -1,4 +1,6 @@
-//! `RateLimitActor`: one per worker, a fixed window per client.
+//! The limiter: a fixed window per client, one [`RateLimitActor`] per worker
+//! (`worker.rs`: the worker's state, checked by its handlers at once when no wait is
+//! needed, and the actor for the checks that wait on Redis).
 //!
 //! A client is its IP address, or for IPv6 its network of `ipv6_prefix` bits
 //! ([`ClientKey`]): one IPv6 host is given a whole /64, and must not get a budget per
@@ -13,7 +15,7 @@
 //! again, no check it covers asks Redis and `on_store_error` answers at once: `local` counts in the process's
 //! fallback `MemoryStore` (separate from Redis's counts, one for all workers), `allow`
 //! forwards uncounted, `deny` answers 503. A client found over its budget is remembered by
-//! the worker until its window ends, and refused without asking any store. The actor never
+//! the worker until its window ends, and refused without asking any store. Nothing
 //! blocks: the in-process store answers at once, Redis's answer is awaited inside the
 //! actor's own future.
 
@@ -21,16 +23,15 @@ pub mod breaker;
 pub mod cluster;
 pub mod memory;
 pub mod redis;
+mod worker;
 
 use std::{
-    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use actix::prelude::*;
 use futures_util::{
     future::{BoxFuture, LocalBoxFuture},
     FutureExt as _,
@@ -46,6 +47,7 @@ pub use self::{
     cluster::ClusterStore,
     memory::MemoryStore,
     redis::RedisStore,
+    worker::{LimiterHandle, RateLimitActor, Reconfigure},
 };
 
 /// Who a budget belongs to: an IPv4 address, or the IPv6 network of `ipv6_prefix` leading
@@ -172,6 +174,12 @@ pub trait Store: Send + Sync {
         now: Instant,
     ) -> Hit;
 
+    /// Whether [`Store::hit`] always answers at once ([`Hit::Ready`]): the in-process store.
+    /// A worker's handlers then count in it themselves, without a message to the actor.
+    fn answers_at_once(&self) -> bool {
+        false
+    }
+
     /// The Redis Cluster slot `key`'s count lives in (which circuit of the breaker its
     /// checks go through); `None`: not a cluster.
     fn slot(&self, _key: ClientKey, _scope: Option<&str>) -> Option<u16> {
@@ -295,114 +303,6 @@ impl Stores {
     }
 }
 
-/// The worker-local limiter.
-pub struct RateLimitActor {
-    /// Where this worker counts (its own Redis connection, or the process's in-process store).
-    store: Arc<dyn Store>,
-    stores: Stores,
-    limit: u64,
-    window: Duration,
-    on_store_error: OnStoreError,
-    ipv6_prefix: u8,
-    metrics: Arc<Metrics>,
-    /// Clients known to be over budget, and when their window ends: refused locally.
-    blocked: HashMap<ClientKey, Instant>,
-    /// The breaker's open circuits, as this worker last copied them.
-    view: View,
-}
-
-impl RateLimitActor {
-    /// `store` is the worker's, from [`Stores::for_worker`] on the worker's thread.
-    pub fn new(
-        config: &RateLimit,
-        store: Arc<dyn Store>,
-        stores: Stores,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
-            store,
-            stores,
-            limit: config.requests,
-            window: config.window,
-            on_store_error: config.on_store_error,
-            ipv6_prefix: config.ipv6_prefix,
-            metrics,
-            blocked: HashMap::new(),
-            view: View::default(),
-        }
-    }
-
-    /// Turns the store's answer into a verdict; a failure opens the breaker's circuit for
-    /// the key's slot (a cluster's) or for the store.
-    fn settle(
-        &mut self,
-        key: ClientKey,
-        budget: Option<&Budget>,
-        result: Result<Decision, StoreError>,
-    ) -> Verdict {
-        match result {
-            Ok(d) => self.counted(key, d),
-            Err(e) => {
-                self.metrics.store_error();
-                let scope = budget.map(|b| b.name.clone());
-                let slot = self.store.slot(key, scope.as_deref());
-                self.stores
-                    .breaker
-                    .trip(key, scope, slot, &e, self.on_store_error);
-                self.without_store(key, budget, Instant::now())
-            }
-        }
-    }
-
-    /// The limit and window `budget` counts by: its own, or the default ones.
-    fn terms(&self, budget: Option<&Budget>) -> (u64, Duration) {
-        budget.map_or((self.limit, self.window), |b| (b.requests, b.window))
-    }
-
-    /// A counted answer; a client found over budget is remembered.
-    fn counted(&mut self, key: ClientKey, d: Decision) -> Verdict {
-        if !d.allowed {
-            // Until the window ends, not the rounded-up second after it.
-            self.blocked.insert(key, Instant::now() + d.resets_in);
-        }
-        Verdict::Counted(d)
-    }
-
-    /// What `on_store_error` answers while the store is not asked.
-    fn without_store(&mut self, key: ClientKey, budget: Option<&Budget>, now: Instant) -> Verdict {
-        match self.on_store_error {
-            OnStoreError::Local => {
-                self.metrics.fallback();
-                let (limit, window) = self.terms(budget);
-                let d = self.stores.fallback.count(key, limit, window, now);
-                self.counted(key, d)
-            }
-            OnStoreError::Allow => Verdict::Uncounted,
-            OnStoreError::Deny => Verdict::Unavailable,
-        }
-    }
-}
-
-impl Actor for RateLimitActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Forget blocks whose window ended, so the map stays as small as the abuse.
-        ctx.run_interval(self.window, |act, _| {
-            let now = Instant::now();
-            act.blocked.retain(|_, until| *until > now);
-        });
-    }
-}
-
-/// May this client IP send one more request, in `budget` (`None`: `[rate_limit]`'s)?
-#[derive(Debug, Message)]
-#[rtype(result = "Verdict")]
-pub struct Check {
-    pub ip: IpAddr,
-    pub budget: Option<Budget>,
-}
-
 /// A route's own budget, as a check carries it.
 #[derive(Debug, Clone)]
 pub struct Budget {
@@ -428,58 +328,6 @@ pub fn budget_id(name: &str) -> u32 {
         }
     };
     u32::try_from(i + 1).expect("fewer than 4 billion route names")
-}
-
-impl Handler<Check> for RateLimitActor {
-    type Result = ActorResponse<Self, Verdict>;
-
-    fn handle(&mut self, Check { ip, budget }: Check, _: &mut Self::Context) -> Self::Result {
-        let key = ClientKey::new(ip, self.ipv6_prefix, budget.as_ref().map_or(0, |b| b.id));
-        let (limit, window) = self.terms(budget.as_ref());
-        let now = Instant::now();
-        if let Some(&until) = self.blocked.get(&key) {
-            if until > now {
-                let d = Decision::from_count(limit + 1, limit, until - now);
-                return ActorResponse::reply(Verdict::Counted(d));
-            }
-            self.blocked.remove(&key);
-        }
-        self.stores.breaker.refresh(&mut self.view);
-        let scope = budget.as_ref().map(|b| &*b.name);
-        // The slot (a cluster key formatted and hashed) only when a circuit is open.
-        if !self.view.is_clear() && self.view.covers(self.store.slot(key, scope)) {
-            // The store (or the cluster node that holds this key) failed and its probe has
-            // not seen it back: not asked, no wait.
-            return ActorResponse::reply(self.without_store(key, budget.as_ref(), now));
-        }
-        match self.store.hit(key, scope, limit, window, now) {
-            // Answered at once: no future to box.
-            Hit::Ready(result) => ActorResponse::reply(self.settle(key, budget.as_ref(), result)),
-            Hit::Pending(hit) => ActorResponse::r#async(
-                hit.into_actor(self)
-                    .map(move |result, act, _| act.settle(key, budget.as_ref(), result)),
-            ),
-        }
-    }
-}
-
-/// New values for the keys a running limiter can change (a config reload).
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
-pub struct Reconfigure(pub RateLimit);
-
-impl Handler<Reconfigure> for RateLimitActor {
-    type Result = ();
-
-    fn handle(&mut self, Reconfigure(config): Reconfigure, _: &mut Self::Context) {
-        // Blocks were decided under the old limits, windows and keys (the routes' budgets
-        // may have changed too).
-        self.blocked.clear();
-        self.limit = config.requests;
-        self.window = config.window;
-        self.ipv6_prefix = config.ipv6_prefix;
-        self.on_store_error = config.on_store_error;
-    }
 }
 
 #[cfg(test)]

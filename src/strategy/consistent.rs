@@ -81,26 +81,13 @@ impl Strategy for ConsistentHash {
 mod tests {
     use std::sync::Arc;
 
-    use super::{super::maglev::hash_key, *};
-    use crate::{config::ServerConfig, upstream::Upstream};
+    use super::{
+        super::{maglev::hash_key, test_slots},
+        *,
+    };
 
     fn slots(ports: &[u16]) -> Vec<Slot> {
-        ports
-            .iter()
-            .map(|&port| Slot {
-                upstream: Arc::new(Upstream::new(
-                    "default",
-                    &ServerConfig {
-                        url: format!("http://10.0.0.1:{port}").parse().unwrap(),
-                        weight: 1,
-                    },
-                )),
-                healthy: true,
-                draining: false,
-                ejected: false,
-                in_flight: 0,
-            })
-            .collect()
+        test_slots(ports.iter().copied())
     }
 
     fn ready(s: &[Slot]) -> ConsistentHash {

@@ -298,6 +298,27 @@ impl Strategy for PowerOfTwo {
     fn resize(&mut self, _slots: &[Slot]) {}
 }
 
+/// Slots for tests: `http://10.0.0.1:PORT` for each port, weight 1, all in rotation.
+#[cfg(test)]
+pub(crate) fn test_slots(ports: impl IntoIterator<Item = u16>) -> Vec<Slot> {
+    ports
+        .into_iter()
+        .map(|port| Slot {
+            upstream: Arc::new(Upstream::new(
+                crate::config::DEFAULT_POOL,
+                &crate::config::ServerConfig {
+                    url: format!("http://10.0.0.1:{port}").parse().unwrap(),
+                    weight: 1,
+                },
+            )),
+            healthy: true,
+            draining: false,
+            ejected: false,
+            in_flight: 0,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,25 +98,10 @@ impl Strategy for PeakEwmaStrategy {
 mod tests {
     use rand::SeedableRng;
 
-    use super::*;
-    use crate::{config::ServerConfig, upstream::Upstream};
+    use super::{super::test_slots, *};
 
     fn slots(n: u16) -> Vec<Slot> {
-        (1..=n)
-            .map(|port| Slot {
-                upstream: Arc::new(Upstream::new(
-                    "default",
-                    &ServerConfig {
-                        url: format!("http://10.0.0.1:{port}").parse().unwrap(),
-                        weight: 1,
-                    },
-                )),
-                healthy: true,
-                draining: false,
-                ejected: false,
-                in_flight: 0,
-            })
-            .collect()
+        test_slots(1..=n)
     }
 
     #[test]

@@ -33,12 +33,23 @@ impl Binary {
     /// Starts the binary on `config` (TOML), which must listen on `127.0.0.1:port`, and
     /// waits until it accepts connections.
     pub async fn start(port: u16, config: &str) -> Binary {
+        Self::start_exe(env!("CARGO_BIN_EXE_roundabout").as_ref(), port, config, &[]).await
+    }
+
+    /// [`Binary::start`] with the executable at `exe` (a copy of the binary) and `env` set.
+    pub async fn start_exe(
+        exe: &std::path::Path,
+        port: u16,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Binary {
         let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
         file.write_all(config.as_bytes()).unwrap();
         let stderr = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_roundabout"))
+        let child = Command::new(exe)
             .args(["--config", file.path().to_str().unwrap()])
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(stderr.reopen().unwrap()))
             .spawn()

@@ -5,6 +5,7 @@
 mod binary;
 pub mod cluster;
 pub mod dns;
+pub mod handover;
 mod raw;
 mod redis;
 pub mod tls;

@@ -90,6 +90,9 @@ pub(crate) trait MessageType: Sized {
 
         {
             let headers = self.headers_mut();
+            // Room for this head's headers at once: a new request head starts without any
+            // (see `RequestHead::default`), and a pooled one keeps what earlier heads needed.
+            headers.reserve(raw_headers.len());
 
             for idx in raw_headers.iter() {
                 let name = HeaderName::from_bytes(&slice[idx.name.0..idx.name.1]).unwrap();
@@ -440,7 +443,7 @@ impl MessageType for ResponseHead {
             }
         };
 
-        let mut msg = ResponseHead::new(status);
+        let mut msg = ResponseHead::without_header_capacity(status);
         msg.version = ver;
 
         // convert headers
@@ -689,6 +692,39 @@ mod tests {
                 _ => unreachable!("Error expected"),
             }
         }};
+    }
+
+    /// roundabout patch "A head's header map is sized to its headers" (VENDORED.md).
+    #[test]
+    fn a_response_head_is_sized_to_its_headers() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Length: 0\r\nServer: x\r\n\r\n");
+        let (head, _) = MessageDecoder::<ResponseHead>::default()
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.headers().len(), 2);
+        // Upstream: room for 12 headers (a 3.2 KiB table) whatever the answer.
+        assert!(
+            head.headers().capacity() < 12,
+            "{}",
+            head.headers().capacity()
+        );
+    }
+
+    /// roundabout patch "A head's header map is sized to its headers" (VENDORED.md).
+    #[test]
+    fn a_request_head_is_sized_to_its_headers() {
+        assert_eq!(crate::RequestHead::default().headers.capacity(), 0);
+
+        let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\r\n");
+        let req = parse_ready!(&mut buf);
+        assert_eq!(req.headers().len(), 2);
+        // Upstream: room for 16 headers (a 6.4 KiB table) whatever the request.
+        assert!(
+            req.headers().capacity() < 16,
+            "{}",
+            req.headers().capacity()
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio_util::codec::{Decoder as _, Encoder as _};
 use tracing::{debug, error, trace};
 
 use super::{
+    buffer_pool,
     codec::Codec,
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
@@ -168,7 +169,8 @@ pin_project! {
         peer_addr: Option<net::SocketAddr>,
         conn_data: Option<Rc<Extensions>>,
         config: ServiceConfig,
-        error: Option<DispatchError>,
+        // Boxed: set only when a connection fails, and 88 bytes inline in every one.
+        error: Option<Box<DispatchError>>,
 
         #[pin]
         pub(super) state: State<S, B, X>,
@@ -188,6 +190,9 @@ pin_project! {
         graceful_shutdown: Option<crate::config::GracefulShutdownFuture>,
 
         pub(super) io: Option<T>,
+        // Both hold a buffer from the thread's `buffer_pool` only while bytes wait in them:
+        // each is taken when bytes arrive or a message is written, and given back at the end
+        // of the poll that leaves it empty, so a connection that waits holds neither.
         read_buf: BytesMut,
         write_buf: BytesMut,
 
@@ -311,8 +316,8 @@ where
                     graceful_shutdown: config.graceful_shutdown(),
 
                     io: Some(io),
-                    read_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
-                    write_buf: BytesMut::with_capacity(HW_BUFFER_SIZE),
+                    read_buf: BytesMut::new(),
+                    write_buf: BytesMut::new(),
                     h1_write_buffer_size: config.h1_write_buffer_size(),
                     write_buf_needs_reset: false,
                     codec: Codec::new(config),
@@ -422,7 +427,8 @@ where
 
         // All bytes have been accepted by the I/O stream, so the buffer can be reused or released.
         if *write_buf_needs_reset {
-            *write_buf = BytesMut::with_capacity(HW_BUFFER_SIZE);
+            // The pool frees a buffer this large; the next write takes one of the usual size.
+            buffer_pool::give(mem::take(write_buf));
             *write_buf_needs_reset = false;
         } else {
             write_buf.clear();
@@ -500,6 +506,7 @@ where
         let size = body.size();
         *this.write_timeout = res.extensions().get::<WriteTimeout>().map(|t| t.0);
 
+        buffer_pool::ensure(this.write_buf);
         this.codec
             .encode(Message::Item((res, size)), this.write_buf)
             .map_err(|err| {
@@ -643,9 +650,9 @@ where
     }
 
     fn send_continue(self: Pin<&mut Self>) {
-        self.project()
-            .write_buf
-            .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        let write_buf = self.project().write_buf;
+        buffer_pool::ensure(write_buf);
+        write_buf.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
     }
 
     fn poll_response(
@@ -734,6 +741,8 @@ where
                 }
 
                 StateProj::SendPayload { mut body } => {
+                    buffer_pool::ensure(this.write_buf);
+
                     // keep populate writer buffer until buffer size limit hit,
                     // get blocked or finished.
                     while this.write_buf.len() < *this.h1_write_buffer_size {
@@ -791,6 +800,7 @@ where
 
                 StateProj::SendErrorPayload { mut body } => {
                     // TODO: de-dupe impl with SendPayload
+                    buffer_pool::ensure(this.write_buf);
 
                     // keep populate writer buffer until buffer size limit hit,
                     // get blocked or finished.
@@ -853,6 +863,7 @@ where
                         // expect resolved. write continue to buffer and set InnerDispatcher state
                         // to service call.
                         Poll::Ready(Ok(req)) => {
+                            buffer_pool::ensure(this.write_buf);
                             this.write_buf
                                 .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                             let fut = this.flow.service.call(req);
@@ -1036,7 +1047,7 @@ where
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
                                 ));
-                                *this.error = Some(DispatchError::InternalError);
+                                *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
                             }
                         }
@@ -1051,7 +1062,7 @@ where
                                 this.messages.push_back(DispatcherMessage::Error(
                                     Response::internal_server_error().drop_body(),
                                 ));
-                                *this.error = Some(DispatchError::InternalError);
+                                *this.error = Some(Box::new(DispatchError::InternalError));
                                 break;
                             }
                         }
@@ -1066,7 +1077,7 @@ where
                     trace!("I/O error: {}", &err);
                     self.as_mut().client_disconnected();
                     this = self.as_mut().project();
-                    *this.error = Some(DispatchError::Io(err));
+                    *this.error = Some(Box::new(DispatchError::Io(err)));
                     break;
                 }
 
@@ -1091,7 +1102,7 @@ where
                         )));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
-                    *this.error = Some(ParseError::TooLarge.into());
+                    *this.error = Some(Box::new(ParseError::TooLarge.into()));
 
                     break;
                 }
@@ -1115,7 +1126,7 @@ where
                     ));
 
                     this.flags.insert(Flags::READ_DISCONNECT);
-                    *this.error = Some(err.into());
+                    *this.error = Some(Box::new(err.into()));
                     break;
                 }
             }
@@ -1332,7 +1343,9 @@ where
                 return Ok(false);
             }
 
-            // grow buffer if necessary.
+            // Take a buffer for the bytes to come (given back at the end of the poll if none
+            // came), and grow it if necessary.
+            buffer_pool::ensure(this.read_buf);
             let remaining = this.read_buf.capacity() - this.read_buf.len();
             if remaining < LW_BUFFER_SIZE {
                 this.read_buf.reserve(HW_BUFFER_SIZE - remaining);
@@ -1386,7 +1399,7 @@ where
     }
 }
 
-impl<T, S, B, X, U> Future for Dispatcher<T, S, B, X, U>
+impl<T, S, B, X, U> Dispatcher<T, S, B, X, U>
 where
     T: AsyncRead + AsyncWrite + Unpin,
 
@@ -1402,10 +1415,10 @@ where
     U: Service<(Request, Framed<T, Codec>), Response = ()>,
     U::Error: fmt::Display,
 {
-    type Output = Result<(), DispatchError>;
-
-    #[inline]
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll_connection(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), DispatchError>> {
         let this = self.as_mut().project();
 
         #[cfg(test)]
@@ -1561,6 +1574,7 @@ where
                     // keep-alive and stream errors
                     if state_is_none && inner_p.write_buf.is_empty() {
                         if let Some(err) = inner_p.error.take() {
+                            let err = *err;
                             // A client's malformed or broken stream is not the server's
                             // error (anyone could fill the log with them); services see
                             // refused requests through `OnRefused`.
@@ -1630,6 +1644,40 @@ where
     }
 }
 
+impl<T, S, B, X, U> Future for Dispatcher<T, S, B, X, U>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+
+    S: Service<Request>,
+    S::Error: Into<Response<BoxBody>>,
+    S::Response: Into<Response<B>>,
+
+    B: MessageBody,
+
+    X: Service<Request, Response = Request>,
+    X::Error: Into<Response<BoxBody>>,
+
+    U: Service<(Request, Framed<T, Codec>), Response = ()>,
+    U::Error: fmt::Display,
+{
+    type Output = Result<(), DispatchError>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let poll = self.as_mut().poll_connection(cx);
+
+        // However the poll went, a buffer it left empty goes back to the pool: a connection
+        // waiting for its next request, for its service or for a response body holds none.
+        if let DispatcherStateProj::Normal { inner } = self.project().inner.project() {
+            let inner = inner.project();
+            buffer_pool::give_if_empty(inner.read_buf);
+            buffer_pool::give_if_empty(inner.write_buf);
+        }
+
+        poll
+    }
+}
+
 fn should_close_for_unread_payload(
     payload: Option<&PayloadSender>,
     payload_drainable: bool,
@@ -1669,3 +1717,7 @@ mod dispatcher_tests;
 #[cfg(test)]
 #[path = "dispatcher_buffer_tests.rs"]
 mod buffer_tests;
+
+#[cfg(test)]
+#[path = "dispatcher_pool_tests.rs"]
+mod pool_tests;

@@ -2,6 +2,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+pub mod buffer_pool;
 mod chunked;
 mod client;
 mod codec;

@@ -30,6 +30,20 @@ impl ResponseHead {
         }
     }
 
+    /// A head whose header map has no room yet: the decoder reserves what the head it reads
+    /// needs, where [`new`](Self::new) makes room for 12 headers (a 3.2 KiB table) whatever
+    /// the answer.
+    #[inline]
+    pub(crate) fn without_header_capacity(status: StatusCode) -> ResponseHead {
+        ResponseHead {
+            status,
+            version: Version::HTTP_11,
+            headers: HeaderMap::new(),
+            reason: None,
+            flags: Flags::empty(),
+        }
+    }
+
     /// Read the message headers.
     #[inline]
     pub fn headers(&self) -> &HeaderMap {

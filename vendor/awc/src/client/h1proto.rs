@@ -1,14 +1,15 @@
 use std::{
-    io::Write,
+    io::{self, Write},
+    mem,
     pin::{pin, Pin},
     task::{Context, Poll},
 };
 
-use actix_codec::{AsyncRead, Framed};
+use actix_codec::{AsyncRead, AsyncWrite, Decoder as _, Encoder as _, Framed};
 use actix_http::{
     body::{BodySize, MessageBody},
     error::{ParseError, PayloadError},
-    h1,
+    h1::{self, buffer_pool},
     header::{HeaderMap, TryIntoHeaderValue, EXPECT, HOST},
     Payload, RequestHeadType, ResponseHead, StatusCode,
 };
@@ -16,7 +17,6 @@ use actix_utils::future::poll_fn;
 use bytes::{buf::BufMut, Bytes, BytesMut};
 use futures_core::{ready, Stream};
 use futures_util::SinkExt as _;
-use pin_project_lite::pin_project;
 
 use super::{
     connection::{ConnectionIo, H1Connection},
@@ -90,16 +90,15 @@ where
         }
     }
 
-    // create Framed and prepare sending request
-    let mut framed = Framed::new(io, h1::ClientCodec::default());
+    let mut exchange = Exchange::new(io);
 
     // Check EXPECT header and enable expect handle flag accordingly.
     // See https://datatracker.ietf.org/doc/html/rfc7231#section-5.1.1
     let is_expect = if head.as_ref().headers.contains_key(EXPECT) {
         match orig_length {
             BodySize::None | BodySize::Sized(0) => {
-                let keep_alive = framed.codec_ref().keep_alive();
-                framed.io_mut().on_release(keep_alive);
+                let keep_alive = exchange.codec.keep_alive();
+                exchange.io.on_release(keep_alive);
 
                 // TODO: use a new variant or a new type better describing error violate
                 // `Requirements for clients` session of above RFC
@@ -111,19 +110,18 @@ where
         false
     };
 
-    let mut pin_framed = Pin::new(&mut framed);
-
     // special handle for EXPECT request.
     let (do_send, mut res_head) = if is_expect {
-        pin_framed.send((head, length).into()).await?;
+        exchange.write(h1::Message::Item((head, length)))?;
+        poll_fn(|cx| exchange.poll_flush(cx)).await?;
 
-        let head = read_response_head(pin_framed.as_mut(), true).await?;
+        let head = exchange.read_response_head(true).await?;
 
         // return response head in case status code is not continue
         // and current head would be used as final response head.
         (head.status == StatusCode::CONTINUE, Some(head))
     } else {
-        pin_framed.feed((head, length).into()).await?;
+        exchange.write(h1::Message::Item((head, length)))?;
 
         (true, None)
     };
@@ -132,32 +130,214 @@ where
         // send request body
         match length {
             BodySize::None | BodySize::Sized(0) => {
-                poll_fn(|cx| pin_framed.as_mut().flush(cx)).await?;
+                poll_fn(|cx| exchange.poll_flush(cx)).await?;
             }
-            _ => send_body(body.as_mut(), pin_framed.as_mut(), first_chunk).await?,
+            _ => send_body(body.as_mut(), &mut exchange, first_chunk).await?,
         };
 
         // read response and init read body
-        let head = read_response_head(pin_framed.as_mut(), false).await?;
+        let head = exchange.read_response_head(false).await?;
 
         res_head = Some(head);
     }
 
     let head = res_head.unwrap();
 
-    match pin_framed.codec_ref().message_type() {
+    match exchange.codec.message_type() {
         h1::MessageType::None => {
-            let keep_alive = pin_framed.codec_ref().keep_alive();
-            pin_framed.io_mut().on_release(keep_alive);
+            let keep_alive = exchange.codec.keep_alive();
+            exchange.io.on_release(keep_alive);
 
             Ok((head, Payload::None))
         }
         _ => Ok((
             head,
             Payload::Stream {
-                payload: Box::pin(PlStream::new(framed)),
+                payload: Box::pin(PlStream::new(exchange)),
             },
         )),
+    }
+}
+
+/// One request and its answer on an HTTP/1 connection: the codec (`C`: the request's, then
+/// the body's), and the exchange's read and write buffers, which come from the thread's
+/// [`buffer_pool`] while bytes wait in them and go back as soon as none do: the request's
+/// buffer once it is written, the answer's while the exchange waits for the server and when
+/// the body has been read. A pooled connection and an exchange waiting for its answer hold
+/// no buffer.
+///
+/// Upstream made a `Framed` per exchange, with two 8 KiB buffers of its own held until the
+/// body had been read; `Framed` has no way to hand its buffers back. The reads and writes
+/// here are `Framed`'s.
+struct Exchange<Io: ConnectionIo, C> {
+    io: H1Connection<Io>,
+    codec: C,
+    bufs: Buffers,
+    /// The connection has closed its read half (`Framed`'s `EOF`).
+    eof: bool,
+}
+
+/// An exchange's buffers; they go back to the pool when it ends, however it ends.
+#[derive(Default)]
+struct Buffers {
+    read: BytesMut,
+    write: BytesMut,
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        buffer_pool::give(mem::take(&mut self.read));
+        buffer_pool::give(mem::take(&mut self.write));
+    }
+}
+
+/// `Framed`'s watermarks: a read wants at least `LW` of room and reserves up to `HW`; a
+/// write buffer holding `HW` is full.
+const LW: usize = 1024;
+const HW: usize = 8 * 1024;
+
+impl<Io: ConnectionIo> Exchange<Io, h1::ClientCodec> {
+    fn new(io: H1Connection<Io>) -> Self {
+        Self {
+            io,
+            codec: h1::ClientCodec::default(),
+            bufs: Buffers::default(),
+            eof: false,
+        }
+    }
+
+    /// Encodes `item` into the write buffer.
+    fn write(&mut self, item: h1::Message<(RequestHeadType, BodySize)>) -> Result<(), io::Error> {
+        let buf = &mut self.bufs.write;
+        if buf.capacity() == 0 {
+            *buf = buffer_pool::take();
+        }
+        let remaining = buf.capacity() - buf.len();
+        if remaining < LW {
+            buf.reserve(HW - remaining);
+        }
+        self.codec.encode(item, buf)
+    }
+
+    fn is_write_buf_full(&self) -> bool {
+        self.bufs.write.len() >= HW
+    }
+
+    /// One response head, as `Framed`'s `poll_next` decodes it: `None` at a close that left
+    /// no partial head.
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<ResponseHead, ParseError>>> {
+        loop {
+            if self.eof {
+                return Poll::Ready(self.codec.decode_eof(&mut self.bufs.read).transpose());
+            }
+            if !self.bufs.read.is_empty() {
+                if let Some(head) = self.codec.decode(&mut self.bufs.read)? {
+                    return Poll::Ready(Some(Ok(head)));
+                }
+            }
+            if !ready!(self.poll_read(cx))? {
+                self.eof = true;
+            }
+        }
+    }
+
+    /// Reads response heads until one that answers the request: interim (1xx) responses
+    /// are skipped (RFC 9110 §15.2: a client must be able to parse and ignore unexpected
+    /// ones), but for `101 Switching Protocols`, and for `100 Continue` when
+    /// `until_continue` (the wait for it after an `Expect: 100-continue` head).
+    async fn read_response_head(
+        &mut self,
+        until_continue: bool,
+    ) -> Result<ResponseHead, SendRequestError> {
+        loop {
+            // The connection closed before an answer: see `read_response_head` below.
+            let head = poll_fn(|cx| self.poll_head(cx))
+                .await
+                .ok_or(SendRequestError::Response(ParseError::Incomplete))??;
+
+            let wanted = !head.status.is_informational()
+                || head.status == StatusCode::SWITCHING_PROTOCOLS
+                || (until_continue && head.status == StatusCode::CONTINUE);
+
+            if wanted {
+                return Ok(head);
+            }
+
+            log::trace!("skipping interim response: {}", head.status);
+        }
+    }
+
+    /// The rest of the exchange reads the body.
+    fn into_payload(self) -> Exchange<Io, h1::ClientPayloadCodec> {
+        let Exchange {
+            io,
+            codec,
+            bufs,
+            eof,
+        } = self;
+
+        Exchange {
+            io,
+            codec: codec.into_payload_codec(),
+            bufs,
+            eof,
+        }
+    }
+}
+
+impl<Io: ConnectionIo, C> Exchange<Io, C> {
+    /// Writes the write buffer out, gives it back to the pool, and flushes the connection.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        let buf = &mut self.bufs.write;
+        let mut written = 0;
+        while written < buf.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &buf[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "failed to write frame to transport",
+                    )));
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => {
+                    bytes::Buf::advance(buf, written);
+                    return Poll::Pending;
+                }
+            }
+        }
+        buffer_pool::give(mem::take(buf));
+
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Reads more of the answer into the read buffer, taking one from the pool for it.
+    ///
+    /// `Ok(true)` when bytes came, `Ok(false)` at the close. While none have come, the
+    /// exchange holds no read buffer: it goes back to the pool if it holds no bytes.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, io::Error>> {
+        let buf = &mut self.bufs.read;
+        if buf.capacity() == 0 {
+            *buf = buffer_pool::take();
+        }
+        let remaining = buf.capacity() - buf.len();
+        if remaining < LW {
+            buf.reserve(HW - remaining);
+        }
+
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(n != 0)),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => {
+                if buf.is_empty() {
+                    buffer_pool::give(mem::take(buf));
+                }
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -207,9 +387,9 @@ async fn read_response_head<T: AsyncRead>(
 }
 
 /// send request body to the peer
-pub(crate) async fn send_body<Io, B>(
+async fn send_body<Io, B>(
     mut body: Pin<&mut B>,
-    mut framed: Pin<&mut Framed<Io, h1::ClientCodec>>,
+    exchange: &mut Exchange<Io, h1::ClientCodec>,
     first_chunk: Option<Bytes>,
 ) -> Result<(), SendRequestError>
 where
@@ -218,30 +398,30 @@ where
     B::Error: Into<BoxError>,
 {
     if let Some(chunk) = first_chunk {
-        framed.as_mut().write(h1::Message::Chunk(Some(chunk)))?;
+        exchange.write(h1::Message::Chunk(Some(chunk)))?;
     }
 
     let mut eof = false;
     while !eof {
-        while !eof && !framed.as_ref().is_write_buf_full() {
+        while !eof && !exchange.is_write_buf_full() {
             match poll_fn(|cx| body.as_mut().poll_next(cx)).await {
                 Some(Ok(chunk)) => {
-                    framed.as_mut().write(h1::Message::Chunk(Some(chunk)))?;
+                    exchange.write(h1::Message::Chunk(Some(chunk)))?;
                 }
                 Some(Err(err)) => return Err(SendRequestError::Body(err.into())),
                 None => {
                     eof = true;
-                    framed.as_mut().write(h1::Message::Chunk(None))?;
+                    exchange.write(h1::Message::Chunk(None))?;
                 }
             }
         }
 
-        if !framed.as_ref().is_write_buf_empty() {
-            poll_fn(|cx| match framed.as_mut().flush(cx) {
+        if !exchange.bufs.write.is_empty() {
+            poll_fn(|cx| match exchange.poll_flush(cx) {
                 Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
                 Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
                 Poll::Pending => {
-                    if !framed.as_ref().is_write_buf_full() {
+                    if !exchange.is_write_buf_full() {
                         Poll::Ready(Ok(()))
                     } else {
                         Poll::Pending
@@ -252,22 +432,54 @@ where
         }
     }
 
-    framed.get_mut().flush().await?;
+    poll_fn(|cx| exchange.poll_flush(cx)).await?;
     Ok(())
 }
 
-pin_project! {
-    pub(crate) struct PlStream<Io: ConnectionIo> {
-        #[pin]
-        framed: Framed<H1Connection<Io>, h1::ClientPayloadCodec>,
-    }
+/// The answer's body: the rest of the exchange, read with the payload codec.
+pub(crate) struct PlStream<Io: ConnectionIo> {
+    exchange: Exchange<Io, h1::ClientPayloadCodec>,
+    /// The read buffer may hold bytes the codec has not seen (`Framed`'s `READABLE`).
+    readable: bool,
 }
 
 impl<Io: ConnectionIo> PlStream<Io> {
-    fn new(framed: Framed<H1Connection<Io>, h1::ClientCodec>) -> Self {
-        let framed = framed.into_map_codec(|codec| codec.into_payload_codec());
+    fn new(exchange: Exchange<Io, h1::ClientCodec>) -> Self {
+        PlStream {
+            exchange: exchange.into_payload(),
+            readable: true,
+        }
+    }
 
-        PlStream { framed }
+    /// `Framed::next_item`, with the exchange's reads.
+    fn next_item(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Option<Bytes>, PayloadError>>> {
+        let exchange = &mut self.exchange;
+        loop {
+            if self.readable {
+                if exchange.eof {
+                    return Poll::Ready(
+                        exchange
+                            .codec
+                            .decode_eof(&mut exchange.bufs.read)
+                            .transpose(),
+                    );
+                }
+
+                if let Some(item) = exchange.codec.decode(&mut exchange.bufs.read)? {
+                    return Poll::Ready(Some(Ok(item)));
+                }
+
+                self.readable = false;
+            }
+
+            if !ready!(exchange.poll_read(cx))? {
+                exchange.eof = true;
+            }
+            self.readable = true;
+        }
     }
 }
 
@@ -275,13 +487,16 @@ impl<Io: ConnectionIo> Stream for PlStream<Io> {
     type Item = Result<Bytes, PayloadError>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut this = self.project();
+        let this = self.get_mut();
 
-        match ready!(this.framed.as_mut().next_item(cx)?) {
+        match ready!(this.next_item(cx)?) {
             Some(Some(chunk)) => Poll::Ready(Some(Ok(chunk))),
             Some(None) => {
-                let keep_alive = this.framed.codec_ref().keep_alive();
-                this.framed.io_mut().on_release(keep_alive);
+                let exchange = &mut this.exchange;
+                let keep_alive = exchange.codec.keep_alive();
+                exchange.io.on_release(keep_alive);
+                // The body is read: its buffer goes back now, not when the stream is dropped.
+                buffer_pool::give(mem::take(&mut exchange.bufs.read));
                 Poll::Ready(None)
             }
             // The payload codec ends a body, even a close-delimited one, with `Some(None)`:
