@@ -14,19 +14,36 @@ import argparse
 import json
 import re
 from collections import defaultdict
+from pathlib import Path
 
 ADDRESS = re.compile(r"^0x[0-9a-f]+: ")
-# Frames of the allocator itself, above the allocation site.
-ALLOCATOR = ("alloc::", "<alloc::", "__rg_", "<dhat::", "dhat::", "__rust_", "core::alloc",
-             "std::alloc", "<std::alloc")
+FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?):\d+:\d+\)$")
+# Files of the allocator itself and of the collections' growth, above the allocation site:
+# dhat, the global allocator hook, alloc::alloc, RawVec and hashbrown's raw allocation.
+ALLOCATOR = ("dhat-", "dhat_heap.rs", "alloc/src/alloc.rs", "src/raw_vec/", "src/raw/alloc.rs")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def frames(profile, pp):
+    """The frames of an allocation point, the allocator's own cut off: "function (file:line)"
+    as dhat prints them with line tables (a function's name without its module)."""
     ftbl = profile["ftbl"]
     names = [ADDRESS.sub("", ftbl[i]) for i in pp["fs"]]
-    while names and names[0].startswith(ALLOCATOR):
+    while names and any(a in names[0] for a in ALLOCATOR):
         names = names[1:]
     return names
+
+
+def own(name):
+    """Whether a frame is in roundabout's own src/ (line tables name it src/..., or
+    wt-*/src/... for the crate root), rather than the standard library's src/ or a
+    dependency's."""
+    m = FRAME.match(name)
+    if not m:
+        return False
+    file = m.group("file")
+    rel = file[file.index("src/"):] if "src/" in file else file
+    return (ROOT / rel).is_file() and not file.startswith(("alloc/", "core/", "std/"))
 
 
 def sites(profile, depth):
@@ -39,8 +56,7 @@ def sites(profile, depth):
         site[1] += pp["ebk"]
         site[2] += pp["tb"]
         if not site[3]:
-            site[3] = next((n for n in names if n.startswith(("roundabout::", "<roundabout::"))),
-                           "")
+            site[3] = next((n for n in names if own(n)), "")
     return out
 
 

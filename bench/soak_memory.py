@@ -111,9 +111,10 @@ class Memory:
         path.write_text("\n".join(lines) + "\n")
 
     def lines(self):
-        """The report's memory part: a row per minute (per ten minutes past an hour)."""
+        """The report's memory part: a row per minute (every five minutes past an hour,
+        so that a two-hour run's curve is a table one can read)."""
         rows = self.per_minute()
-        step = 10 if len(rows) > 60 else 1
+        step = 5 if len(rows) > 60 else 1
         out = ["| minute | RSS MiB | live heap MiB (median, lowest-highest) | free heap MiB "
                "| requests ok |", "| ---: | ---: | ---: | ---: | ---: |"]
         for minute, rss, med, low, high, free, ok in rows:
