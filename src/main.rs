@@ -6,6 +6,9 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::Parser;
 use roundabout::config::Config;
 
+#[cfg(feature = "dhat-heap")]
+mod dhat_heap;
+
 /// A small HTTP load balancer: round robin and friends, health checks, per-IP rate limits
 /// in Redis, and an admin API.
 #[derive(Debug, Parser)]
@@ -26,6 +29,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Held to the end of `main`: the profile is written then, if not before.
+    #[cfg(feature = "dhat-heap")]
+    let _profiling = dhat_heap::start();
     let cli = Cli::parse();
     // While the process has one thread (the environment is not safe to change with more):
     // the sockets systemd or an upgrading roundabout hands over, and where to say it serves.

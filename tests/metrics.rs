@@ -88,6 +88,12 @@ async fn metrics_are_openmetrics_that_a_real_parser_reads_with_every_series_from
             "no {family} in {families:?}"
         );
     }
+    // Read from glibc's malloc at each scrape; tests/heap_metrics.rs checks its values.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    assert!(
+        families.iter().any(|f| f == "roundabout_heap_bytes"),
+        "{families:?}"
+    );
     let label = a.addr.to_string();
     for series in [
         format!("roundabout_requests_total{{pool=\"default\",server=\"{label}\",class=\"2xx\"}} 0"),

@@ -1,0 +1,53 @@
+//! `roundabout_heap_bytes{state}` (glibc only): the live heap as the allocator counts it,
+//! read at each scrape. A test binary of its own, so that no other test's balancer moves
+//! the process's heap while this one reads it.
+
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
+
+mod common;
+
+use common::*;
+
+/// The `in_use` and `free` values in a `/metrics` body.
+fn heap(text: &str) -> (u64, u64) {
+    let value = |state: &str| -> u64 {
+        let series = format!("roundabout_heap_bytes{{state=\"{state}\"}} ");
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .unwrap_or_else(|| panic!("no {series}in:\n{text}"));
+        line[series.len()..].parse().unwrap()
+    };
+    (value("in_use"), value("free"))
+}
+
+async fn scrape(lb: &roundabout::Running) -> (u64, u64) {
+    let mut res = client()
+        .get(format!("http://{}/metrics", lb.admin_addr.unwrap()))
+        .send()
+        .await
+        .unwrap();
+    heap(std::str::from_utf8(&res.body().await.unwrap()).unwrap())
+}
+
+/// The balancer runs in this process, so the test's own block is its heap too: a block the
+/// process holds shows in `in_use`, and leaves it once freed.
+#[actix_rt::test]
+async fn heap_bytes_follow_what_the_process_holds() {
+    let a = Backend::start("a");
+    let lb = balancer(&urls(&[&a]), "");
+    let (base, _) = scrape(&lb).await;
+    assert!(base > 0);
+
+    // 64 MiB, written so that it is really there: far more than the scrapes themselves take
+    // or give back meanwhile.
+    let block = vec![7u8; 64 << 20];
+    let (during, _) = scrape(&lb).await;
+    assert!(during >= base + (48 << 20), "{base} -> {during}");
+    drop(block);
+    let (after, _) = scrape(&lb).await;
+    assert!(
+        after < base + (16 << 20),
+        "{base} -> {during} -> {after} freed"
+    );
+}
