@@ -143,13 +143,7 @@ impl Drop for Demo {
 
 /// Free ports: roundabout's, the admin API's, and `n` backends' (comma-separated).
 fn ports(n: usize) -> (u16, u16, Vec<u16>) {
-    let held: Vec<TcpListener> = (0..n + 2)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
+    let ports = free_ports(n + 2);
     (ports[0], ports[1], ports[2..].to_vec())
 }
 

@@ -19,6 +19,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `n` distinct ports nothing listens on now: all are held until all are chosen, so none
+/// comes twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
 /// The built `roundabout` binary, run on a config file of the test's, its stderr kept in a
 /// file the test can read; killed on drop.
 pub struct Binary {

@@ -5,7 +5,6 @@
 //! serve meanwhile.
 
 use std::{
-    net::TcpListener,
     ops::RangeInclusive,
     process::{Command, Stdio},
     sync::Mutex,
@@ -46,15 +45,8 @@ impl RedisCluster {
 
     fn try_start() -> Option<RedisCluster> {
         let dir = tempfile::tempdir().unwrap();
-        // Twelve distinct free ports: all held until all are chosen.
-        let held: Vec<TcpListener> = (0..12)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let ports: Vec<u16> = held
-            .iter()
-            .map(|l| l.local_addr().unwrap().port())
-            .collect();
-        drop(held);
+        // Twelve distinct free ports: each node's and its cluster bus's.
+        let ports = super::free_ports(12);
         let nodes: Vec<Node> = ports
             .chunks(2)
             .map(|pair| Node {
