@@ -35,10 +35,29 @@ use super::{
 /// the request named one (`ClientRequest::address`). (roundabout patch: servers known by
 /// name, VENDORED.md: two addresses of one name are two servers, and a connection to one
 /// must not be handed to a request for the other.)
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     authority: Authority,
     addr: Option<std::net::SocketAddr>,
+}
+
+/// Hashed twice per request (a connection taken, then given back). `Authority`'s own hash
+/// feeds the hasher one lowercased byte at a time; this hashes the length, the last eight
+/// bytes lowercased as one word (the port and the end of the name: what tells a proxy's
+/// few servers apart) and the address. Keys that are equal (authorities equal ignoring
+/// ASCII case) hash alike, as `Hash` requires.
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let bytes = self.authority.as_str().as_bytes();
+        let tail = &bytes[bytes.len().saturating_sub(8)..];
+        let mut word = [0u8; 8];
+        for (w, b) in word.iter_mut().zip(tail) {
+            *w = b.to_ascii_lowercase();
+        }
+        state.write_usize(bytes.len());
+        state.write_u64(u64::from_le_bytes(word));
+        self.addr.hash(state);
+    }
 }
 
 impl From<Authority> for Key {
@@ -650,6 +669,23 @@ mod test {
         );
         release(pool.call(at("127.0.0.1")).await.unwrap());
         assert_eq!(2, generated.get());
+    }
+
+    #[test]
+    fn keys_equal_ignoring_case_hash_alike_and_a_shared_tail_does_not_merge_keys() {
+        use std::hash::BuildHasher as _;
+        let hasher = foldhash::fast::RandomState::default();
+        let key = |a: &'static str| Key::from(Authority::from_static(a));
+        let (lower, upper) = (key("api.internal:8080"), key("API.Internal:8080"));
+        assert_eq!(lower, upper);
+        assert_eq!(hasher.hash_one(&lower), hasher.hash_one(&upper));
+        // Same length, same last eight bytes: the same hash, and still two keys.
+        let (a, b) = (key("aaa.internal:8080"), key("bbb.internal:8080"));
+        assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
+        let mut map = HashMap::with_hasher(hasher);
+        map.insert(a.clone(), 1);
+        map.insert(b.clone(), 2);
+        assert_eq!((map[&a], map[&b], map.len()), (1, 2, 2));
     }
 
     #[actix_rt::test]
