@@ -26,8 +26,6 @@ use actix_web::{
 use bytes::Bytes;
 use futures_util::Stream;
 
-use actix_http::h1::WriteTimeout;
-
 use super::headers::strip_hop_by_hop;
 use crate::{
     access_log::{Ending, Record},
@@ -114,8 +112,8 @@ pub fn respond(
         return built.set_body(BoxBody::new(NoBody::new()));
     }
     // A client that stops reading for `proxy.timeout` loses its connection, and the
-    // upstream one with this body (vendor/actix-http: WriteTimeout).
-    built.extensions_mut().insert(WriteTimeout(idle));
+    // upstream one with this body (vendor/actix-http: `ResponseHead::set_write_timeout`).
+    built.head_mut().set_write_timeout(Some(idle));
     let stream = UpstreamBody {
         inner: res,
         _lease: lease,

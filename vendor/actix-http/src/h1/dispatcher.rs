@@ -26,7 +26,7 @@ use super::{
     codec::Codec,
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
-    refused::{OnRefused, Refused, WriteTimeout},
+    refused::{OnRefused, Refused},
     timer::TimerState,
     Message, MessageType,
 };
@@ -183,8 +183,8 @@ pin_project! {
         head_timer: TimerState,
         ka_timer: TimerState,
         shutdown_timer: TimerState,
-        // The current response's `WriteTimeout`, and its timer: armed while the client
-        // accepts none of what is waiting to be written.
+        // The current response's write timeout (`ResponseHead::set_write_timeout`), and its
+        // timer: armed while the client accepts none of what is waiting to be written.
         write_timeout: Option<std::time::Duration>,
         write_timer: TimerState,
         graceful_shutdown: Option<crate::config::GracefulShutdownFuture>,
@@ -504,7 +504,7 @@ where
         let this = self.project();
 
         let size = body.size();
-        *this.write_timeout = res.extensions().get::<WriteTimeout>().map(|t| t.0);
+        *this.write_timeout = res.head().write_timeout();
 
         buffer_pool::ensure(this.write_buf);
         this.codec
@@ -1302,7 +1302,7 @@ where
         }
     }
 
-    /// The client accepted nothing of the answer for its `WriteTimeout`: the connection is
+    /// The client accepted nothing of the answer for its write timeout: the connection is
     /// closed (and the response, with its body, dropped).
     fn poll_write_timer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
         let this = self.project();

@@ -23,7 +23,7 @@ pub use self::{
     dispatcher::Dispatcher,
     expect::ExpectHandler,
     payload::Payload,
-    refused::{OnRefused, Refused, WriteTimeout},
+    refused::{OnRefused, Refused},
     service::{H1Service, H1ServiceHandler},
     upgrade::UpgradeHandler,
     utils::SendResponse,

@@ -57,10 +57,3 @@ impl fmt::Debug for OnRefused {
         f.write_str("OnRefused")
     }
 }
-
-/// In a response's extensions: the longest the client may accept none of the response's
-/// bytes. Past it the connection is closed and the response (its body too) dropped, so a
-/// client that stops reading cannot hold what the body holds (say, a proxy's upstream
-/// connection) for ever. Without it, a response waits on its client as long as it takes.
-#[derive(Debug, Clone, Copy)]
-pub struct WriteTimeout(pub std::time::Duration);

@@ -15,6 +15,9 @@ pub struct ResponseHead {
     pub headers: HeaderMap,
     pub reason: Option<&'static str>,
     pub(crate) flags: Flags,
+    /// See [`set_write_timeout`](Self::set_write_timeout). (roundabout patch: a field of the
+    /// head, not an extension: an extension is a map allocated for every response.)
+    pub(crate) write_timeout: Option<std::time::Duration>,
 }
 
 impl ResponseHead {
@@ -27,6 +30,7 @@ impl ResponseHead {
             headers: HeaderMap::with_capacity(12),
             reason: None,
             flags: Flags::empty(),
+            write_timeout: None,
         }
     }
 
@@ -41,6 +45,7 @@ impl ResponseHead {
             headers: HeaderMap::new(),
             reason: None,
             flags: Flags::empty(),
+            write_timeout: None,
         }
     }
 
@@ -54,6 +59,21 @@ impl ResponseHead {
     #[inline]
     pub fn headers_mut(&mut self) -> &mut HeaderMap {
         &mut self.headers
+    }
+
+    /// The longest the client may accept none of this response's bytes (HTTP/1). Past it
+    /// the connection is closed and the response (its body too) dropped, so a client that
+    /// stops reading cannot hold what the body holds (say, a proxy's upstream connection)
+    /// for ever. `None` (the default): a response waits on its client as long as it takes.
+    #[inline]
+    pub fn set_write_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.write_timeout = timeout;
+    }
+
+    /// See [`set_write_timeout`](Self::set_write_timeout).
+    #[inline]
+    pub fn write_timeout(&self) -> Option<std::time::Duration> {
+        self.write_timeout
     }
 
     /// Sets the flag that controls whether to send headers formatted as Camel-Case.
@@ -195,6 +215,7 @@ impl BoxedResponsePool {
             head.status = status;
             head.headers.clear();
             head.flags = Flags::empty();
+            head.write_timeout = None;
             BoxedResponseHead { head: Some(head) }
         } else {
             BoxedResponseHead {
