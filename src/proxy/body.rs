@@ -26,7 +26,7 @@ use actix_web::{
 use bytes::Bytes;
 use futures_util::Stream;
 
-use super::headers::strip_hop_by_hop;
+use super::headers::move_end_to_end;
 use crate::{
     access_log::{Ending, Record},
     balancer::Lease,
@@ -75,17 +75,11 @@ pub fn respond(
     record: Record,
 ) -> HttpResponse {
     let status = res.status();
-    // The server's headers are moved into the answer, not copied, then trimmed in place.
-    let mut headers = std::mem::take(res.headers_mut());
-    strip_hop_by_hop(&mut headers);
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // actix writes the framing headers from the body's size, never from these.
-    headers.remove(header::CONTENT_LENGTH);
     let mut built = HttpResponse::new(status);
-    *built.headers_mut() = headers;
+    // The server's headers are moved into the answer's pooled map, less what does not
+    // cross; actix writes the framing headers from the body's size, never from these.
+    let length = move_end_to_end(res.headers_mut(), built.headers_mut())
+        .and_then(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
 
     // No body can follow. A HEAD answer keeps the upstream's length (actix writes the size
     // of a HEAD body but not the body); 304 keeps a Content-Length set by hand.

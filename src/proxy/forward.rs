@@ -1,8 +1,8 @@
 //! Phase **rewrite**: the request head the server gets. It is the client's head as actix
 //! parsed it, forwarded (HAProxy and nginx forward the head they parsed, edited in place):
 //! the client's headers are written out from the client's own map, less those that do not
-//! cross the proxy ([`HOP_BY_HOP`], every header `Connection` names, any `X-Forwarded-*`,
-//! the route's `remove`), with roundabout's own after them (`X-Forwarded-*`, the request
+//! cross the proxy (the hop-by-hop headers, every header `Connection` names, any
+//! `X-Forwarded-*`, the route's `remove`), with roundabout's own after them (`X-Forwarded-*`, the request
 //! id, `Host` when it is replaced, the route's `set`), each replacing a client header of
 //! its name. Nothing is copied into a map of its own and no URI is built: the vendored
 //! actix-http writes the head from this ([`ForwardedHead`], vendor/actix-http/VENDORED.md).
@@ -23,8 +23,8 @@ use ipnet::IpNet;
 use smallvec::SmallVec;
 
 use super::headers::{
-    connection_options, names_a_field, HOP_BY_HOP, X_FORWARDED_FOR, X_FORWARDED_HOST,
-    X_FORWARDED_PROTO, X_REQUEST_ID,
+    connection_options, is_forwarded_field, is_hop_by_hop, names_a_field, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::{config::HeaderRules, upstream::Upstream};
 
@@ -53,7 +53,7 @@ pub struct UpstreamHead {
     target: Option<String>,
     /// roundabout's headers, written after the client's and replacing those of their name.
     own: SmallVec<[(HeaderName, HeaderValue); 6]>,
-    /// Client headers that do not cross besides [`HOP_BY_HOP`] and `X-Forwarded-*`: those
+    /// Client headers that do not cross besides the hop-by-hop ones and `X-Forwarded-*`: those
     /// the client's `Connection` names (rare) and the route's `remove` (rarer).
     dropped: Vec<HeaderName>,
 }
@@ -141,10 +141,8 @@ impl UpstreamHead {
 
     /// Whether the client's header `name` crosses the proxy.
     fn forwards(&self, name: &HeaderName) -> bool {
-        !HOP_BY_HOP.contains(name)
-            && *name != X_FORWARDED_FOR
-            && *name != X_FORWARDED_PROTO
-            && *name != X_FORWARDED_HOST
+        !is_hop_by_hop(name)
+            && !is_forwarded_field(name)
             && !self.dropped.contains(name)
             && !self.own.iter().any(|(n, _)| n == name)
     }

@@ -35,6 +35,28 @@ pub static HOP_BY_HOP: [HeaderName; 10] = [
     header::EXPECT,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`]. Asked of every header both ways: the length
+/// first (one compare rules out most names), then the one or two names of that length.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    match name.as_str().len() {
+        2 => *name == header::TE,
+        6 => *name == header::EXPECT,
+        7 => *name == header::TRAILER || *name == header::UPGRADE,
+        10 => *name == header::CONNECTION || *name == HOP_BY_HOP[1],
+        16 => *name == HOP_BY_HOP[2],
+        17 => *name == header::TRANSFER_ENCODING,
+        18 => *name == header::PROXY_AUTHENTICATE,
+        19 => *name == header::PROXY_AUTHORIZATION,
+        _ => false,
+    }
+}
+
+/// Whether `name` is an `X-Forwarded-*` roundabout sets (a client's is never passed on).
+pub fn is_forwarded_field(name: &HeaderName) -> bool {
+    matches!(name.as_str().len(), 15..=17)
+        && (*name == X_FORWARDED_FOR || *name == X_FORWARDED_HOST || *name == X_FORWARDED_PROTO)
+}
+
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -107,7 +129,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter(|t| names_a_field(t))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
-    headers.retain(|name, _| !HOP_BY_HOP.contains(name) && !named.contains(name));
+    headers.retain(|name, _| !is_hop_by_hop(name) && !named.contains(name));
+}
+
+/// Moves a response's end-to-end headers from `from` (the server's answer) into `to` (the
+/// client's, a pooled map that keeps its room between responses: nothing is allocated and
+/// nothing grows for the few headers roundabout adds), leaving out what
+/// [`strip_hop_by_hop`] drops and `Content-Length`, whose value is returned (actix writes
+/// the framing headers from the body's size). Names and values are moved, not copied.
+pub fn move_end_to_end(from: &mut HeaderMap, to: &mut HeaderMap) -> Option<HeaderValue> {
+    let named: Vec<HeaderName> = connection_options(from)
+        .filter(|t| names_a_field(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    let length = from.get(header::CONTENT_LENGTH).cloned();
+    to.move_from(from, |name| {
+        *name != header::CONTENT_LENGTH && !is_hop_by_hop(name) && !named.contains(name)
+    });
+    length
 }
 
 /// The options a message's `Connection` fields list (those that are text), trimmed.
@@ -187,8 +226,15 @@ pub fn rate_limit_headers(
     if let Some(policy) = policy {
         headers.insert(RATELIMIT_POLICY, policy.clone());
     }
-    let mut value = String::with_capacity(40);
-    let _ = write!(value, "\"{budget}\";r={};t={reset}", d.remaining);
+    // Written piece by piece: `write!` runs core::fmt's machinery for a handful of digits.
+    let mut digits = itoa::Buffer::new();
+    let mut value = String::with_capacity(budget.len() + 48);
+    value.push('"');
+    value.push_str(budget);
+    value.push_str("\";r=");
+    value.push_str(digits.format(d.remaining));
+    value.push_str(";t=");
+    value.push_str(digits.format(reset));
     // Digits and quotes: always a valid value; moved into the header, not copied.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(RATELIMIT, v);
@@ -348,6 +394,81 @@ mod tests {
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["set-cookie"]);
         assert_eq!(h.get_all(header::SET_COOKIE).count(), 2);
+    }
+
+    #[test]
+    fn moving_end_to_end_headers_drops_what_stripping_drops_and_keeps_repeats() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
+        from.insert(
+            HeaderName::from_static("x-secret"),
+            HeaderValue::from_static("1"),
+        );
+        from.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        from.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        from.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        from.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        from.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut to = HeaderMap::with_capacity(12);
+        to.insert(header::SERVER, HeaderValue::from_static("kept"));
+        let length = move_end_to_end(&mut from, &mut to);
+        assert_eq!(length.unwrap(), "12");
+        assert!(from.is_empty());
+        let mut all: Vec<(&str, &str)> = to
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("content-type", "text/plain"),
+                ("server", "kept"),
+                ("set-cookie", "a=1"),
+                ("set-cookie", "b=2"),
+            ]
+        );
+        let mut stripped = HeaderMap::new();
+        stripped.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        stripped.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        strip_hop_by_hop(&mut stripped);
+        assert_eq!(stripped.get_all(header::SET_COOKIE).count(), 2);
+    }
+
+    #[test]
+    fn hop_by_hop_by_length_is_the_list() {
+        for name in &HOP_BY_HOP {
+            assert!(is_hop_by_hop(name), "{name}");
+        }
+        for name in [
+            "host",
+            "accept",
+            "keep-alivf",
+            "content-length",
+            "x-forwarded-for",
+            "proxy-connectioN",
+            "set-cookie",
+            "upgrade-insecure-requests",
+        ] {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(is_hop_by_hop(&name), HOP_BY_HOP.contains(&name), "{name}");
+        }
+        for (name, is) in [
+            ("x-forwarded-for", true),
+            ("x-forwarded-host", true),
+            ("x-forwarded-proto", true),
+            ("x-forwarded-port", false),
+            ("x-request-id", false),
+        ] {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(is_forwarded_field(&name), is, "{name}");
+        }
     }
 
     #[test]

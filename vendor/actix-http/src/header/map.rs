@@ -629,6 +629,41 @@ impl HeaderMap {
         let len = self.len();
         Drain::new(self.inner.drain(), len)
     }
+
+    /// Moves every header of `from` whose name `keep` accepts into this map, all its values
+    /// at once, after any this map has of that name; `from` is left empty. (roundabout
+    /// patch: a proxy passes a server's headers on in the answer's pooled map, which keeps
+    /// its room between responses, instead of growing a map sized to the server's head;
+    /// a name and its values are moved, never cloned.)
+    ///
+    /// # Examples
+    /// ```
+    /// # use actix_http::header::{self, HeaderMap, HeaderValue};
+    /// let mut from = HeaderMap::new();
+    /// from.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+    /// from.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+    /// from.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    /// let mut to = HeaderMap::new();
+    /// to.insert(header::SET_COOKIE, HeaderValue::from_static("ours=0"));
+    /// to.move_from(&mut from, |name| *name != header::CONNECTION);
+    /// assert!(from.is_empty());
+    /// let cookies: Vec<_> = to.get_all(header::SET_COOKIE).collect();
+    /// assert_eq!(cookies, ["ours=0", "a=1", "b=2"]);
+    /// assert!(!to.contains_key(header::CONNECTION));
+    /// ```
+    pub fn move_from(&mut self, from: &mut HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) {
+        for (name, value) in from.inner.drain() {
+            if !keep(&name) {
+                continue;
+            }
+            match self.inner.entry(name) {
+                hash_map::Entry::Occupied(mut entry) => entry.get_mut().inner.extend(value.inner),
+                hash_map::Entry::Vacant(entry) => {
+                    entry.insert(value);
+                }
+            }
+        }
+    }
 }
 
 /// Note that this implementation will clone a [HeaderName] for each value. Consider using
