@@ -30,7 +30,10 @@ async fn scrape(lb: &roundabout::Running) -> (String, String) {
 
 /// The metric families Python's OpenMetrics parser finds in `text`, or its error.
 fn parse_with_prometheus_client(text: &str) -> Result<Vec<String>, String> {
-    let mut child = Command::new("python3")
+    // scripts/test names the Python that has prometheus-client (Debian's, when `python3` on
+    // PATH is another one, say pyenv's).
+    let python = std::env::var("ROUNDABOUT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut child = Command::new(&python)
         .args([
             "-c",
             "import sys\n\
@@ -41,7 +44,7 @@ fn parse_with_prometheus_client(text: &str) -> Result<Vec<String>, String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 runs (scripts/test installs prometheus-client)");
+        .unwrap_or_else(|e| panic!("{python} runs (scripts/test installs prometheus-client): {e}"));
     child
         .stdin
         .take()
