@@ -56,6 +56,7 @@ mod access_log;
 mod admin;
 mod balancer;
 pub mod config;
+mod digits;
 mod health;
 mod listen;
 mod metrics;
@@ -350,9 +351,7 @@ pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
                 .filter(|(id, _)| *id == instance)
                 .map(|(_, worker)| worker.clone())
         }) {
-            return App::new()
-                .app_data(worker)
-                .default_service(web::to(proxy::forward));
+            return App::new().default_service(proxy_service(worker));
         }
         let store = stores.for_worker();
         if limiting {
@@ -385,9 +384,7 @@ pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
             updates.clone(),
         ));
         WORKER.set(Some((instance, worker.clone())));
-        App::new()
-            .app_data(worker)
-            .default_service(web::to(proxy::forward))
+        App::new().default_service(proxy_service(worker))
     };
     let drain = Drain::default();
     let http = Http::clients(&config, on_refused, &drain);
@@ -584,4 +581,13 @@ pub async fn run(config: Config, mut inherited: Inherited) -> io::Result<()> {
     }
     log::info!("stopped");
     Ok(())
+}
+
+/// Every request on a proxy listener goes to [`proxy::forward`] with its worker's state,
+/// handed in by the closure: not `app_data`, which actix-web looks up in a map by type on
+/// every request.
+fn proxy_service(worker: web::Data<Worker>) -> actix_web::Route {
+    web::to(move |req: actix_web::HttpRequest, payload: web::Payload| {
+        proxy::forward(req, payload, worker.clone())
+    })
 }

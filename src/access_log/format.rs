@@ -16,11 +16,12 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use actix_web::http::header::HeaderValue;
+use actix_web::http::{header::HeaderValue, Version};
 use serde::Serialize;
 
 use super::Line;
 use crate::config::AccessLogFormat;
+use crate::digits::{push_ip, push_u64};
 
 /// Appends `line` to `out` in `format`, with its newline.
 pub fn write(format: AccessLogFormat, line: &Line, out: &mut Vec<u8>) {
@@ -33,9 +34,7 @@ pub fn write(format: AccessLogFormat, line: &Line, out: &mut Vec<u8>) {
 
 fn combined(l: &Line, out: &mut Vec<u8>) {
     match l.client {
-        Some(ip) => {
-            let _ = write!(out, "{ip}");
-        }
+        Some(ip) => push_ip(out, ip),
         None => out.push(b'-'),
     }
     out.extend_from_slice(b" - - [");
@@ -48,11 +47,16 @@ fn combined(l: &Line, out: &mut Vec<u8>) {
             // The target as nginx's `$request` shows it: path and query (an HTTP/2
             // request's `:authority` and scheme are not part of it).
             escaped(target(uri).as_bytes(), out);
-            let _ = write!(out, " {version:?}");
+            out.push(b' ');
+            out.extend_from_slice(protocol(*version).as_bytes());
         }
         None => out.push(b'-'),
     }
-    let _ = write!(out, "\" {} {} ", l.status, l.bytes);
+    out.extend_from_slice(b"\" ");
+    push_u64(out, u64::from(l.status));
+    out.push(b' ');
+    push_u64(out, l.bytes);
+    out.push(b' ');
     quoted(l.referer.as_ref(), out);
     out.push(b' ');
     quoted(l.user_agent.as_ref(), out);
@@ -82,7 +86,7 @@ struct JsonLine<'a> {
     client: Option<String>,
     method: Option<&'a str>,
     uri: Option<String>,
-    protocol: Option<String>,
+    protocol: Option<&'static str>,
     status: u16,
     bytes: u64,
     referer: Option<String>,
@@ -106,7 +110,7 @@ fn json(l: &Line, out: &mut Vec<u8>) {
         client: l.client.map(|ip| ip.to_string()),
         method: l.request.as_ref().map(|(m, _, _)| m.as_str()),
         uri: l.request.as_ref().map(|(_, u, _)| target(u).to_string()),
-        protocol: l.request.as_ref().map(|(_, _, v)| format!("{v:?}")),
+        protocol: l.request.as_ref().map(|(_, _, v)| protocol(*v)),
         status: l.status,
         bytes: l.bytes,
         referer: text(&l.referer),
@@ -152,8 +156,28 @@ fn escaped(bytes: &[u8], out: &mut Vec<u8>) {
 
 /// Seconds with millisecond resolution, as nginx's `$request_time`.
 fn seconds(d: Duration, out: &mut Vec<u8>) {
-    let ms = d.as_millis();
-    let _ = write!(out, "{}.{:03}", ms / 1000, ms % 1000);
+    let ms = d.as_millis() as u64;
+    push_u64(out, ms / 1000);
+    let ms = (ms % 1000) as u16;
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+    ]);
+}
+
+/// A request's protocol as the request line names it (`Version`'s `Debug`, without the
+/// formatter).
+fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "-",
+    }
 }
 
 /// nginx's `$time_local`, in UTC: `26/Nov/2026:06:28:41 +0000`. Made once a second: the
@@ -286,6 +310,25 @@ mod tests {
         assert_eq!(v["route"], "api-v1");
         assert_eq!(v["request_id"], "abc");
         assert!((v["request_time"].as_f64().unwrap() - 0.0031).abs() < 1e-9);
+    }
+
+    #[test]
+    fn times_and_protocols_read_as_the_formatter_wrote_them() {
+        for ms in [0, 7, 999, 1_000, 1_234, 61_005] {
+            let mut out = Vec::new();
+            seconds(Duration::from_millis(ms), &mut out);
+            let want = format!("{}.{:03}", ms / 1000, ms % 1000);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+        for v in [
+            Version::HTTP_09,
+            Version::HTTP_10,
+            Version::HTTP_11,
+            Version::HTTP_2,
+            Version::HTTP_3,
+        ] {
+            assert_eq!(protocol(v), format!("{v:?}"));
+        }
     }
 
     #[test]

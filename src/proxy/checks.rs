@@ -85,31 +85,44 @@ pub fn check_request(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing,
         }
     }
 
+    // One pass over the headers: the head's size, and what the checks below look for
+    // (looked up only when it is there: most requests have none of it).
     let mut head = m.len() + uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    let (mut types, mut unmet_expect, mut upgrade) = (0u32, false, false);
+    let (mut has_length, mut chunked) = (false, false);
     for (name, value) in headers {
         head += name.as_str().len() + value.len() + 4;
-        if matches!(name.as_str(), "content_length" | "transfer_encoding") {
+        if *name == header::CONTENT_TYPE {
+            types += 1;
+        } else if *name == header::EXPECT {
+            // actix-http answers 100-continue itself; anything else we cannot meet (RFC
+            // 9110 §10.1.1).
+            unmet_expect |= !value
+                .as_bytes()
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"100-continue");
+        } else if *name == header::UPGRADE {
+            upgrade = true;
+        } else if *name == header::CONTENT_LENGTH {
+            has_length = true;
+        } else if *name == header::TRANSFER_ENCODING {
+            chunked = true;
+        } else if matches!(name.as_str(), "content_length" | "transfer_encoding") {
             return Err(ProxyError::BadRequest("framing header name with '_'"));
         }
     }
     if head > MAX_HEAD_BYTES {
         return Err(ProxyError::HeadTooLarge);
     }
-    let mut types = headers.get_all(header::CONTENT_TYPE);
-    if types.next().is_some() && types.next().is_some() {
+    if types > 1 {
         return Err(ProxyError::BadRequest("more than one Content-Type"));
     }
-    // actix-http answers 100-continue itself; anything else we cannot meet (RFC 9110 §10.1.1).
-    if headers.get_all(header::EXPECT).any(|v| {
-        !v.as_bytes()
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"100-continue")
-    }) {
+    if unmet_expect {
         return Err(ProxyError::ExpectationFailed);
     }
 
-    let framing = check_framing(req, proxy)?;
-    if let Some(upgrade) = headers.get(header::UPGRADE) {
+    let framing = check_framing(req, proxy, has_length, chunked)?;
+    if let Some(upgrade) = headers.get(header::UPGRADE).filter(|_| upgrade) {
         // actix-http reads everything after a WebSocket handshake as its body, whatever the
         // framing says; and no server accepts a version other than 13 (RFC 6455 §4.4).
         let websocket = upgrade
@@ -178,9 +191,19 @@ fn clean_path(path: &[u8]) -> bool {
 ///
 /// actix-http already refuses CL + TE, two Content-Length lines, a non-chunked TE and TE in
 /// HTTP/1.0 before a handler runs; these checks stay as the proxy's own guarantee.
-fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, ProxyError> {
+fn check_framing(
+    req: &HttpRequest,
+    proxy: &ProxySection,
+    has_length: bool,
+    chunked: bool,
+) -> Result<Framing, ProxyError> {
     let headers = req.headers();
-    let mut lengths = headers.get_all(header::CONTENT_LENGTH);
+    // Looked up only when the pass over the headers saw one.
+    let mut lengths = if has_length {
+        headers.get_all(header::CONTENT_LENGTH)
+    } else {
+        [].iter()
+    };
     let length = match (lengths.next(), lengths.next()) {
         (None, _) => None,
         (Some(one), None) => Some(
@@ -197,7 +220,6 @@ fn check_framing(req: &HttpRequest, proxy: &ProxySection) -> Result<Framing, Pro
         ),
         (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Content-Length")),
     };
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
     if chunked && length.is_some() {
         return Err(ProxyError::BadRequest(
             "both Content-Length and Transfer-Encoding",

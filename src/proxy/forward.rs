@@ -7,7 +7,7 @@
 //! its name. Nothing is copied into a map of its own and no URI is built: the vendored
 //! actix-http writes the head from this ([`ForwardedHead`], vendor/actix-http/VENDORED.md).
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::net::IpAddr;
 
 use actix_http::{ForwardedHead, RequestHead};
 use actix_web::{
@@ -26,7 +26,7 @@ use super::headers::{
     connection_options, is_forwarded_field, is_hop_by_hop, names_a_field, X_FORWARDED_FOR,
     X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
 };
-use crate::{config::HeaderRules, upstream::Upstream};
+use crate::{config::HeaderRules, digits::push_ip, upstream::Upstream};
 
 /// What the rewrite needs beyond the client's request and the server.
 pub struct Rewrite<'a> {
@@ -78,11 +78,13 @@ impl UpstreamHead {
             own: SmallVec::new(),
             dropped: Vec::new(),
         };
+        // The first of roundabout's headers have names of their own: pushed, not looked
+        // for (`set`, from the route's rules on, replaces).
         if let Some(peer) = rewrite.peer {
-            up.set(
+            up.own.push((
                 X_FORWARDED_FOR,
                 forwarded_for(peer, incoming, rewrite.trusted),
-            );
+            ));
         }
         // `secure` is the listener's (TLS or not), never anything the client sent.
         let proto = if req.app_config().secure() {
@@ -90,7 +92,8 @@ impl UpstreamHead {
         } else {
             "http"
         };
-        up.set(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        up.own
+            .push((X_FORWARDED_PROTO, HeaderValue::from_static(proto)));
         let host = match incoming.get(header::HOST) {
             Some(host) => Some(host.clone()),
             // HTTP/2 carries the host as `:authority`, which is the Host an HTTP/1.1
@@ -101,17 +104,17 @@ impl UpstreamHead {
                     .authority()
                     .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
                 if let Some(host) = &host {
-                    up.set(header::HOST, host.clone());
+                    up.own.push((header::HOST, host.clone()));
                 }
                 host
             }
         };
         if let Some(host) = host {
-            up.set(X_FORWARDED_HOST, host);
+            up.own.push((X_FORWARDED_HOST, host));
         }
         if req.version() == Version::HTTP_2 {
             if let Some(cookie) = joined_cookies(incoming) {
-                up.set(header::COOKIE, cookie);
+                up.own.push((header::COOKIE, cookie));
             }
         }
         if let Some(rules) = rewrite.rules {
@@ -124,7 +127,10 @@ impl UpstreamHead {
             }
         }
         up.dropped = dropped;
-        up.set(X_REQUEST_ID, rewrite.request_id.clone());
+        match rewrite.rules {
+            Some(_) => up.set(X_REQUEST_ID, rewrite.request_id.clone()),
+            None => up.own.push((X_REQUEST_ID, rewrite.request_id.clone())),
+        }
         if !rewrite.preserve_host || !up.has(&header::HOST) {
             up.set(header::HOST, upstream.host_header.clone());
         }
@@ -190,12 +196,12 @@ impl ForwardedHead for UpstreamHead {
 
 /// `X-Forwarded-For`: the peer, after what a trusted peer's own `X-Forwarded-For` says.
 fn forwarded_for(peer: IpAddr, incoming: &HeaderMap, trusted: &[IpNet]) -> HeaderValue {
-    let mut xff = String::with_capacity(48);
+    let mut xff = Vec::with_capacity(48);
     if trusted.iter().any(|n| n.contains(&peer)) {
         for v in incoming.get_all(X_FORWARDED_FOR) {
             if let Ok(v) = v.to_str() {
-                xff.push_str(v);
-                xff.push_str(", ");
+                xff.extend_from_slice(v.as_bytes());
+                xff.extend_from_slice(b", ");
             }
         }
     }
@@ -203,27 +209,6 @@ fn forwarded_for(peer: IpAddr, incoming: &HeaderMap, trusted: &[IpNet]) -> Heade
     // Moved into the value, not copied; an address and visible ASCII are always valid.
     HeaderValue::from_maybe_shared(Bytes::from(xff))
         .unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
-/// Writes `ip` as `Display` does; an IPv4 address digit by digit, without a formatter (one
-/// per request, and `Ipv4Addr`'s `Display` costs as much as the rest of the header).
-fn push_ip(out: &mut String, ip: IpAddr) {
-    let IpAddr::V4(v4) = ip else {
-        let _ = write!(out, "{ip}");
-        return;
-    };
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push('.');
-        }
-        if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
-        }
-        if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
-        }
-        out.push(char::from(b'0' + octet % 10));
-    }
 }
 
 /// HTTP/2 may split `Cookie` into one field per cookie; an HTTP/1.1 server expects one
@@ -347,23 +332,6 @@ mod tests {
         rewrite.path = Some("/has space");
         let head = UpstreamHead::new(&req, &Upstream::local(9), &rewrite);
         assert_eq!(head.target(), "/api/p");
-    }
-
-    #[test]
-    fn addresses_are_written_as_display_writes_them() {
-        for ip in [
-            "0.0.0.0",
-            "9.10.99.100",
-            "255.255.255.255",
-            "127.0.0.1",
-            "::1",
-            "2001:db8::7",
-        ] {
-            let ip: IpAddr = ip.parse().unwrap();
-            let mut s = String::new();
-            push_ip(&mut s, ip);
-            assert_eq!(s, ip.to_string());
-        }
     }
 
     #[test]
