@@ -93,10 +93,18 @@ impl BalancerHandle {
     /// lists at once, or, before the balancer has its first snapshot, from the actor once
     /// it has. `Ok(None)`: the pool has no server in rotation.
     pub async fn lease(&self, next: NextServer) -> Result<Option<Lease>, MailboxError> {
-        if !self.state.ready.get() {
-            self.actor.send(WhenReady).await?;
+        if let Some(lease) = self.lease_now(&next) {
+            return Ok(lease);
         }
+        self.actor.send(WhenReady).await?;
         Ok(self.state.begin(&next))
+    }
+
+    /// [`lease`](Self::lease) when it needs no wait (every request once the balancer has
+    /// its first snapshot); `None` before. A handler asks this first and awaits `lease`
+    /// only when it must, so that its future does not hold the wait's.
+    pub fn lease_now(&self, next: &NextServer) -> Option<Option<Lease>> {
+        self.state.ready.get().then(|| self.state.begin(next))
     }
 
     /// The actor (the registry is handed its recipients at start).

@@ -352,7 +352,7 @@ async fn limit(
     ip: IpAddr,
     budget: Option<Budget>,
 ) -> Result<Option<Decision>, ProxyError> {
-    match worker.limiter.check(ip, budget).await {
+    match worker.limiter.check(ip, budget).verdict().await {
         Ok(Verdict::Counted(d)) if d.allowed => Ok(Some(d)),
         Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
         Ok(Verdict::Uncounted) => Ok(None),
@@ -414,16 +414,20 @@ async fn send(
     let mut last_error = String::new();
     loop {
         attempts += 1;
-        let lease = worker
-            .balancer
-            .lease(NextServer {
-                pool: to.pool,
-                key: to.key,
-                sticky: ctx.sticky,
-                tried: tried.clone(),
-            })
-            .await
-            .map_err(|_| (ProxyError::Unavailable, last.clone()))?;
+        let next = NextServer {
+            pool: to.pool,
+            key: to.key,
+            sticky: ctx.sticky,
+            tried: tried.clone(),
+        };
+        let lease = match worker.balancer.lease_now(&next) {
+            Some(lease) => lease,
+            // Only before the worker's balancer has its first list: boxed, so that this
+            // future does not carry the wait's room on every request.
+            None => Box::pin(worker.balancer.lease(next))
+                .await
+                .map_err(|_| (ProxyError::Unavailable, last.clone()))?,
+        };
         let Some(lease) = lease else {
             let error = if last_error.is_empty() {
                 ProxyError::NoServer {
@@ -450,7 +454,9 @@ async fn send(
             }
             *creq.headers_mut() = head.header_map();
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
-            head_within(creq.send_upgrade(), pool.timeout, None)
+            // Boxed: the upgrade's future is 1.6 KiB, and held inline it would make every
+            // request's future (every level above this one) larger by twice that.
+            Box::pin(head_within(creq.send_upgrade(), pool.timeout, None))
                 .await
                 .map(|r| {
                     r.map(|answer| match answer {

@@ -167,13 +167,18 @@ pub struct LimiterHandle {
 
 impl LimiterHandle {
     /// May this client IP send one more request, in `budget` (`None`: `[rate_limit]`'s)?
-    pub async fn check(&self, ip: IpAddr, budget: Option<Budget>) -> Result<Verdict, MailboxError> {
+    /// Answered at once when it can be (a client blocked here, an open circuit, the
+    /// in-process store); else the wait for the store, boxed: a handler's future holds a
+    /// pointer to it, not the wait itself, on the path that never waits.
+    pub fn check(&self, ip: IpAddr, budget: Option<Budget>) -> Checked {
         let hit = {
             let mut state = self.state.borrow_mut();
             match state.step(ip, budget.as_ref()) {
-                Step::Done(verdict) => return Ok(verdict),
+                Step::Done(verdict) => return Checked::Now(verdict),
                 Step::Ask(key) if state.local => match state.hit(key, budget.as_ref()) {
-                    Hit::Ready(result) => return Ok(state.settle(key, budget.as_ref(), result)),
+                    Hit::Ready(result) => {
+                        return Checked::Now(state.settle(key, budget.as_ref(), result))
+                    }
                     Hit::Pending(hit) => Some((key, hit)),
                 },
                 Step::Ask(_) => None,
@@ -183,16 +188,38 @@ impl LimiterHandle {
             // An in-process store never waits; were one to, its answer is still this
             // worker's to settle.
             Some((key, hit)) => {
-                let result = hit.await;
-                Ok(self.state.borrow_mut().settle(key, budget.as_ref(), result))
+                let state = self.state.clone();
+                Checked::Later(Box::pin(async move {
+                    let result = hit.await;
+                    Ok(state.borrow_mut().settle(key, budget.as_ref(), result))
+                }))
             }
-            None => self.actor.send(Check { ip, budget }).await,
+            None => {
+                let asked = self.actor.send(Check { ip, budget });
+                Checked::Later(Box::pin(asked))
+            }
         }
     }
 
     /// The actor, for the registry (reloads reach it as messages).
     pub fn actor(&self) -> &Addr<RateLimitActor> {
         &self.actor
+    }
+}
+
+/// A limiter's answer: now, or once the store has answered.
+pub enum Checked {
+    Now(Verdict),
+    Later(futures_util::future::LocalBoxFuture<'static, Result<Verdict, MailboxError>>),
+}
+
+impl Checked {
+    /// The verdict, waiting for the store when it must.
+    pub async fn verdict(self) -> Result<Verdict, MailboxError> {
+        match self {
+            Checked::Now(verdict) => Ok(verdict),
+            Checked::Later(answer) => answer.await,
+        }
     }
 }
 
