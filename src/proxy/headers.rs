@@ -373,8 +373,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn stripping_in_place_drops_what_the_rule_drops() {
+    /// A server's headers with some that do not cross: `Connection` naming `X-Secret`,
+    /// `X-Secret`, `Transfer-Encoding`; and two `Set-Cookie`s, which do.
+    fn with_hop_by_hop() -> HeaderMap {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -390,6 +391,12 @@ mod tests {
         );
         h.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
         h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        h
+    }
+
+    #[test]
+    fn stripping_in_place_drops_what_the_rule_drops() {
+        let mut h = with_hop_by_hop();
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(names, ["set-cookie"]);
@@ -398,22 +405,8 @@ mod tests {
 
     #[test]
     fn moving_end_to_end_headers_drops_what_stripping_drops_and_keeps_repeats() {
-        let mut from = HeaderMap::new();
-        from.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Secret"),
-        );
-        from.insert(
-            HeaderName::from_static("x-secret"),
-            HeaderValue::from_static("1"),
-        );
-        from.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
-        from.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
+        let mut from = with_hop_by_hop();
         from.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
-        from.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
         from.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         let mut to = HeaderMap::with_capacity(12);
         to.insert(header::SERVER, HeaderValue::from_static("kept"));
@@ -434,11 +427,6 @@ mod tests {
                 ("set-cookie", "b=2"),
             ]
         );
-        let mut stripped = HeaderMap::new();
-        stripped.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
-        stripped.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
-        strip_hop_by_hop(&mut stripped);
-        assert_eq!(stripped.get_all(header::SET_COOKIE).count(), 2);
     }
 
     #[test]
