@@ -284,18 +284,12 @@ fn the_demo_on_a_busy_port_says_which_and_what_to_try_and_exits_1() {
         ("ROUNDABOUT__ADMIN__ADDRESS", ""),
         ("ROUNDABOUT_DEMO_BACKEND_PORTS", &joined(&backends)),
     ]);
-    assert_eq!(code, Some(1), "{text}");
-    assert!(
-        text.contains(&format!(
-            "scripts/demo: {busy} (roundabout's listen.address) is already in use"
-        )),
-        "{text}"
+    refused_as_busy(
+        code,
+        &text,
+        &format!("{busy} (roundabout's listen.address)"),
+        "ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:",
     );
-    assert!(
-        text.contains("ROUNDABOUT__LISTEN__ADDRESS=127.0.0.1:"),
-        "says what to try: {text}"
-    );
-    assert!(!text.contains("is up"), "{text}");
 }
 
 #[test]
@@ -314,17 +308,23 @@ fn the_demo_on_a_busy_backend_port_says_how_to_move_the_backends() {
             &joined(&[backends[0], busy, backends[1]]),
         ),
     ]);
+    refused_as_busy(
+        code,
+        &text,
+        &format!("127.0.0.1:{busy} (a demo backend's)"),
+        "    ROUNDABOUT_DEMO_BACKEND_PORTS=",
+    );
+}
+
+/// A demo that found a port taken: exit status 1, a line naming the address and whose it
+/// is (`taken`), what to try (`hint`), and nothing started.
+fn refused_as_busy(code: Option<i32>, text: &str, taken: &str, hint: &str) {
     assert_eq!(code, Some(1), "{text}");
     assert!(
-        text.contains(&format!(
-            "scripts/demo: 127.0.0.1:{busy} (a demo backend's) is already in use"
-        )),
+        text.contains(&format!("scripts/demo: {taken} is already in use")),
         "{text}"
     );
-    assert!(
-        text.contains("    ROUNDABOUT_DEMO_BACKEND_PORTS="),
-        "says what to try: {text}"
-    );
+    assert!(text.contains(hint), "says what to try: {text}");
     assert!(!text.contains("is up"), "{text}");
 }
 

@@ -8,26 +8,16 @@ mod common;
 
 use common::*;
 
-/// The `in_use` and `free` values in a `/metrics` body.
-fn heap(text: &str) -> (u64, u64) {
-    let value = |state: &str| -> u64 {
-        let series = format!("roundabout_heap_bytes{{state=\"{state}\"}} ");
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .unwrap_or_else(|| panic!("no {series}in:\n{text}"));
-        line[series.len()..].parse().unwrap()
+/// The `in_use` and `free` values of `roundabout_heap_bytes` at a scrape of `lb`.
+async fn scrape(lb: &roundabout::Running) -> (u64, u64) {
+    let text = metrics_of(lb).await;
+    let value = |state: &str| {
+        metric(
+            &text,
+            &format!("roundabout_heap_bytes{{state=\"{state}\"}} "),
+        ) as u64
     };
     (value("in_use"), value("free"))
-}
-
-async fn scrape(lb: &roundabout::Running) -> (u64, u64) {
-    let mut res = client()
-        .get(format!("http://{}/metrics", lb.admin_addr.unwrap()))
-        .send()
-        .await
-        .unwrap();
-    heap(std::str::from_utf8(&res.body().await.unwrap()).unwrap())
 }
 
 /// The balancer runs in this process, so the test's own block is its heap too: a block the

@@ -60,23 +60,6 @@ async fn until_closed(addr: std::net::SocketAddr, request: &[u8]) -> (String, Du
     )
 }
 
-async fn metrics_of(lb: &roundabout::Running) -> String {
-    let mut res = client()
-        .get(format!("http://{}/metrics", lb.admin_addr.unwrap()))
-        .send()
-        .await
-        .unwrap();
-    String::from_utf8(res.body().await.unwrap().to_vec()).unwrap()
-}
-
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
-}
-
 #[actix_rt::test]
 async fn an_interim_103_is_consumed_and_the_next_request_gets_its_own_answer() {
     let b = backend(|i, _| {

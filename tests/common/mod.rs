@@ -412,6 +412,22 @@ pub async fn get(url: &str) -> (u16, String) {
     )
 }
 
+/// The `/metrics` body of `lb`'s admin listener.
+pub async fn metrics_of(lb: &Running) -> String {
+    let admin = lb.admin_addr.expect("the balancer has an admin listener");
+    get(&format!("http://{admin}/metrics")).await.1
+}
+
+/// The value of the first line of `text` (a `/metrics` body) that starts with `line_start`
+/// (a series and its labels, with the space after them); panics when there is none.
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+}
+
 /// Sends raw bytes on a new connection and returns everything read until the server closes
 /// or stays quiet for 500 ms. Async, so the test's own actors keep running meanwhile.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> String {
