@@ -23,8 +23,8 @@ use ipnet::IpNet;
 use smallvec::SmallVec;
 
 use super::headers::{
-    connection_options, is_forwarded_field, is_hop_by_hop, names_a_field, X_FORWARDED_FOR,
-    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REQUEST_ID,
+    connection_named, is_forwarded_field, is_hop_by_hop, X_FORWARDED_FOR, X_FORWARDED_HOST,
+    X_FORWARDED_PROTO, X_REQUEST_ID,
 };
 use crate::{config::HeaderRules, digits::push_ip, upstream::Upstream};
 
@@ -62,10 +62,7 @@ impl UpstreamHead {
     /// The head `req` goes to `upstream` with.
     pub fn new(req: &HttpRequest, upstream: &Upstream, rewrite: &Rewrite<'_>) -> Self {
         let incoming = req.headers();
-        let mut dropped: Vec<HeaderName> = connection_options(incoming)
-            .filter(|t| names_a_field(t))
-            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-            .collect();
+        let mut dropped = connection_named(incoming);
         let mut up = UpstreamHead {
             head: RequestHead::bare(req.method().clone(), upstream.uri.clone()),
             req: req.clone(),

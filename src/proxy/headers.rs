@@ -14,8 +14,8 @@ use actix_web::{
 use ipnet::IpNet;
 
 use crate::{
-    config::HashOn, rate_limit::Decision, strategy::maglev::hash_key as hash_key_of,
-    upstream::Upstream,
+    config::HashOn, digits::push_u64, rate_limit::Decision,
+    strategy::maglev::hash_key as hash_key_of, upstream::Upstream,
 };
 
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
@@ -125,10 +125,7 @@ pub fn upgrade_of(req: &HttpRequest) -> Option<&HeaderValue> {
 /// Removes a message's hop-by-hop headers in place: [`HOP_BY_HOP`] and every header its
 /// `Connection` names. One pass over the map; nothing is copied.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = connection_options(headers)
-        .filter(|t| names_a_field(t))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    let named = connection_named(headers);
     headers.retain(|name, _| !is_hop_by_hop(name) && !named.contains(name));
 }
 
@@ -138,10 +135,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// [`strip_hop_by_hop`] drops and `Content-Length`, whose value is returned (actix writes
 /// the framing headers from the body's size). Names and values are moved, not copied.
 pub fn move_end_to_end(from: &mut HeaderMap, to: &mut HeaderMap) -> Option<HeaderValue> {
-    let named: Vec<HeaderName> = connection_options(from)
-        .filter(|t| names_a_field(t))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .collect();
+    let named = connection_named(from);
     let length = from.get(header::CONTENT_LENGTH).cloned();
     to.move_from(from, |name| {
         *name != header::CONTENT_LENGTH && !is_hop_by_hop(name) && !named.contains(name)
@@ -149,8 +143,17 @@ pub fn move_end_to_end(from: &mut HeaderMap, to: &mut HeaderMap) -> Option<Heade
     length
 }
 
+/// The header fields a message's `Connection` names (RFC 9110 §7.6.1): hop-by-hop too.
+/// Empty, and allocating nothing, for a message without such options (nearly all).
+pub fn connection_named(headers: &HeaderMap) -> Vec<HeaderName> {
+    connection_options(headers)
+        .filter(|t| names_a_field(t))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect()
+}
+
 /// The options a message's `Connection` fields list (those that are text), trimmed.
-pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .filter_map(|v| v.to_str().ok())
@@ -160,7 +163,7 @@ pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 }
 
 /// A `Connection` option that names a header field, not only the connection's fate.
-pub fn names_a_field(option: &str) -> bool {
+fn names_a_field(option: &str) -> bool {
     !option.eq_ignore_ascii_case("keep-alive") && !option.eq_ignore_ascii_case("close")
 }
 
@@ -227,14 +230,13 @@ pub fn rate_limit_headers(
         headers.insert(RATELIMIT_POLICY, policy.clone());
     }
     // Written piece by piece: `write!` runs core::fmt's machinery for a handful of digits.
-    let mut digits = itoa::Buffer::new();
-    let mut value = String::with_capacity(budget.len() + 48);
-    value.push('"');
-    value.push_str(budget);
-    value.push_str("\";r=");
-    value.push_str(digits.format(d.remaining));
-    value.push_str(";t=");
-    value.push_str(digits.format(reset));
+    let mut value = Vec::with_capacity(budget.len() + 48);
+    value.push(b'"');
+    value.extend_from_slice(budget.as_bytes());
+    value.extend_from_slice(b"\";r=");
+    push_u64(&mut value, d.remaining);
+    value.extend_from_slice(b";t=");
+    push_u64(&mut value, reset);
     // Digits and quotes: always a valid value; moved into the header, not copied.
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(RATELIMIT, v);
