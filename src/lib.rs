@@ -49,11 +49,20 @@
 // map above links the private modules it describes.
 #![allow(rustdoc::private_intra_doc_links)]
 
+// Every binary and test that links the crate allocates through it, so the tests see the
+// allocator and the heap gauge the release runs with. The heap-profiling build has dhat's
+// instead (src/dhat_heap.rs).
+#[cfg(not(feature = "dhat-heap"))]
+#[global_allocator]
+static ALLOCATOR: allocator::Counted = allocator::Counted;
+
 // Public: what the binary and the tests drive (the configuration pipeline, the request
 // checks, the TLS loaders). Everything else is the crate's own, so that rustc's dead-code
 // lint sees it.
 mod access_log;
 mod admin;
+#[cfg(not(feature = "dhat-heap"))]
+pub mod allocator;
 mod balancer;
 pub mod config;
 mod digits;

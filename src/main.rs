@@ -32,6 +32,8 @@ fn main() -> ExitCode {
     // Held to the end of `main`: the profile is written then, if not before.
     #[cfg(feature = "dhat-heap")]
     let _profiling = dhat_heap::start();
+    #[cfg(not(feature = "dhat-heap"))]
+    roundabout::allocator::configure();
     let cli = Cli::parse();
     // While the process has one thread (the environment is not safe to change with more):
     // the sockets systemd or an upgrading roundabout hands over, and where to say it serves.

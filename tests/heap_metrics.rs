@@ -1,8 +1,6 @@
-//! `roundabout_heap_bytes{state}` (glibc only): the live heap as the allocator counts it,
-//! read at each scrape. A test binary of its own, so that no other test's balancer moves
-//! the process's heap while this one reads it.
-
-#![cfg(all(target_os = "linux", target_env = "gnu"))]
+//! `roundabout_heap_bytes{state}`: the live heap as the allocator counts it, read at each
+//! scrape. A test binary of its own, so that no other test's balancer moves the process's
+//! heap while this one reads it.
 
 mod common;
 

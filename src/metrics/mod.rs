@@ -7,7 +7,7 @@
 //! So no cache line goes back and forth between the workers' cores per request. This file
 //! holds the registry, what the rest of the crate calls to count, and the exposition.
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[cfg(not(feature = "dhat-heap"))]
 mod heap;
 mod servers;
 mod workers;
@@ -104,7 +104,7 @@ impl Metrics {
             "Rate-limit checks answered by the in-process fallback store while Redis was unreachable (on_store_error = \"local\")",
             fallback.clone(),
         );
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        #[cfg(not(feature = "dhat-heap"))]
         heap::register(&mut registry);
         Self {
             own,
