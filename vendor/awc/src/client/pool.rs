@@ -35,7 +35,7 @@ use super::{
 /// the request named one (`ClientRequest::address`). (roundabout patch: servers known by
 /// name, VENDORED.md: two addresses of one name are two servers, and a connection to one
 /// must not be handed to a request for the other.)
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Key {
     authority: Authority,
     addr: Option<std::net::SocketAddr>,
@@ -59,6 +59,21 @@ impl std::hash::Hash for Key {
         self.addr.hash(state);
     }
 }
+
+/// Compared twice per request, like the hash. `Authority`'s own `==` compares a lowercased
+/// byte at a time; a proxy's keys are copies of one spelling, so the bytes are compared
+/// whole first (one `memcmp`), and ignoring case only when they differ.
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        let (a, b) = (
+            self.authority.as_str().as_bytes(),
+            other.authority.as_str().as_bytes(),
+        );
+        self.addr == other.addr && (a == b || a.eq_ignore_ascii_case(b))
+    }
+}
+
+impl Eq for Key {}
 
 impl From<Authority> for Key {
     fn from(authority: Authority) -> Key {
@@ -393,16 +408,20 @@ impl<Io: ConnectionIo> Acquired<Io> {
     pub(super) fn release(&self, conn: ConnectionInnerType<Io>, created: Instant) {
         let Acquired { key, inner, .. } = self;
 
-        inner
-            .available
-            .borrow_mut()
-            .entry(key.clone())
-            .or_insert_with(VecDeque::new)
-            .push_back(PooledConnection {
-                conn,
-                created,
-                used: Instant::now(),
-            });
+        let conn = PooledConnection {
+            conn,
+            created,
+            used: Instant::now(),
+        };
+        // The key's list is there but for the first connection: found without cloning the
+        // key (its authority's `Bytes`: a shared count up and down per request).
+        let mut available = inner.available.borrow_mut();
+        match available.get_mut(key) {
+            Some(conns) => conns.push_back(conn),
+            None => {
+                available.insert(key.clone(), VecDeque::from([conn]));
+            }
+        }
 
         let _ = &self.permit;
     }
@@ -679,6 +698,21 @@ mod test {
         let (lower, upper) = (key("api.internal:8080"), key("API.Internal:8080"));
         assert_eq!(lower, upper);
         assert_eq!(hasher.hash_one(&lower), hasher.hash_one(&upper));
+        assert_ne!(key("api.internal:8080"), key("api.internal:8081"));
+        assert_ne!(key("api.internal:8080"), key("api.internal:80"));
+        let at = |a: &'static str, addr: &str| Key {
+            addr: Some(addr.parse().unwrap()),
+            ..key(a)
+        };
+        assert_eq!(
+            at("API.internal:80", "10.0.0.1:80"),
+            at("api.internal:80", "10.0.0.1:80")
+        );
+        assert_ne!(
+            at("api.internal:80", "10.0.0.1:80"),
+            at("api.internal:80", "10.0.0.2:80")
+        );
+        assert_ne!(at("api.internal:80", "10.0.0.1:80"), key("api.internal:80"));
         // Same length, same last eight bytes: the same hash, and still two keys.
         let (a, b) = (key("aaa.internal:8080"), key("bbb.internal:8080"));
         assert_eq!(hasher.hash_one(&a), hasher.hash_one(&b));
