@@ -145,13 +145,24 @@ fn quoted(value: Option<&HeaderValue>, out: &mut Vec<u8>) {
 /// Bytes as nginx writes a variable in a log line: `"`, `\` and anything but printable
 /// ASCII as `\xHH`, so a client cannot forge a field or a line.
 fn escaped(bytes: &[u8], out: &mut Vec<u8>) {
-    for &b in bytes {
-        if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
-            let _ = write!(out, "\\x{b:02X}");
-        } else {
-            out.push(b);
-        }
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut rest = bytes;
+    // Runs of plain bytes copied whole: a byte at a time cost ~1k instructions a line.
+    while let Some(i) = rest
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
+    {
+        let b = rest[i];
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(&[
+            b'\\',
+            b'x',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 15)],
+        ]);
+        rest = &rest[i + 1..];
     }
+    out.extend_from_slice(rest);
 }
 
 /// Seconds with millisecond resolution, as nginx's `$request_time`.
@@ -256,6 +267,16 @@ mod tests {
             request_id: Some(HeaderValue::from_static("abc")),
             failure: None,
         }
+    }
+
+    #[test]
+    fn escaped_writes_quotes_backslashes_and_bytes_outside_printable_ascii_as_hex() {
+        let mut out = Vec::new();
+        escaped(b"\"a\\b\x00c\x7f\xff", &mut out);
+        assert_eq!(out, b"\\x22a\\x5Cb\\x00c\\x7F\\xFF");
+        out.clear();
+        escaped(b"plain", &mut out);
+        assert_eq!(out, b"plain");
     }
 
     fn text(format: AccessLogFormat, l: &Line) -> String {
