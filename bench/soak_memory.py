@@ -3,7 +3,7 @@ minute, and the rules the soak judges them by (issue #27). Loaded by bench/soak.
 
 The live heap is `roundabout_heap_bytes{state="in_use"}` from the admin API's /metrics
 (the bytes handed out and not freed, as src/allocator.rs counts them); `free` beside it is
-what the allocator (mimalloc) has committed beyond that. RSS is VmRSS. A live heap that stays flat while RSS moves
+the resident memory beyond that (RSS minus the live heap). RSS is VmRSS. A live heap that stays flat while RSS moves
 is the allocator settling, not something kept; the rules say which:
 
   - warm-up: WARMUP seconds (default 900 from an hour's run on, 120 from ten minutes on,

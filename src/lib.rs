@@ -393,6 +393,8 @@ pub fn start_with(config: Config, inherited: Inherited) -> io::Result<Running> {
             updates.clone(),
         ));
         WORKER.set(Some((instance, worker.clone())));
+        #[cfg(not(feature = "dhat-heap"))]
+        actix_rt::spawn(allocator::give_back());
         App::new().default_service(proxy_service(worker))
     };
     let drain = Drain::default();
