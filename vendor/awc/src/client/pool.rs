@@ -240,7 +240,23 @@ where
                 if let Some(conns) = map.get_mut(&key) {
                     let now = Instant::now();
 
-                    while let Some(mut c) = conns.pop_front() {
+                    // The oldest idle connection, past its keep-alive, closed: with the
+                    // newest taken first (below), the oldest are met only here, one per
+                    // request, as nginx's keepalive cache lets them go.
+                    if conns.front().is_some_and(|c| {
+                        now - c.used > inner.config.conn_keep_alive
+                            || now - c.created > inner.config.conn_lifetime
+                    }) {
+                        if let Some(c) = conns.pop_front() {
+                            inner.close(c.conn);
+                        }
+                    }
+
+                    // The most recently used first (upstream took the oldest): a few busy
+                    // connections stay warm, their ACKs ride on the next request, and the
+                    // rest idle out, instead of every connection in turn waiting long
+                    // enough for its delayed-ACK timer.
+                    while let Some(mut c) = conns.pop_back() {
                         let config = &inner.config;
                         let idle_dur = now - c.used;
                         let age = now - c.created;
@@ -540,6 +556,54 @@ mod test {
         release(conn);
         assert!(!waiting.get());
         assert!(now.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[actix_rt::test]
+    async fn the_newest_idle_connection_is_taken_first_and_the_oldest_expired_one_closed() {
+        let generated = Rc::new(Cell::new(0));
+        let connector = TestPoolConnector {
+            generated: generated.clone(),
+        };
+        let config = ConnectorConfig {
+            conn_keep_alive: Duration::from_millis(100),
+            disconnect_timeout: None,
+            ..Default::default()
+        };
+        let pool = super::ConnectionPool::new(connector, config);
+        let req = Connect {
+            uri: Uri::from_static("http://localhost"),
+            addr: None,
+        };
+        let key = Key::from(Authority::from_static("localhost"));
+        let idle_created = || -> Vec<Instant> {
+            let map = pool.inner.available.borrow();
+            map.get(&key)
+                .map(|conns| conns.iter().map(|c| c.created).collect())
+                .unwrap_or_default()
+        };
+
+        let (old, new) = (pool.call(req.clone()).await.unwrap(), {
+            actix_rt::time::sleep(Duration::from_millis(2)).await;
+            pool.call(req.clone()).await.unwrap()
+        });
+        release(old);
+        release(new);
+        let [older, newer] = idle_created()[..] else {
+            panic!("two idle connections")
+        };
+        assert!(older < newer);
+        // The newer is taken; the older stays idle.
+        let taken = pool.call(req.clone()).await.unwrap();
+        assert_eq!(idle_created(), [older]);
+        assert_eq!(generated.get(), 2, "no connection made");
+
+        // Past its keep-alive, the older is closed by the next request, which takes the
+        // connection given back meanwhile.
+        actix_rt::time::sleep(Duration::from_millis(150)).await;
+        release(taken);
+        let _again = pool.call(req.clone()).await.unwrap();
+        assert!(idle_created().is_empty());
+        assert_eq!(generated.get(), 1, "the older closed, the newer in use");
     }
 
     #[actix_rt::test]
