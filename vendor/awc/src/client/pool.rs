@@ -104,7 +104,10 @@ where
     Io: AsyncWrite + Unpin + 'static,
 {
     fn new(config: ConnectorConfig) -> Self {
-        let permits = Arc::new(Semaphore::new(config.limit));
+        // `Connector::limit(0)` (no limit) sets u32::MAX: no semaphore then, and no
+        // permit to take and give back (an `Arc` and two atomic operations per request).
+        let permits =
+            (config.limit < u32::MAX as usize).then(|| Arc::new(Semaphore::new(config.limit)));
         let available = RefCell::new(HashMap::default());
 
         Self(Rc::new(ConnectionPoolInnerPriv {
@@ -154,7 +157,9 @@ where
         // When strong count is one it means the pool is dropped
         // remove and drop all Io types.
         if Rc::strong_count(&self.0) == 1 {
-            self.permits.close();
+            if let Some(permits) = &self.permits {
+                permits.close();
+            }
             std::mem::take(&mut *self.available.borrow_mut())
                 .into_iter()
                 .for_each(|(_, conns)| {
@@ -172,7 +177,7 @@ where
     // Looked up twice per request (take, then give back): a fast hash, not SipHash; the
     // keys are the servers the application talks to.
     available: RefCell<HashMap<Key, VecDeque<PooledConnection<Io>>, foldhash::fast::RandomState>>,
-    permits: Arc<Semaphore>,
+    permits: Option<Arc<Semaphore>>,
 }
 
 impl<S, Io> ConnectionPool<S, Io>
@@ -222,14 +227,14 @@ where
             };
 
             // acquire an owned permit and carry it with connection
-            let permit = Arc::clone(&inner.permits)
-                .acquire_owned()
-                .await
-                .map_err(|_| {
+            let permit = match &inner.permits {
+                Some(permits) => Some(Arc::clone(permits).acquire_owned().await.map_err(|_| {
                     ConnectError::Io(io::Error::other(
                         "Failed to acquire semaphore on client connection pool",
                     ))
-                })?;
+                })?),
+                None => None,
+            };
 
             let conn = {
                 let mut conn = None;
@@ -411,7 +416,7 @@ where
     /// handle to connection pool.
     inner: ConnectionPoolInner<Io>,
     /// permit for limit concurrent in-flight connection for a Client object.
-    permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<Io: ConnectionIo> Acquired<Io> {
@@ -604,6 +609,41 @@ mod test {
         let _again = pool.call(req.clone()).await.unwrap();
         assert!(idle_created().is_empty());
         assert_eq!(generated.get(), 1, "the older closed, the newer in use");
+    }
+
+    #[actix_rt::test]
+    async fn without_a_limit_there_is_no_semaphore_and_no_wait() {
+        let generated = Rc::new(Cell::new(0));
+        let connector = TestPoolConnector {
+            generated: generated.clone(),
+        };
+        // What `Connector::limit(0)` sets.
+        let config = ConnectorConfig {
+            limit: u32::MAX as usize,
+            ..Default::default()
+        };
+        let pool = super::ConnectionPool::new(connector, config);
+        assert!(pool.inner.permits.is_none());
+        let req = Connect {
+            uri: Uri::from_static("http://localhost"),
+            addr: None,
+        };
+        let held: Vec<_> = futures_util::future::join_all((0..3).map(|_| pool.call(req.clone())))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(generated.get(), 3);
+        held.into_iter().for_each(release);
+        assert_eq!(
+            pool.inner
+                .available
+                .borrow()
+                .values()
+                .map(VecDeque::len)
+                .sum::<usize>(),
+            3
+        );
     }
 
     #[actix_rt::test]
