@@ -248,10 +248,7 @@ where
                     // The oldest idle connection, past its keep-alive, closed: with the
                     // newest taken first (below), the oldest are met only here, one per
                     // request, as nginx's keepalive cache lets them go.
-                    if conns.front().is_some_and(|c| {
-                        now - c.used > inner.config.conn_keep_alive
-                            || now - c.created > inner.config.conn_lifetime
-                    }) {
+                    if conns.front().is_some_and(|c| c.expired(now)) {
                         if let Some(c) = conns.pop_front() {
                             inner.close(c.conn);
                         }
@@ -262,13 +259,7 @@ where
                     // rest idle out, instead of every connection in turn waiting long
                     // enough for its delayed-ACK timer.
                     while let Some(mut c) = conns.pop_back() {
-                        let config = &inner.config;
-                        let idle_dur = now - c.used;
-                        let age = now - c.created;
-                        let conn_ineligible =
-                            idle_dur > config.conn_keep_alive || age > config.conn_lifetime;
-
-                        if conn_ineligible {
+                        if c.expired(now) {
                             // drop connections that are too old
                             inner.close(c.conn);
                         } else {
@@ -366,8 +357,32 @@ where
 
 struct PooledConnection<Io> {
     conn: ConnectionInnerType<Io>,
-    used: Instant,
     created: Instant,
+    /// When it stops being reused: its keep-alive after it was given back, or its
+    /// lifetime, whichever comes first (`None`: past what an `Instant` holds). Worked out
+    /// once when it is given back, not as two differences of times each time the pool
+    /// looks at it.
+    expires: Option<Instant>,
+}
+
+impl<Io> PooledConnection<Io> {
+    fn new(conn: ConnectionInnerType<Io>, created: Instant, config: &ConnectorConfig) -> Self {
+        let idle_until = Instant::now().checked_add(config.conn_keep_alive);
+        let old_at = created.checked_add(config.conn_lifetime);
+        let expires = match (idle_until, old_at) {
+            (Some(idle), Some(old)) => Some(idle.min(old)),
+            (idle, old) => idle.or(old),
+        };
+        Self {
+            conn,
+            created,
+            expires,
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|at| now > at)
+    }
 }
 
 pin_project! {
@@ -429,11 +444,7 @@ impl<Io: ConnectionIo> Acquired<Io> {
     pub(super) fn release(&self, conn: ConnectionInnerType<Io>, created: Instant) {
         let Acquired { key, inner, .. } = self;
 
-        let conn = PooledConnection {
-            conn,
-            created,
-            used: Instant::now(),
-        };
+        let conn = PooledConnection::new(conn, created, &inner.config);
         // The key's list is there but for the first connection: found without cloning the
         // key (its authority's `Bytes`: a shared count up and down per request).
         let mut available = inner.available.borrow_mut();
