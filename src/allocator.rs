@@ -149,33 +149,36 @@ fn plain(layout: &Layout) -> bool {
     layout.align() <= MIN_ALIGN && layout.align() <= layout.size()
 }
 
+/// A block from mimalloc's `plain` call when it gives the layout's alignment, else from its
+/// `aligned` one; counted when there is one.
+#[inline(always)]
+unsafe fn take(
+    layout: &Layout,
+    plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let ptr = if plain(layout) {
+        plain_call(layout.size())
+    } else {
+        aligned_call(layout.size(), layout.align())
+    };
+    if !ptr.is_null() {
+        count(layout.size() as isize);
+    }
+    ptr as *mut u8
+}
+
 // SAFETY: every call is mimalloc's own, with the layout's size and alignment; the count
 // only follows them.
 unsafe impl GlobalAlloc for Counted {
     #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let ptr = if plain(&layout) {
-            mi::mi_malloc(layout.size())
-        } else {
-            mi::mi_malloc_aligned(layout.size(), layout.align())
-        } as *mut u8;
-        if !ptr.is_null() {
-            count(layout.size() as isize);
-        }
-        ptr
+        take(&layout, mi::mi_malloc, mi::mi_malloc_aligned)
     }
 
     #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let ptr = if plain(&layout) {
-            mi::mi_zalloc(layout.size())
-        } else {
-            mi::mi_zalloc_aligned(layout.size(), layout.align())
-        } as *mut u8;
-        if !ptr.is_null() {
-            count(layout.size() as isize);
-        }
-        ptr
+        take(&layout, mi::mi_zalloc, mi::mi_zalloc_aligned)
     }
 
     #[inline(never)]
