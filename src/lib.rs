@@ -41,6 +41,8 @@
 //! - [`upgrade`]: what SIGUSR2 does: the executable started again, handed the listeners.
 //! - [`tls`]: rustls: the listener's certificate (swapped on reload), `https://` servers.
 //! - [`metrics`]: Prometheus metrics shared by all of the above.
+//! - [`allocator`]: mimalloc, with the live heap counted, and its pages given back.
+//! - [`lifecycle`]: [`run`]: the process from start to stop, answering signals.
 //!
 //! No two modules import each other: the HealthActor knows the balancers only as
 //! `Recipient`s, which this file's worker factory registers.
@@ -67,6 +69,7 @@ mod balancer;
 pub mod config;
 mod digits;
 mod health;
+mod lifecycle;
 mod listen;
 mod metrics;
 pub mod proxy;
@@ -82,6 +85,7 @@ pub mod tls;
 mod upgrade;
 mod upstream;
 
+pub use lifecycle::run;
 pub use listen::activation::Inherited;
 
 use std::{
@@ -518,80 +522,6 @@ fn worker_count(configured: usize) -> usize {
     } else {
         std::thread::available_parallelism().map_or(2, |n| n.get().min(512))
     }
-}
-
-/// Runs the balancer until SIGTERM or SIGINT, then stops gracefully, serving on the sockets
-/// `inherited` hands over where they match. SIGHUP reloads the configuration file; SIGUSR1
-/// reopens the access log; SIGUSR2 starts the executable again, hands it the listeners and,
-/// once it serves, drains and returns.
-pub async fn run(config: Config, mut inherited: Inherited) -> io::Result<()> {
-    // Before the listeners: a SIGHUP that finds the port open must not find its default
-    // action (the end of the process) still in place.
-    let mut signals = reload::Signals::new()?;
-    // At start: the path this process was started from, before anything replaces it.
-    let exec = upgrade::Exec::current();
-    let mut notify = std::mem::take(&mut inherited.notify);
-    let running = match start_with(config, inherited) {
-        Ok(running) => running,
-        Err(e) => {
-            notify.fail(&e.to_string());
-            return Err(e);
-        }
-    };
-    notify.ready();
-    let mut successor = None;
-    let handed_over = loop {
-        let upgrading = async {
-            match &mut successor {
-                Some(s) => s.await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            signal = signals.next() => match signal {
-                reload::Signal::Stop => break false,
-                reload::Signal::Reload => {
-                    let _ = running.reload("SIGHUP").await;
-                }
-                reload::Signal::ReopenLogs => running.reopen_logs(),
-                reload::Signal::Upgrade if successor.is_some() => {
-                    log::warn!("upgrade (SIGUSR2): one is under way already; this signal is ignored");
-                }
-                reload::Signal::Upgrade => match running.upgrade(&exec) {
-                    Ok(started) => successor = Some(Box::pin(started)),
-                    Err(e) => log::error!("upgrade (SIGUSR2) failed: {e}; this process keeps serving"),
-                },
-            },
-            done = upgrading => {
-                successor = None;
-                match done {
-                    Ok(pid) => {
-                        log::info!(
-                            "upgrade (SIGUSR2): process {pid} serves; this one accepts no more \
-                             connections and finishes its requests (up to {}s)",
-                            SHUTDOWN_TIMEOUT.as_secs()
-                        );
-                        break true;
-                    }
-                    Err(why) => log::error!(
-                        "upgrade (SIGUSR2) failed: the new process {why}; this process keeps serving"
-                    ),
-                }
-            }
-        }
-    };
-    notify.stopping();
-    if handed_over {
-        running.hand_over().await;
-    } else {
-        log::info!(
-            "stopping: no new connections; waiting up to {}s for in-flight requests",
-            SHUTDOWN_TIMEOUT.as_secs()
-        );
-        running.stop(true).await;
-    }
-    log::info!("stopped");
-    Ok(())
 }
 
 /// Every request on a proxy listener goes to [`proxy::forward`] with its worker's state,
