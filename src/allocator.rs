@@ -2,9 +2,9 @@
 //! `roundabout_heap_bytes` (issue #27's live heap).
 //!
 //! mimalloc, not glibc's malloc: a request's ~17 allocations cost ~1.8k fewer instructions
-//! in all (~2.8k with the default config), and with its pages given back as soon as they
-//! empty, a burst leaves less behind in an idle process than glibc's free lists do
-//! (bench/README.md, issue #25). Two settings make that so:
+//! in all (~2.8k with the default config), and with its empty pages given back, a burst
+//! leaves less behind in an idle process than glibc's free lists do (bench/README.md,
+//! issue #25). Two settings make that so:
 //! - no transparent huge pages (the `no_thp` build feature): with them every thread's first
 //!   pages came as 2 MiB, and the process started at 21 MB instead of 12;
 //! - `purge_delay` 100 ms, set by [`configure`] (`MIMALLOC_PURGE_DELAY` in the environment
@@ -142,11 +142,11 @@ pub async fn give_back() {
 /// size's power of two, as malloc does.
 const MIN_ALIGN: usize = 16;
 
-/// Whether plain `mi_malloc` gives the layout's alignment: its aligned variant takes a
-/// longer path (the rule Rust's `System` allocator follows for malloc).
+/// Whether plain `mi_malloc` gives a block of `size` bytes `align`ment: its aligned variant
+/// takes a longer path (the rule Rust's `System` allocator follows for malloc).
 #[inline]
-fn plain(layout: &Layout) -> bool {
-    layout.align() <= MIN_ALIGN && layout.align() <= layout.size()
+fn plain(align: usize, size: usize) -> bool {
+    align <= MIN_ALIGN && align <= size
 }
 
 /// A block from mimalloc's `plain` call when it gives the layout's alignment, else from its
@@ -157,7 +157,7 @@ unsafe fn take(
     plain_call: unsafe extern "C" fn(usize) -> *mut c_void,
     aligned_call: unsafe extern "C" fn(usize, usize) -> *mut c_void,
 ) -> *mut u8 {
-    let ptr = if plain(layout) {
+    let ptr = if plain(layout.align(), layout.size()) {
         plain_call(layout.size())
     } else {
         aligned_call(layout.size(), layout.align())
@@ -189,7 +189,7 @@ unsafe impl GlobalAlloc for Counted {
 
     #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let new = if layout.align() <= MIN_ALIGN && layout.align() <= new_size {
+        let new = if plain(layout.align(), new_size) {
             mi::mi_realloc(ptr as *mut c_void, new_size)
         } else {
             mi::mi_realloc_aligned(ptr as *mut c_void, new_size, layout.align())
