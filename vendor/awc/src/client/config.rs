@@ -17,6 +17,12 @@ pub(crate) struct ConnectorConfig {
     pub(crate) local_address: Option<IpAddr>,
 }
 
+impl ConnectorConfig {
+    /// The `limit` of a connector without one (`Connector::limit(0)`): the pool then keeps
+    /// no semaphore.
+    pub(crate) const NO_LIMIT: usize = u32::MAX as usize;
+}
+
 impl Default for ConnectorConfig {
     fn default() -> Self {
         Self {

@@ -104,10 +104,10 @@ where
     Io: AsyncWrite + Unpin + 'static,
 {
     fn new(config: ConnectorConfig) -> Self {
-        // `Connector::limit(0)` (no limit) sets u32::MAX: no semaphore then, and no
-        // permit to take and give back (an `Arc` and two atomic operations per request).
-        let permits =
-            (config.limit < u32::MAX as usize).then(|| Arc::new(Semaphore::new(config.limit)));
+        // No limit: no semaphore, and no permit to take and give back (an `Arc` and two
+        // atomic operations per request).
+        let permits = (config.limit < ConnectorConfig::NO_LIMIT)
+            .then(|| Arc::new(Semaphore::new(config.limit)));
         let available = RefCell::new(HashMap::default());
 
         Self(Rc::new(ConnectionPoolInnerPriv {
@@ -630,7 +630,7 @@ mod test {
         };
         // What `Connector::limit(0)` sets.
         let config = ConnectorConfig {
-            limit: u32::MAX as usize,
+            limit: ConnectorConfig::NO_LIMIT,
             ..Default::default()
         };
         let pool = super::ConnectionPool::new(connector, config);
