@@ -76,8 +76,8 @@ pub fn respond(
 ) -> HttpResponse {
     let status = res.status();
     let mut built = HttpResponse::new(status);
-    // The server's headers are moved into the answer's pooled map, less what does not
-    // cross; actix writes the framing headers from the body's size, never from these.
+    // The server's headers (their table) become the answer's, less what does not cross;
+    // actix writes the framing headers from the body's size, never from these.
     let length = move_end_to_end(res.headers_mut(), built.headers_mut())
         .and_then(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
 

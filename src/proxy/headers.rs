@@ -130,10 +130,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Moves a response's end-to-end headers from `from` (the server's answer) into `to` (the
-/// client's, a pooled map that keeps its room between responses: nothing is allocated and
-/// nothing grows for the few headers roundabout adds), leaving out what
-/// [`strip_hop_by_hop`] drops and `Content-Length`, whose value is returned (actix writes
-/// the framing headers from the body's size). Names and values are moved, not copied.
+/// client's), leaving out what [`strip_hop_by_hop`] drops and `Content-Length`, whose value
+/// is returned (actix writes the framing headers from the body's size). Names and values
+/// are moved, not copied; into an empty `to` the server's table itself moves, which the
+/// vendored decoder made with room for the few headers roundabout adds.
 pub fn move_end_to_end(from: &mut HeaderMap, to: &mut HeaderMap) -> Option<HeaderValue> {
     let named = connection_named(from);
     let length = from.get(header::CONTENT_LENGTH).cloned();

@@ -50,10 +50,15 @@ pub struct HeaderMap {
     pub(crate) inner: FoldHashMap<HeaderName, Value>,
 }
 
+/// The values of one name, inline: one value (nearly every name has one; a repeated
+/// `Set-Cookie` spills to the heap). Upstream kept four inline, which made every bucket of
+/// the map ~200 bytes, moved whole on each insert and rehash (VENDORED.md, "Cost").
+type Values = SmallVec<[HeaderValue; 1]>;
+
 /// A bespoke non-empty list for HeaderMap values.
 #[derive(Debug, Clone)]
 pub(crate) struct Value {
-    inner: SmallVec<[HeaderValue; 4]>,
+    inner: Values,
 }
 
 impl Value {
@@ -77,7 +82,7 @@ impl Value {
 }
 
 impl ops::Deref for Value {
-    type Target = SmallVec<[HeaderValue; 4]>;
+    type Target = Values;
 
     fn deref(&self) -> &Self::Target {
         &self.inner
@@ -652,6 +657,13 @@ impl HeaderMap {
     /// assert!(!to.contains_key(header::CONNECTION));
     /// ```
     pub fn move_from(&mut self, from: &mut HeaderMap, mut keep: impl FnMut(&HeaderName) -> bool) {
+        if self.inner.is_empty() {
+            // Nothing to merge with: the maps trade tables, and what is not kept is dropped
+            // in place; no name is hashed again and no bucket moves.
+            std::mem::swap(&mut self.inner, &mut from.inner);
+            self.inner.retain(|name, _| keep(name));
+            return;
+        }
         for (name, value) in from.inner.drain() {
             if !keep(&name) {
                 continue;
@@ -726,7 +738,7 @@ impl From<&HeaderMap> for http::HeaderMap {
 /// and [`HeaderMap::remove`].
 #[derive(Debug)]
 pub struct Removed {
-    inner: Option<smallvec::IntoIter<[HeaderValue; 4]>>,
+    inner: Option<smallvec::IntoIter<[HeaderValue; 1]>>,
 }
 
 impl Removed {
@@ -795,7 +807,7 @@ impl iter::FusedIterator for Keys<'_> {}
 #[derive(Debug)]
 pub struct Iter<'a> {
     inner: hash_map::Iter<'a, HeaderName, Value>,
-    multi_inner: Option<(&'a HeaderName, &'a SmallVec<[HeaderValue; 4]>)>,
+    multi_inner: Option<(&'a HeaderName, &'a Values)>,
     multi_idx: usize,
     remaining: usize,
 }
@@ -854,7 +866,7 @@ impl iter::FusedIterator for Iter<'_> {}
 #[derive(Debug)]
 pub struct Drain<'a> {
     inner: hash_map::Drain<'a, HeaderName, Value>,
-    multi_inner: Option<(Option<HeaderName>, SmallVec<[HeaderValue; 4]>)>,
+    multi_inner: Option<(Option<HeaderName>, Values)>,
     multi_idx: usize,
     remaining: usize,
 }
@@ -910,7 +922,7 @@ impl iter::FusedIterator for Drain<'_> {}
 #[derive(Debug)]
 pub struct IntoIter {
     inner: hash_map::IntoIter<HeaderName, Value>,
-    multi_inner: Option<(HeaderName, smallvec::IntoIter<[HeaderValue; 4]>)>,
+    multi_inner: Option<(HeaderName, smallvec::IntoIter<[HeaderValue; 1]>)>,
     remaining: usize,
 }
 
@@ -1261,6 +1273,45 @@ mod tests {
         let mut drained = map.clone();
         assert_eq!(map.drain().count(), 3);
         assert_eq!(drained.drain().len(), 3);
+    }
+
+    #[test]
+    fn moving_into_an_empty_map_takes_the_table_and_drops_what_is_not_kept() {
+        // roundabout patch (VENDORED.md, "Cost"): the empty map takes the other's table.
+        let mut from = HeaderMap::with_capacity(20);
+        from.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        from.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        from.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        from.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let room = from.capacity();
+        let mut to = HeaderMap::new();
+        to.move_from(&mut from, |name| *name != header::CONNECTION);
+        assert!(from.is_empty());
+        assert_eq!(to.capacity(), room, "the table itself moved");
+        assert_eq!(to.len(), 3);
+        let cookies: Vec<_> = to.get_all(header::SET_COOKIE).collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert!(!to.contains_key(header::CONNECTION));
+        assert_eq!(to.get(header::CONTENT_TYPE).unwrap(), "text/plain");
+    }
+
+    #[test]
+    fn a_name_keeps_one_value_inline_and_any_number_beyond() {
+        // roundabout patch (VENDORED.md, "Cost"): one value inline, not four.
+        // 56 bytes (upstream: 176), so a bucket of the map is 88 bytes, not 208.
+        assert!(
+            std::mem::size_of::<Value>() <= 56,
+            "{}",
+            std::mem::size_of::<Value>()
+        );
+        let mut map = HeaderMap::new();
+        for i in 0..6 {
+            map.append(header::SET_COOKIE, HeaderValue::from(i));
+        }
+        let all: Vec<_> = map.get_all(header::SET_COOKIE).collect();
+        assert_eq!(all, ["0", "1", "2", "3", "4", "5"]);
+        assert_eq!(map.remove(header::SET_COOKIE).count(), 6);
+        assert!(map.is_empty());
     }
 
     fn owned_pair<'a>((name, val): (&'a HeaderName, &'a HeaderValue)) -> (HeaderName, HeaderValue) {
