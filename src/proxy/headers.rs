@@ -2,20 +2,23 @@
 //! upstream (`X-Forwarded-*`), who the client is (trusted proxies), and the limiter's fields
 //! on the answer. Pure functions over header maps; nothing here chooses a server or does I/O.
 
-use std::{fmt::Write as _, net::IpAddr};
+use std::net::IpAddr;
 
 use actix_web::{
     http::{
         header::{self, HeaderMap, HeaderName, HeaderValue},
         uri::{PathAndQuery, Uri},
     },
-    HttpRequest,
+    HttpRequest, HttpResponse,
 };
 use ipnet::IpNet;
 
 use crate::{
-    config::HashOn, digits::push_u64, rate_limit::Decision,
-    strategy::maglev::hash_key as hash_key_of, upstream::Upstream,
+    config::{HashOn, HeaderRules},
+    digits::push_u64,
+    rate_limit::Decision,
+    strategy::maglev::hash_key as hash_key_of,
+    upstream::Upstream,
 };
 
 /// Headers that describe one connection, not the message; never forwarded (RFC 9110 §7.6.1).
@@ -214,57 +217,107 @@ fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
         .map(|a| IpAddr::V4(*a.ip()))
 }
 
-/// The limiter's fields on an answer it counted (SPEC; draft-ietf-httpapi-ratelimit-headers),
-/// `budget` naming the budget (`default`, or a route's).
-pub fn rate_limit_headers(
-    headers: &mut HeaderMap,
-    d: &Decision,
-    policy: Option<&HeaderValue>,
-    budget: &str,
+/// The limiter's count for the answer's fields (SPEC; draft-ietf-httpapi-ratelimit-headers).
+pub struct LimitFields<'a> {
+    pub decision: &'a Decision,
+    /// The budget's `RateLimit-Policy`.
+    pub policy: Option<&'a HeaderValue>,
+    /// The budget's name in `RateLimit` (`default`, or a route's).
+    pub budget: &'a str,
+}
+
+/// The fields roundabout adds to every answer: `X-Request-Id` and, when the limiter counted
+/// the request, its five; each replaces any field of its name the server sent. They are
+/// written as wire bytes after the map's fields (the vendored actix-http's
+/// `ResponseHead::raw_fields_mut`, which HTTP/2 reads back into fields): no name is hashed
+/// and no value made, where inserting six fields into the map cost ~2k instructions a
+/// request. A route whose response rules name one of them gets them in the map, where
+/// the rules see them; then the rules apply.
+pub fn own_fields(
+    res: &mut HttpResponse,
+    request_id: &HeaderValue,
+    limit: Option<LimitFields<'_>>,
+    rules: Option<&HeaderRules>,
 ) {
-    let reset = d.reset_secs;
-    headers.insert(X_RATELIMIT_LIMIT, number(d.limit));
-    headers.insert(X_RATELIMIT_REMAINING, number(d.remaining));
-    headers.insert(X_RATELIMIT_RESET, number(reset));
-    if let Some(policy) = policy {
-        headers.insert(RATELIMIT_POLICY, policy.clone());
+    let limited = limit.is_some();
+    if !res.headers().is_empty() {
+        res.headers_mut()
+            .retain(|name, _| !is_own_field(name, limited));
     }
-    // Written piece by piece: `write!` runs core::fmt's machinery for a handful of digits.
-    let mut value = Vec::with_capacity(budget.len() + 48);
-    value.push(b'"');
-    value.extend_from_slice(budget.as_bytes());
-    value.extend_from_slice(b"\";r=");
-    push_u64(&mut value, d.remaining);
-    value.extend_from_slice(b";t=");
-    push_u64(&mut value, reset);
-    // Digits and quotes: always a valid value; moved into the header, not copied.
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        headers.insert(RATELIMIT, v);
+    let out = res.head_mut().raw_fields_mut();
+    let start = out.len();
+    field(out, &X_REQUEST_ID, request_id.as_bytes());
+    if let Some(LimitFields {
+        decision: d,
+        policy,
+        budget,
+    }) = limit
+    {
+        number_field(out, &X_RATELIMIT_LIMIT, d.limit);
+        number_field(out, &X_RATELIMIT_REMAINING, d.remaining);
+        number_field(out, &X_RATELIMIT_RESET, d.reset_secs);
+        if let Some(policy) = policy {
+            field(out, &RATELIMIT_POLICY, policy.as_bytes());
+        }
+        // A budget's name is a route's (visible ASCII, checked with the route) or `default`.
+        out.extend_from_slice(b"ratelimit: \"");
+        out.extend_from_slice(budget.as_bytes());
+        out.extend_from_slice(b"\";r=");
+        push_u64(out, d.remaining);
+        out.extend_from_slice(b";t=");
+        push_u64(out, d.reset_secs);
+        out.extend_from_slice(b"\r\n");
+    }
+    let Some(rules) = rules else {
+        return;
+    };
+    let names_ours = |n: &HeaderName| is_own_field(n, limited);
+    if rules.remove.iter().any(names_ours) || rules.set.iter().any(|(n, _)| names_ours(n)) {
+        let raw = out.split_off(start);
+        for (name, value) in raw_fields(&raw) {
+            res.headers_mut().insert(name, value);
+        }
+    }
+    rules.apply(res.headers_mut());
+}
+
+/// Whether `name` is one of the fields [`own_fields`] writes (the limiter's only when
+/// `limited`): by length first, as [`is_hop_by_hop`].
+fn is_own_field(name: &HeaderName, limited: bool) -> bool {
+    match name.as_str().len() {
+        12 => *name == X_REQUEST_ID,
+        9 => limited && *name == RATELIMIT,
+        16 => limited && *name == RATELIMIT_POLICY,
+        17 => limited && (*name == X_RATELIMIT_LIMIT || *name == X_RATELIMIT_RESET),
+        21 => limited && *name == X_RATELIMIT_REMAINING,
+        _ => false,
     }
 }
 
-/// Numbers below this are header values made once (the limiter's fields mostly carry them).
-const SMALL_NUMBERS: u64 = 10_000;
+/// `name: value\r\n`.
+fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
 
-/// `n` as a header value: for a small number, a static one made once (no allocation, and a
-/// clone that touches no count), else formatted.
-fn number(n: u64) -> HeaderValue {
-    static DIGITS: std::sync::OnceLock<(&'static str, Vec<u32>)> = std::sync::OnceLock::new();
-    if n >= SMALL_NUMBERS {
-        return HeaderValue::from(n);
-    }
-    let (all, ends) = DIGITS.get_or_init(|| {
-        let mut all = String::new();
-        let mut ends = Vec::with_capacity(SMALL_NUMBERS as usize);
-        for i in 0..SMALL_NUMBERS {
-            let _ = write!(all, "{i}");
-            ends.push(all.len() as u32);
-        }
-        (Box::leak(all.into_boxed_str()), ends)
-    });
-    let i = n as usize;
-    let start = if i == 0 { 0 } else { ends[i - 1] as usize };
-    HeaderValue::from_static(&all[start..ends[i] as usize])
+fn number_field(out: &mut Vec<u8>, name: &HeaderName, n: u64) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    push_u64(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The fields of wire bytes [`own_fields`] wrote, as names and values.
+fn raw_fields(raw: &[u8]) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+    raw.split(|&b| b == b'\n').filter_map(|line| {
+        let line = line.strip_suffix(b"\r")?;
+        let colon = line.iter().position(|&b| b == b':')?;
+        let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+        Some((name, value))
+    })
 }
 
 /// The value of the cookie `name` in the request's `Cookie` fields (HTTP/2 may send
@@ -461,10 +514,103 @@ mod tests {
         }
     }
 
+    fn wire(res: &HttpResponse) -> String {
+        String::from_utf8(res.head().raw_fields().to_vec()).unwrap()
+    }
+
     #[test]
-    fn numbers_read_the_same_from_the_table_and_formatted() {
-        for n in [0, 1, 9, 10, 99, 100, 4321, 9_999, 10_000, 1 << 40] {
-            assert_eq!(number(n), n.to_string().as_str(), "{n}");
+    fn own_fields_go_on_the_wire_and_replace_the_server_s() {
+        let id = HeaderValue::from_static("abc");
+        let d = Decision {
+            allowed: true,
+            limit: 1 << 40,
+            remaining: 9,
+            reset_secs: 60,
+            resets_in: std::time::Duration::from_secs(60),
+        };
+        let policy = HeaderValue::from_static("\"default\";q=100;w=60");
+        let mut res = HttpResponse::Ok().finish();
+        res.headers_mut()
+            .insert(X_REQUEST_ID, HeaderValue::from_static("server's"));
+        res.headers_mut()
+            .insert(X_RATELIMIT_LIMIT, HeaderValue::from_static("5"));
+        res.headers_mut()
+            .insert(header::SERVER, HeaderValue::from_static("kept"));
+        own_fields(
+            &mut res,
+            &id,
+            Some(LimitFields {
+                decision: &d,
+                policy: Some(&policy),
+                budget: "default",
+            }),
+            None,
+        );
+        assert_eq!(
+            wire(&res),
+            "x-request-id: abc\r\nx-ratelimit-limit: 1099511627776\r\n\
+             x-ratelimit-remaining: 9\r\nx-ratelimit-reset: 60\r\n\
+             ratelimit-policy: \"default\";q=100;w=60\r\nratelimit: \"default\";r=9;t=60\r\n"
+        );
+        let names: Vec<&str> = res.headers().keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["server"]);
+
+        // Not counted: the server's rate-limit fields pass, the request id is ours.
+        let mut res = HttpResponse::Ok().finish();
+        res.headers_mut()
+            .insert(X_RATELIMIT_LIMIT, HeaderValue::from_static("5"));
+        own_fields(&mut res, &id, None, None);
+        assert_eq!(wire(&res), "x-request-id: abc\r\n");
+        assert_eq!(res.headers().get(X_RATELIMIT_LIMIT).unwrap(), "5");
+    }
+
+    #[test]
+    fn response_rules_that_name_an_own_field_see_it_in_the_map() {
+        let id = HeaderValue::from_static("abc");
+        let plain = HeaderRules {
+            set: vec![(header::SERVER, HeaderValue::from_static("ours"))],
+            remove: vec![],
+        };
+        let mut res = HttpResponse::Ok().finish();
+        own_fields(&mut res, &id, None, Some(&plain));
+        assert_eq!(wire(&res), "x-request-id: abc\r\n");
+        assert_eq!(res.headers().get(header::SERVER).unwrap(), "ours");
+
+        let removes_id = HeaderRules {
+            set: vec![],
+            remove: vec![X_REQUEST_ID],
+        };
+        let mut res = HttpResponse::Ok().finish();
+        own_fields(&mut res, &id, None, Some(&removes_id));
+        assert_eq!(wire(&res), "");
+        assert!(res.headers().is_empty());
+
+        let sets_id = HeaderRules {
+            set: vec![(X_REQUEST_ID, HeaderValue::from_static("fixed"))],
+            remove: vec![],
+        };
+        let mut res = HttpResponse::Ok().finish();
+        own_fields(&mut res, &id, None, Some(&sets_id));
+        assert_eq!(wire(&res), "");
+        assert_eq!(res.headers().get(X_REQUEST_ID).unwrap(), "fixed");
+    }
+
+    #[test]
+    fn own_field_names_by_length_are_the_six() {
+        for name in [
+            &X_REQUEST_ID,
+            &X_RATELIMIT_LIMIT,
+            &X_RATELIMIT_REMAINING,
+            &X_RATELIMIT_RESET,
+            &RATELIMIT_POLICY,
+            &RATELIMIT,
+        ] {
+            assert!(is_own_field(name, true), "{name}");
+            assert_eq!(is_own_field(name, false), *name == X_REQUEST_ID, "{name}");
+        }
+        for name in ["x-request-ie", "ratelimiu", "x-ratelimit-limiu", "server"] {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert!(!is_own_field(&name, true), "{name}");
         }
     }
 }

@@ -39,7 +39,7 @@ use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
     forward::{Rewrite, UpstreamHead},
-    headers::{rate_limit_headers, upstream_uri, X_REQUEST_ID},
+    headers::{own_fields, upstream_uri, LimitFields},
     settings::{Current, PoolSettings},
     tunnel::tunnel,
 };
@@ -332,14 +332,13 @@ pub(crate) async fn forward(
             res
         }
     };
-    if let Some(d) = &ctx.decision {
-        rate_limit_headers(res.headers_mut(), d, ctx.policy(), ctx.budget_name());
-    }
-    res.headers_mut()
-        .insert(X_REQUEST_ID, ctx.request_id.clone());
-    if let Some(route) = ctx.route {
-        route.response_headers.apply(res.headers_mut());
-    }
+    let limit = ctx.decision.as_ref().map(|decision| LimitFields {
+        decision,
+        policy: ctx.policy(),
+        budget: ctx.budget_name(),
+    });
+    let rules = ctx.route.map(|r| &r.response_headers);
+    own_fields(&mut res, &ctx.request_id, limit, rules);
     res
 }
 

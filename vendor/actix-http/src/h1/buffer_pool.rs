@@ -238,7 +238,7 @@ mod tests {
 
         // The head still shares the allocation: the tail is pooled as it is.
         give(buf);
-        let mut tail = take();
+        let tail = take();
         assert_eq!(tail.capacity(), BUFFER_SIZE - head.len());
 
         // Once the head is gone, a reader that wants room gets the whole allocation back.

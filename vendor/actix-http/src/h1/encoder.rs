@@ -238,6 +238,9 @@ pub(crate) trait MessageType: Sized {
             dst.advance_mut(pos);
         }
 
+        // roundabout patch: fields given as wire bytes (`ResponseHead::raw_fields_mut`).
+        dst.extend_from_slice(self.raw_fields());
+
         if !has_date {
             // optimized date header, write_date_header writes its own \r\n
             config.write_date_header(dst, camel_case);
@@ -252,6 +255,11 @@ pub(crate) trait MessageType: Sized {
     /// A head whose headers are a proxy's forwarded ones (`RequestHeadType::Forward`).
     fn forwarded(&self) -> Option<&dyn ForwardedHead> {
         None
+    }
+
+    /// Fields written as they are after the map's (`ResponseHead::raw_fields_mut`).
+    fn raw_fields(&self) -> &[u8] {
+        &[]
     }
 
     /// Calls `f` with each header to write, each value of a repeated one apart.
@@ -293,6 +301,10 @@ impl MessageType for Response<()> {
 
     fn extra_headers(&self) -> Option<&HeaderMap> {
         None
+    }
+
+    fn raw_fields(&self) -> &[u8] {
+        self.head().raw_fields()
     }
 
     fn camel_case(&self) -> bool {
@@ -803,6 +815,34 @@ mod tests {
         assert!(data.ends_with("date: then\r\n\r\n"), "{data}");
         assert!(!data.contains("authorization"), "{data}");
         assert!(!data.contains("99") && !data.contains("close"), "{data}");
+    }
+
+    /// roundabout patch "Fields as wire bytes" (VENDORED.md).
+    #[actix_rt::test]
+    async fn raw_fields_go_after_the_map_s_and_a_pooled_head_starts_without_them() {
+        let mut bytes = BytesMut::with_capacity(2048);
+        let mut res = Response::with_body(StatusCode::OK, ());
+        res.headers_mut()
+            .insert(DATE, HeaderValue::from_static("date"));
+        res.head_mut()
+            .raw_fields_mut()
+            .extend_from_slice(b"x-ratelimit-limit: 10\r\nx-request-id: ab\r\n");
+        let _ = res.encode_headers(
+            &mut bytes,
+            Version::HTTP_11,
+            BodySize::Sized(0),
+            ConnectionType::KeepAlive,
+            &ServiceConfig::default(),
+        );
+        let data = String::from_utf8(Vec::from(bytes.split().freeze().as_ref())).unwrap();
+        assert!(
+            data.ends_with("date: date\r\nx-ratelimit-limit: 10\r\nx-request-id: ab\r\n\r\n"),
+            "{data:?}"
+        );
+        // The head goes back to the pool; the next response from it has none.
+        drop(res);
+        let res = Response::with_body(StatusCode::OK, ());
+        assert!(res.head().raw_fields().is_empty());
     }
 
     #[actix_rt::test]

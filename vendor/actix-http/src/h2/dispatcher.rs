@@ -340,6 +340,21 @@ fn prepare_response(
         res.headers_mut().append(key, value.clone());
     }
 
+    // roundabout patch: fields given as wire bytes (`ResponseHead::raw_fields_mut`), read
+    // back into fields; one that is not `name: value` is left out.
+    for field in head.raw_fields().split(|&b| b == b'\n') {
+        let field = field.strip_suffix(b"\r").unwrap_or(field);
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let (name, value) = (&field[..colon], field[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+        {
+            res.headers_mut().append(name, value);
+        }
+    }
+
     // set date header
     if !has_date {
         let mut bytes = BytesMut::with_capacity(29);
@@ -352,4 +367,27 @@ fn prepare_response(
     }
 
     res
+}
+
+#[cfg(test)]
+mod raw_fields_tests {
+    use super::*;
+
+    /// roundabout patch "Fields as wire bytes" (VENDORED.md).
+    #[actix_rt::test]
+    async fn raw_fields_are_read_back_into_fields() {
+        let mut head = ResponseHead::new(crate::StatusCode::OK);
+        head.headers_mut().insert(
+            HeaderName::from_static("x-a"),
+            HeaderValue::from_static("1"),
+        );
+        head.raw_fields_mut()
+            .extend_from_slice(b"x-b: two words\r\nratelimit: \"default\";r=9;t=60\r\nbad\r\n");
+        let res = prepare_response(ServiceConfig::default(), &head, &mut BodySize::Sized(0));
+        let h = res.headers();
+        assert_eq!(h.get("x-a").unwrap(), "1");
+        assert_eq!(h.get("x-b").unwrap(), "two words");
+        assert_eq!(h.get("ratelimit").unwrap(), "\"default\";r=9;t=60");
+        assert!(h.get("bad").is_none());
+    }
 }

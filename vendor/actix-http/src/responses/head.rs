@@ -18,6 +18,9 @@ pub struct ResponseHead {
     /// See [`set_write_timeout`](Self::set_write_timeout). (roundabout patch: a field of the
     /// head, not an extension: an extension is a map allocated for every response.)
     pub(crate) write_timeout: Option<std::time::Duration>,
+    /// See [`raw_fields_mut`](Self::raw_fields_mut). (roundabout patch: a pooled head keeps
+    /// the buffer's room between responses.)
+    raw_fields: Vec<u8>,
 }
 
 impl ResponseHead {
@@ -31,6 +34,7 @@ impl ResponseHead {
             reason: None,
             flags: Flags::empty(),
             write_timeout: None,
+            raw_fields: Vec::new(),
         }
     }
 
@@ -46,6 +50,7 @@ impl ResponseHead {
             reason: None,
             flags: Flags::empty(),
             write_timeout: None,
+            raw_fields: Vec::new(),
         }
     }
 
@@ -74,6 +79,23 @@ impl ResponseHead {
     #[inline]
     pub fn write_timeout(&self) -> Option<std::time::Duration> {
         self.write_timeout
+    }
+
+    /// Header fields as they go on the wire, `name: value\r\n` each, written after the
+    /// map's. (roundabout patch: a proxy adds a handful of fields to every answer, and each
+    /// insert into the map hashes its name; these are appended, nothing hashed.) An HTTP/1
+    /// response writes the bytes as they are; an HTTP/2 one reads them back into fields. The
+    /// caller writes valid fields (a token, `": "`, a value of visible ASCII, spaces and
+    /// tabs, `"\r\n"`) and none the map holds too: nothing checks either.
+    #[inline]
+    pub fn raw_fields_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.raw_fields
+    }
+
+    /// See [`raw_fields_mut`](Self::raw_fields_mut).
+    #[inline]
+    pub fn raw_fields(&self) -> &[u8] {
+        &self.raw_fields
     }
 
     /// Sets the flag that controls whether to send headers formatted as Camel-Case.
@@ -216,6 +238,7 @@ impl BoxedResponsePool {
             head.headers.clear();
             head.flags = Flags::empty();
             head.write_timeout = None;
+            head.raw_fields.clear();
             BoxedResponseHead { head: Some(head) }
         } else {
             BoxedResponseHead {
