@@ -147,22 +147,50 @@ fn quoted(value: Option<&HeaderValue>, out: &mut Vec<u8>) {
 fn escaped(bytes: &[u8], out: &mut Vec<u8>) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut rest = bytes;
-    // Runs of plain bytes copied whole: a byte at a time cost ~1k instructions a line.
-    while let Some(i) = rest
-        .iter()
-        .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))
-    {
-        let b = rest[i];
-        out.extend_from_slice(&rest[..i]);
+    loop {
+        // Runs of plain bytes copied whole: a byte at a time cost ~1k instructions a line.
+        let plain = plain_run(rest);
+        out.extend_from_slice(&rest[..plain]);
+        let Some(&b) = rest.get(plain) else {
+            return;
+        };
         out.extend_from_slice(&[
             b'\\',
             b'x',
             HEX[usize::from(b >> 4)],
             HEX[usize::from(b & 15)],
         ]);
-        rest = &rest[i + 1..];
+        rest = &rest[plain + 1..];
     }
-    out.extend_from_slice(rest);
+}
+
+/// Whether `b` is written as it is by [`escaped`].
+fn is_plain(b: u8) -> bool {
+    (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\'
+}
+
+/// The length of the run of plain bytes `bytes` starts with, looked at eight at a time
+/// (a request id, a user agent: the fields are tens of bytes, nearly always all plain).
+fn plain_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Exact as a whole word's yes or no: whether any byte of `v` is below `n` (n <= 0x80).
+    let any_below = |v: u64, n: u64| v.wrapping_sub(ONES * n) & !v & HIGH != 0;
+    let mut words = bytes.chunks_exact(8);
+    let mut at = 0;
+    for word in words.by_ref() {
+        let x = u64::from_le_bytes(word.try_into().expect("eight bytes"));
+        if x & HIGH != 0
+            || any_below(x, 0x20)
+            || any_below(x ^ (ONES * u64::from(b'"')), 1)
+            || any_below(x ^ (ONES * u64::from(b'\\')), 1)
+            || any_below(x ^ (ONES * 0x7f), 1)
+        {
+            break;
+        }
+        at += 8;
+    }
+    at + bytes[at..].iter().take_while(|&&b| is_plain(b)).count()
 }
 
 /// Seconds with millisecond resolution, as nginx's `$request_time`.
@@ -277,6 +305,20 @@ mod tests {
         out.clear();
         escaped(b"plain", &mut out);
         assert_eq!(out, b"plain");
+    }
+
+    #[test]
+    fn the_plain_run_read_by_words_is_the_one_read_by_bytes() {
+        // Every byte value at every place of a field longer than two words.
+        for b in 0..=255u8 {
+            for at in 0..20 {
+                let mut field = *b"0123456789abcdefghij";
+                field[at] = b;
+                let want = field.iter().take_while(|&&b| is_plain(b)).count();
+                assert_eq!(plain_run(&field), want, "byte {b:#x} at {at}");
+            }
+        }
+        assert_eq!(plain_run(b""), 0);
     }
 
     fn text(format: AccessLogFormat, l: &Line) -> String {
