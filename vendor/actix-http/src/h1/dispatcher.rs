@@ -182,6 +182,9 @@ pin_project! {
 
         head_timer: TimerState,
         ka_timer: TimerState,
+        // The keep-alive timer's `Sleep` while a request is in flight, moved when the timer is
+        // armed again (roundabout patch, VENDORED.md).
+        ka_spare: Option<Pin<Box<tokio::time::Sleep>>>,
         shutdown_timer: TimerState,
         // The current response's write timeout (`ResponseHead::set_write_timeout`), and its
         // timer: armed while the client accepts none of what is waiting to be written.
@@ -312,6 +315,7 @@ where
 
                     head_timer: TimerState::new(config.client_request_deadline().is_some()),
                     ka_timer: TimerState::new(config.keep_alive().enabled()),
+                    ka_spare: None,
                     shutdown_timer: TimerState::new(config.client_disconnect_deadline().is_some()),
                     write_timeout: None,
                     write_timer: TimerState::new(true),
@@ -1510,7 +1514,7 @@ where
                     if !inner.read_buf.is_empty() && inner.flags.contains(Flags::KEEP_ALIVE) {
                         let inner = inner.as_mut().project();
                         inner.flags.remove(Flags::KEEP_ALIVE);
-                        inner.ka_timer.clear(line!());
+                        inner.ka_timer.clear_keeping(inner.ka_spare, line!());
                     }
 
                     if !inner.flags.contains(Flags::STARTED) {
@@ -1548,9 +1552,11 @@ where
                                 // FINISHED is set after writing last chunk of response
                                 if inner.flags.contains(Flags::KEEP_ALIVE | Flags::FINISHED) {
                                     if let Some(timer) = inner.config.keep_alive_deadline() {
-                                        inner.as_mut().project().ka_timer.set_and_init(
+                                        let inner = inner.as_mut().project();
+                                        inner.ka_timer.set_at(
                                             cx,
-                                            sleep_until(timer.into()),
+                                            timer.into(),
+                                            inner.ka_spare,
                                             line!(),
                                         );
                                     }
