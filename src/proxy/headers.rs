@@ -4,6 +4,7 @@
 
 use std::net::IpAddr;
 
+use actix_http::ResponseHead;
 use actix_web::{
     http::{
         header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -253,9 +254,18 @@ pub fn own_fields(
         budget,
     }) = limit
     {
-        number_field(out, &X_RATELIMIT_LIMIT, d.limit);
-        number_field(out, &X_RATELIMIT_REMAINING, d.remaining);
-        number_field(out, &X_RATELIMIT_RESET, d.reset_secs);
+        let mut digits = itoa::Buffer::new();
+        field(out, &X_RATELIMIT_LIMIT, digits.format(d.limit).as_bytes());
+        field(
+            out,
+            &X_RATELIMIT_REMAINING,
+            digits.format(d.remaining).as_bytes(),
+        );
+        field(
+            out,
+            &X_RATELIMIT_RESET,
+            digits.format(d.reset_secs).as_bytes(),
+        );
         if let Some(policy) = policy {
             field(out, &RATELIMIT_POLICY, policy.as_bytes());
         }
@@ -274,7 +284,7 @@ pub fn own_fields(
     let names_ours = |n: &HeaderName| is_own_field(n, limited);
     if rules.remove.iter().any(names_ours) || rules.set.iter().any(|(n, _)| names_ours(n)) {
         let raw = out.split_off(start);
-        for (name, value) in raw_fields(&raw) {
+        for (name, value) in ResponseHead::fields_of(&raw) {
             res.headers_mut().insert(name, value);
         }
     }
@@ -300,24 +310,6 @@ fn field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
-}
-
-fn number_field(out: &mut Vec<u8>, name: &HeaderName, n: u64) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    push_u64(out, n);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The fields of wire bytes [`own_fields`] wrote, as names and values.
-fn raw_fields(raw: &[u8]) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
-    raw.split(|&b| b == b'\n').filter_map(|line| {
-        let line = line.strip_suffix(b"\r")?;
-        let colon = line.iter().position(|&b| b == b':')?;
-        let name = HeaderName::from_bytes(&line[..colon]).ok()?;
-        let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
-        Some((name, value))
-    })
 }
 
 /// The value of the cookie `name` in the request's `Cookie` fields (HTTP/2 may send

@@ -341,18 +341,9 @@ fn prepare_response(
     }
 
     // roundabout patch: fields given as wire bytes (`ResponseHead::raw_fields_mut`), read
-    // back into fields; one that is not `name: value` is left out.
-    for field in head.raw_fields().split(|&b| b == b'\n') {
-        let field = field.strip_suffix(b"\r").unwrap_or(field);
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let (name, value) = (&field[..colon], field[colon + 1..].trim_ascii());
-        if let (Ok(name), Ok(value)) =
-            (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-        {
-            res.headers_mut().append(name, value);
-        }
+    // back into fields.
+    for (name, value) in ResponseHead::fields_of(head.raw_fields()) {
+        res.headers_mut().append(name, value);
     }
 
     // set date header

@@ -2,7 +2,11 @@
 
 use std::{cell::RefCell, ops};
 
-use crate::{header::HeaderMap, message::Flags, ConnectionType, StatusCode, Version};
+use crate::{
+    header::{HeaderMap, HeaderName, HeaderValue},
+    message::Flags,
+    ConnectionType, StatusCode, Version,
+};
 
 thread_local! {
     static RESPONSE_POOL: BoxedResponsePool = BoxedResponsePool::create();
@@ -96,6 +100,19 @@ impl ResponseHead {
     #[inline]
     pub fn raw_fields(&self) -> &[u8] {
         &self.raw_fields
+    }
+
+    /// The fields of bytes written as [`raw_fields_mut`](Self::raw_fields_mut) takes them,
+    /// as names and values; a line that is not `name: value` is left out. (roundabout
+    /// patch: how HTTP/2 reads them, and a proxy that wants them back in a map.)
+    pub fn fields_of(raw: &[u8]) -> impl Iterator<Item = (HeaderName, HeaderValue)> + '_ {
+        raw.split(|&b| b == b'\n').filter_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = line.iter().position(|&b| b == b':')?;
+            let name = HeaderName::from_bytes(&line[..colon]).ok()?;
+            let value = HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).ok()?;
+            Some((name, value))
+        })
     }
 
     /// Sets the flag that controls whether to send headers formatted as Camel-Case.
