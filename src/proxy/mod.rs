@@ -18,6 +18,7 @@ pub mod checks;
 mod error;
 mod forward;
 mod headers;
+mod own_fields;
 mod settings;
 mod tunnel;
 
@@ -39,7 +40,8 @@ use self::{
     body::{head_within, respond, BodyReader, BodyState, Stalled},
     checks::{check_request, Framing},
     forward::{Rewrite, UpstreamHead},
-    headers::{own_fields, upstream_uri, LimitFields},
+    headers::upstream_uri,
+    own_fields::{own_fields, LimitFields},
     settings::{Current, PoolSettings},
     tunnel::tunnel,
 };
