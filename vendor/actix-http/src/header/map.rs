@@ -738,7 +738,7 @@ impl From<&HeaderMap> for http::HeaderMap {
 /// and [`HeaderMap::remove`].
 #[derive(Debug)]
 pub struct Removed {
-    inner: Option<smallvec::IntoIter<[HeaderValue; 1]>>,
+    inner: Option<<Values as IntoIterator>::IntoIter>,
 }
 
 impl Removed {
@@ -922,7 +922,7 @@ impl iter::FusedIterator for Drain<'_> {}
 #[derive(Debug)]
 pub struct IntoIter {
     inner: hash_map::IntoIter<HeaderName, Value>,
-    multi_inner: Option<(HeaderName, smallvec::IntoIter<[HeaderValue; 1]>)>,
+    multi_inner: Option<(HeaderName, <Values as IntoIterator>::IntoIter)>,
     remaining: usize,
 }
 
