@@ -68,7 +68,11 @@ pub struct Line {
 
 impl Line {
     /// A line of these fields, now, with nothing sent and nothing else known.
-    fn bare(client: Option<IpAddr>, request: Option<(Method, Uri, Version)>, status: u16) -> Line {
+    pub fn bare(
+        client: Option<IpAddr>,
+        request: Option<(Method, Uri, Version)>,
+        status: u16,
+    ) -> Line {
         Line {
             time: SystemTime::now(),
             client,
@@ -119,7 +123,12 @@ impl AccessLog {
 
     /// Hands `line` to the writer, or drops it (and counts it) when the queue is full.
     pub fn write(&self, line: Line) {
-        if self.queue.try_send(Message::Line(Box::new(line))).is_err() {
+        self.send(Box::new(line));
+    }
+
+    /// [`write`](Self::write), for a line already boxed.
+    pub fn send(&self, line: Box<Line>) {
+        if self.queue.try_send(Message::Line(line)).is_err() {
             self.metrics.access_log_dropped();
         }
     }
@@ -159,17 +168,6 @@ impl AccessLog {
     }
 }
 
-/// What the access log says of one request beyond the counts: who asked for what.
-pub struct AccessEntry {
-    pub client: Option<IpAddr>,
-    pub method: Method,
-    pub uri: Uri,
-    pub version: Version,
-    pub referer: Option<HeaderValue>,
-    pub user_agent: Option<HeaderValue>,
-    pub request_id: Option<HeaderValue>,
-}
-
 /// Where one worker's exchanges end up: the metrics, and the access log.
 pub struct Sink {
     pub metrics: Arc<Metrics>,
@@ -185,30 +183,28 @@ pub struct Record {
     pub upstream: Option<Arc<Upstream>>,
     /// The answer is our own (502, 503, …): counted as such, whatever `upstream` says.
     ours: bool,
-    pub pool: Option<Arc<str>>,
-    pub route: Option<Arc<str>>,
     /// The status sent (or about to be).
     pub status: u16,
     pub started: Instant,
     /// When the server's response head arrived.
     pub upstream_time: Option<Duration>,
-    /// `None` with the access log off.
-    pub entry: Option<AccessEntry>,
+    /// The log line, its request's fields filled in (`None` with the access log off),
+    /// boxed from the start: the record moves with the answer's body, and the line is
+    /// boxed to reach the writer anyway.
+    pub line: Option<Box<Line>>,
 }
 
 impl Record {
     /// The record of a request that starts now, for `sink`; the phases fill it in.
-    pub fn new(sink: Rc<Sink>, started: Instant, entry: Option<AccessEntry>) -> Self {
+    pub fn new(sink: Rc<Sink>, started: Instant, line: Option<Box<Line>>) -> Self {
         Record {
             sink,
             upstream: None,
             ours: false,
-            pool: None,
-            route: None,
             status: 0,
             started,
             upstream_time: None,
-            entry,
+            line,
         }
     }
 
@@ -232,26 +228,18 @@ impl Record {
         if let Ending::UpstreamFailed(_) = ending {
             self.sink.metrics.upstream_failed(counters);
         }
-        let Some(e) = self.entry else { return };
-        self.sink.log.write(Line {
-            time: SystemTime::now(),
-            client: e.client,
-            request: Some((e.method, e.uri, e.version)),
-            status,
-            bytes,
-            referer: e.referer,
-            user_agent: e.user_agent,
-            upstream: self.upstream.map(|u| u.label.clone()),
-            pool: self.pool,
-            route: self.route,
-            upstream_time: self.upstream_time,
-            request_time: self.started.elapsed(),
-            request_id: e.request_id,
-            failure: match ending {
-                Ending::UpstreamFailed(why) => Some(why),
-                _ => None,
-            },
-        });
+        let Some(mut line) = self.line else { return };
+        line.time = SystemTime::now();
+        line.status = status;
+        line.bytes = bytes;
+        line.upstream = self.upstream.map(|u| u.label.clone());
+        line.upstream_time = self.upstream_time;
+        line.request_time = self.started.elapsed();
+        line.failure = match ending {
+            Ending::UpstreamFailed(why) => Some(why),
+            _ => None,
+        };
+        self.sink.log.send(line);
     }
 }
 

@@ -50,7 +50,7 @@ pub(crate) use self::{
     settings::{Settings, Worker},
 };
 use crate::{
-    access_log::{AccessEntry, Ending, Record, CLIENT_CLOSED},
+    access_log::{Ending, Line, Record, CLIENT_CLOSED},
     balancer::{Lease, NextServer},
     health::ConnectFailed,
     rate_limit::{Budget, Decision, Verdict},
@@ -273,20 +273,20 @@ pub(crate) async fn forward(
     // Phase **log** is the record, finished when the answer's body has been sent.
     let headers = req.headers();
     let pool = ctx.pool();
-    let entry = settings.access_log.then(|| AccessEntry {
-        client: ctx.client_ip,
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        referer: headers.get(header::REFERER).cloned(),
-        user_agent: headers.get(header::USER_AGENT).cloned(),
-        request_id: Some(ctx.request_id.clone()),
+    let line = settings.access_log.then(|| {
+        let mut line = Line::bare(
+            ctx.client_ip,
+            Some((req.method().clone(), req.uri().clone(), req.version())),
+            0,
+        );
+        line.referer = headers.get(header::REFERER).cloned();
+        line.user_agent = headers.get(header::USER_AGENT).cloned();
+        line.request_id = Some(ctx.request_id.clone());
+        line.pool = Some(pool.name.clone());
+        line.route = ctx.route.map(|r| r.name.clone());
+        Box::new(line)
     });
-    let mut record = Record::new(worker.sink.clone(), started, entry);
-    if settings.access_log {
-        record.pool = Some(pool.name.clone());
-        record.route = ctx.route.map(|r| r.name.clone());
-    }
+    let mut record = Record::new(worker.sink.clone(), started, line);
     let idle = pool.proxy.timeout;
     // Phase **respond**: the server's answer streamed back, or one of our own.
     let mut res = match outcome {
@@ -300,7 +300,7 @@ pub(crate) async fn forward(
                     let tunnel_idle = settings.proxy.tunnel_idle_timeout;
                     tunnel(
                         reply.response,
-                        socket,
+                        *socket,
                         payload,
                         asked,
                         reply.lease,
@@ -377,7 +377,8 @@ struct Target<'a> {
 /// A server's answer head, the connection when it switched protocols, and the lease.
 struct Reply {
     response: awc::ClientResponse,
-    switched: Option<Framed<BoxedSocket, ClientCodec>>,
+    /// Boxed: rare, and held inline it would add its 152 bytes to every move of a reply.
+    switched: Option<Box<Framed<BoxedSocket, ClientCodec>>>,
     lease: Lease,
 }
 
@@ -463,7 +464,7 @@ async fn send(
                 .await
                 .map(|r| {
                     r.map(|answer| match answer {
-                        UpgradeResponse::Switched(res, socket) => (res, Some(socket)),
+                        UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
                         UpgradeResponse::NotSwitched(res) => (res, None),
                     })
                 })
