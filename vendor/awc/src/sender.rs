@@ -190,7 +190,7 @@ impl RequestSender {
     ) -> SendClientRequest {
         let req = match self {
             RequestSender::Owned(head) => ConnectRequest::Client(
-                RequestHeadType::Owned(head),
+                RequestHeadType::Owned(Box::new(head)),
                 AnyBody::from_message_body(body).into_boxed(),
                 addr,
             ),

@@ -640,7 +640,7 @@ mod tests {
         head.headers
             .insert(UPGRADE_INSECURE_REQUESTS, HeaderValue::from_static("1"));
 
-        let mut head = RequestHeadType::Owned(head);
+        let mut head = RequestHeadType::Owned(Box::new(head));
 
         let _ = head.encode_headers(
             &mut bytes,
@@ -687,7 +687,7 @@ mod tests {
         head.headers
             .append(CONTENT_TYPE, HeaderValue::from_static("xml"));
 
-        let mut head = RequestHeadType::Owned(head);
+        let mut head = RequestHeadType::Owned(Box::new(head));
         let _ = head.encode_headers(
             &mut bytes,
             Version::HTTP_11,

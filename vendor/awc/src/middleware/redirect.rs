@@ -217,7 +217,7 @@ where
                         head.method = method.clone();
                         head.headers = headers.clone();
 
-                        let head = RequestHeadType::Owned(head);
+                        let head = RequestHeadType::Owned(Box::new(head));
 
                         let mut max_redirect_times = *max_redirect_times;
                         max_redirect_times -= 1;
