@@ -111,6 +111,26 @@ pub(crate) fn give_if_empty(buf: &mut BytesMut) {
     }
 }
 
+/// Gives back a buffer [`take`]n in this same step and neither read into nor written into
+/// (a read that found nothing to read): it is as the pool handed it out, so it goes back
+/// without [`give`]'s checks. `buf` is left without capacity.
+///
+/// A connection's read takes a buffer before it knows whether bytes are there; once per
+/// request on each side there are none yet, and the whole `give` cost ~120 instructions.
+pub fn give_untouched(buf: &mut BytesMut) {
+    debug_assert!(buf.is_empty());
+    let buf = mem::take(buf);
+    let _ = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        pool.lent = pool.lent.saturating_sub(1);
+        if pool.free.len() < MAX_FREE {
+            pool.free.push(buf);
+        } else {
+            pool.released += 1;
+        }
+    });
+}
+
 /// [`give`], taking the buffer out of `buf` (moved once, into the pool).
 fn give_from(buf: &mut BytesMut) {
     let cap = buf.capacity();
@@ -227,6 +247,20 @@ mod tests {
         assert_eq!(stats().lent, 1);
         give(again);
         assert_eq!(stats().lent, 0);
+    }
+
+    #[test]
+    fn an_untouched_buffer_goes_back_as_it_was_taken() {
+        let mut buf = take();
+        let ptr = buf.as_ptr();
+        give_untouched(&mut buf);
+        assert_eq!(buf.capacity(), 0);
+        assert_eq!((stats().free, stats().lent, stats().released), (1, 0, 0));
+
+        let again = take();
+        assert_eq!((again.as_ptr(), again.capacity()), (ptr, BUFFER_SIZE));
+        assert_eq!(stats().allocated, 1);
+        give(again);
     }
 
     #[test]

@@ -1388,6 +1388,7 @@ where
 
             // Take a buffer for the bytes to come (given back at the end of the poll if none
             // came), and grow it if necessary.
+            let taken = this.read_buf.capacity() == 0;
             buffer_pool::ensure(this.read_buf);
             let remaining = this.read_buf.capacity() - this.read_buf.len();
             if remaining < LW_BUFFER_SIZE {
@@ -1410,6 +1411,9 @@ where
                 }
 
                 Poll::Pending => {
+                    if taken && this.read_buf.is_empty() {
+                        buffer_pool::give_untouched(this.read_buf);
+                    }
                     return Ok(false);
                 }
 

@@ -320,7 +320,8 @@ impl<Io: ConnectionIo, C> Exchange<Io, C> {
     /// exchange holds no read buffer: it goes back to the pool if it holds no bytes.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, io::Error>> {
         let buf = &mut self.bufs.read;
-        if buf.capacity() == 0 {
+        let taken = buf.capacity() == 0;
+        if taken {
             *buf = buffer_pool::take();
         }
         let remaining = buf.capacity() - buf.len();
@@ -332,7 +333,9 @@ impl<Io: ConnectionIo, C> Exchange<Io, C> {
             Poll::Ready(Ok(n)) => Poll::Ready(Ok(n != 0)),
             Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
             Poll::Pending => {
-                if buf.is_empty() {
+                if taken && buf.is_empty() {
+                    buffer_pool::give_untouched(buf);
+                } else if buf.is_empty() {
                     buffer_pool::give(mem::take(buf));
                 }
                 Poll::Pending
