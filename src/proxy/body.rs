@@ -26,7 +26,7 @@ use actix_web::{
 use bytes::Bytes;
 use futures_util::Stream;
 
-use super::headers::move_end_to_end;
+use super::{headers::move_end_to_end, timers::Timers};
 use crate::{
     access_log::{Ending, Record},
     balancer::Lease,
@@ -45,24 +45,33 @@ pub enum Stalled {
 /// from the last request-body chunk sent, whichever is later: an upload that keeps flowing
 /// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`),
 /// and then it is the client's stall, not the server's.
+/// The deadline is one of the worker's kept timers.
 pub async fn head_within<F: std::future::Future>(
     sending: F,
     limit: Duration,
     body: Option<&BodyState>,
+    timers: &Timers,
 ) -> Result<F::Output, Stalled> {
     let mut sending = std::pin::pin!(sending);
     let mut from = Instant::now();
-    loop {
-        let deadline = tokio::time::Instant::from_std(from + limit);
-        match tokio::time::timeout_at(deadline, &mut sending).await {
-            Ok(out) => return Ok(out),
-            Err(_) => match body {
-                Some(b) if b.last_chunk.get() > from => from = b.last_chunk.get(),
-                Some(b) if !b.finished.get() => return Err(Stalled::Upload),
-                _ => return Err(Stalled::Upstream),
-            },
+    let mut timer = timers.at(tokio::time::Instant::from_std(from + limit));
+    std::future::poll_fn(|cx| loop {
+        if let Poll::Ready(out) = sending.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
         }
-    }
+        if timer.poll_elapsed(cx).is_pending() {
+            return Poll::Pending;
+        }
+        match body {
+            Some(b) if b.last_chunk.get() > from => {
+                from = b.last_chunk.get();
+                timer.reset(tokio::time::Instant::from_std(from + limit));
+            }
+            Some(b) if !b.finished.get() => return Poll::Ready(Err(Stalled::Upload)),
+            _ => return Poll::Ready(Err(Stalled::Upstream)),
+        }
+    })
+    .await
 }
 
 /// The client's answer: the upstream's status and end-to-end headers, its body streamed.

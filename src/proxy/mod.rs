@@ -20,6 +20,7 @@ mod forward;
 mod headers;
 mod own_fields;
 mod settings;
+mod timers;
 mod tunnel;
 
 use std::{net::IpAddr, rc::Rc, sync::Arc, time::Instant};
@@ -460,14 +461,19 @@ async fn send(
             creq.headers_mut().insert(header::UPGRADE, protocol.clone());
             // Boxed: the upgrade's future is 1.6 KiB, and held inline it would make every
             // request's future (every level above this one) larger by twice that.
-            Box::pin(head_within(creq.send_upgrade(), pool.timeout, None))
-                .await
-                .map(|r| {
-                    r.map(|answer| match answer {
-                        UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
-                        UpgradeResponse::NotSwitched(res) => (res, None),
-                    })
+            Box::pin(head_within(
+                creq.send_upgrade(),
+                pool.timeout,
+                None,
+                &worker.timers,
+            ))
+            .await
+            .map(|r| {
+                r.map(|answer| match answer {
+                    UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
+                    UpgradeResponse::NotSwitched(res) => (res, None),
                 })
+            })
         } else {
             let sending = match (&body, framing) {
                 (Some(b), Framing::Length(n)) => client.send_forwarded(
@@ -483,7 +489,7 @@ async fn send(
                 // No body at all (not an empty one): no Content-Length: 0 on a GET.
                 (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
             };
-            head_within(sending, pool.timeout, body.as_deref())
+            head_within(sending, pool.timeout, body.as_deref(), &worker.timers)
                 .await
                 .map(|r| r.map(|res| (res, None)))
         };

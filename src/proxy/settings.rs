@@ -202,6 +202,8 @@ pub(crate) struct Worker {
     /// This worker's copy of the settings (an `Rc`: no count shared with other workers)
     /// and its clients. `awc::Client` is not `Send`: built on the worker's thread.
     current: RefCell<Rc<Current>>,
+    /// The deadlines of this worker's exchanges, kept between requests.
+    pub timers: super::timers::Timers,
 }
 
 impl Worker {
@@ -221,6 +223,7 @@ impl Worker {
             sink: Rc::new(sink),
             updates: RefCell::new(updates),
             current: RefCell::new(Rc::new(Current::new(settings, None))),
+            timers: Default::default(),
         }
     }
 
