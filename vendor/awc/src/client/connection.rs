@@ -257,8 +257,10 @@ where
                 Connection::Tls(ConnectionType::H1(conn)) => {
                     h1proto::send_request(conn, head.into(), body).await
                 }
+                // Boxed (roundabout patch): its 1.2 KiB future held inline sized every
+                // send, HTTP/1 ones too, and the whole is moved into this box per request.
                 Connection::Tls(ConnectionType::H2(conn)) => {
-                    h2proto::send_request(conn, head.into(), body).await
+                    Box::pin(h2proto::send_request(conn, head.into(), body)).await
                 }
                 _ => {
                     unreachable!("Plain TCP connection can be used only with HTTP/1.1 protocol")

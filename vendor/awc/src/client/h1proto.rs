@@ -1,4 +1,5 @@
 use std::{
+    future::Future,
     io::{self, Write},
     mem,
     pin::{pin, Pin},
@@ -11,7 +12,7 @@ use actix_http::{
     error::{ParseError, PayloadError},
     h1::{self, buffer_pool},
     header::{HeaderMap, TryIntoHeaderValue, EXPECT, HOST},
-    Payload, RequestHeadType, ResponseHead, StatusCode,
+    BoxedPayloadStream, Payload, RequestHeadType, ResponseHead, StatusCode,
 };
 use actix_utils::future::poll_fn;
 use bytes::{buf::BufMut, Bytes, BytesMut};
@@ -24,138 +25,142 @@ use super::{
 };
 use crate::BoxError;
 
-pub(crate) async fn send_request<Io, B>(
+// Not an `async fn` (roundabout patch): an async fn's future keeps its arguments and its
+// own copies of them, so `io` (136 bytes) sat beside the exchange made of it, in a future
+// moved whole into the connection's boxed send on every request.
+pub(crate) fn send_request<Io, B>(
     io: H1Connection<Io>,
     mut head: RequestHeadType,
     body: B,
-) -> Result<(ResponseHead, Payload), SendRequestError>
+) -> impl Future<Output = Result<(ResponseHead, Payload), SendRequestError>>
 where
     Io: ConnectionIo,
     B: MessageBody,
     B::Error: Into<BoxError>,
 {
-    let mut body = pin!(body);
+    let mut exchange = Exchange::new(io);
+    async move {
+        let mut body = pin!(body);
 
-    let orig_length = body.size();
-    let mut length = orig_length;
-    let mut first_chunk = None;
+        let orig_length = body.size();
+        let mut length = orig_length;
+        let mut first_chunk = None;
 
-    // This avoids sending `Transfer-Encoding: chunked` for requests with an empty body stream.
-    // https://github.com/actix/actix-web/issues/2320
-    if matches!(orig_length, BodySize::Stream) {
-        enum Peek<E> {
-            Pending,
-            Item(Result<Bytes, E>),
-            Eof,
-        }
+        // This avoids sending `Transfer-Encoding: chunked` for requests with an empty body stream.
+        // https://github.com/actix/actix-web/issues/2320
+        if matches!(orig_length, BodySize::Stream) {
+            enum Peek<E> {
+                Pending,
+                Item(Result<Bytes, E>),
+                Eof,
+            }
 
-        match poll_fn(|cx| match body.as_mut().poll_next(cx) {
-            Poll::Pending => Poll::Ready(Peek::Pending),
-            Poll::Ready(Some(res)) => Poll::Ready(Peek::Item(res)),
-            Poll::Ready(None) => Poll::Ready(Peek::Eof),
-        })
-        .await
-        {
-            Peek::Pending => {}
-            Peek::Eof => length = BodySize::Sized(0),
-            Peek::Item(Ok(chunk)) => first_chunk = Some(chunk),
-            Peek::Item(Err(err)) => return Err(SendRequestError::Body(err.into())),
-        }
-    }
-
-    // set request host header
-    if !head.has_header(&HOST) {
-        if let Some(host) = head.as_ref().uri.host() {
-            let mut wrt = BytesMut::with_capacity(host.len() + 5).writer();
-
-            match head.as_ref().uri.port_u16() {
-                None | Some(80) | Some(443) => write!(wrt, "{}", host)?,
-                Some(port) => write!(wrt, "{}:{}", host, port)?,
-            };
-
-            match wrt.get_mut().split().freeze().try_into_value() {
-                Ok(value) => match head {
-                    RequestHeadType::Owned(ref mut head) => {
-                        head.headers.insert(HOST, value);
-                    }
-                    RequestHeadType::Rc(_, ref mut extra_headers) => {
-                        let headers = extra_headers.get_or_insert(HeaderMap::new());
-                        headers.insert(HOST, value);
-                    }
-                    // A forwarded head carries the Host its proxy chose.
-                    RequestHeadType::Forward(_) => {}
-                },
-                Err(err) => log::error!("Can not set HOST header {err}"),
+            match poll_fn(|cx| match body.as_mut().poll_next(cx) {
+                Poll::Pending => Poll::Ready(Peek::Pending),
+                Poll::Ready(Some(res)) => Poll::Ready(Peek::Item(res)),
+                Poll::Ready(None) => Poll::Ready(Peek::Eof),
+            })
+            .await
+            {
+                Peek::Pending => {}
+                Peek::Eof => length = BodySize::Sized(0),
+                Peek::Item(Ok(chunk)) => first_chunk = Some(chunk),
+                Peek::Item(Err(err)) => return Err(SendRequestError::Body(err.into())),
             }
         }
-    }
 
-    let mut exchange = Exchange::new(io);
+        // set request host header
+        if !head.has_header(&HOST) {
+            if let Some(host) = head.as_ref().uri.host() {
+                let mut wrt = BytesMut::with_capacity(host.len() + 5).writer();
 
-    // Check EXPECT header and enable expect handle flag accordingly.
-    // See https://datatracker.ietf.org/doc/html/rfc7231#section-5.1.1
-    let is_expect = if head.has_header(&EXPECT) {
-        match orig_length {
-            BodySize::None | BodySize::Sized(0) => {
+                match head.as_ref().uri.port_u16() {
+                    None | Some(80) | Some(443) => write!(wrt, "{}", host)?,
+                    Some(port) => write!(wrt, "{}:{}", host, port)?,
+                };
+
+                match wrt.get_mut().split().freeze().try_into_value() {
+                    Ok(value) => match head {
+                        RequestHeadType::Owned(ref mut head) => {
+                            head.headers.insert(HOST, value);
+                        }
+                        RequestHeadType::Rc(_, ref mut extra_headers) => {
+                            let headers = extra_headers.get_or_insert(HeaderMap::new());
+                            headers.insert(HOST, value);
+                        }
+                        // A forwarded head carries the Host its proxy chose.
+                        RequestHeadType::Forward(_) => {}
+                    },
+                    Err(err) => log::error!("Can not set HOST header {err}"),
+                }
+            }
+        }
+
+        // Check EXPECT header and enable expect handle flag accordingly.
+        // See https://datatracker.ietf.org/doc/html/rfc7231#section-5.1.1
+        let is_expect = if head.has_header(&EXPECT) {
+            match orig_length {
+                BodySize::None | BodySize::Sized(0) => {
+                    let keep_alive = exchange.codec.keep_alive();
+                    exchange.io.on_release(keep_alive);
+
+                    // TODO: use a new variant or a new type better describing error violate
+                    // `Requirements for clients` session of above RFC
+                    return Err(SendRequestError::Connect(ConnectError::Disconnected));
+                }
+                _ => true,
+            }
+        } else {
+            false
+        };
+
+        // special handle for EXPECT request.
+        let (do_send, mut res_head) = if is_expect {
+            exchange.write(h1::Message::Item((head, length)))?;
+            poll_fn(|cx| exchange.poll_flush(cx)).await?;
+
+            let head = exchange.read_response_head(true).await?;
+
+            // return response head in case status code is not continue
+            // and current head would be used as final response head.
+            (head.status == StatusCode::CONTINUE, Some(head))
+        } else {
+            exchange.write(h1::Message::Item((head, length)))?;
+
+            (true, None)
+        };
+
+        if do_send {
+            // send request body
+            match length {
+                BodySize::None | BodySize::Sized(0) => {
+                    poll_fn(|cx| exchange.poll_flush(cx)).await?;
+                }
+                _ => send_body(body.as_mut(), &mut exchange, first_chunk).await?,
+            };
+
+            // read response and init read body
+            let head = exchange.read_response_head(false).await?;
+
+            res_head = Some(head);
+        }
+
+        let head = res_head.unwrap();
+
+        match exchange.codec.message_type() {
+            h1::MessageType::None => {
                 let keep_alive = exchange.codec.keep_alive();
                 exchange.io.on_release(keep_alive);
 
-                // TODO: use a new variant or a new type better describing error violate
-                // `Requirements for clients` session of above RFC
-                return Err(SendRequestError::Connect(ConnectError::Disconnected));
+                Ok((head, Payload::None))
             }
-            _ => true,
+            _ => Ok((
+                head,
+                Payload::Stream {
+                    payload: Box::pin(PlStream::new(exchange)) as BoxedPayloadStream,
+                },
+            )),
         }
-    } else {
-        false
-    };
-
-    // special handle for EXPECT request.
-    let (do_send, mut res_head) = if is_expect {
-        exchange.write(h1::Message::Item((head, length)))?;
-        poll_fn(|cx| exchange.poll_flush(cx)).await?;
-
-        let head = exchange.read_response_head(true).await?;
-
-        // return response head in case status code is not continue
-        // and current head would be used as final response head.
-        (head.status == StatusCode::CONTINUE, Some(head))
-    } else {
-        exchange.write(h1::Message::Item((head, length)))?;
-
-        (true, None)
-    };
-
-    if do_send {
-        // send request body
-        match length {
-            BodySize::None | BodySize::Sized(0) => {
-                poll_fn(|cx| exchange.poll_flush(cx)).await?;
-            }
-            _ => send_body(body.as_mut(), &mut exchange, first_chunk).await?,
-        };
-
-        // read response and init read body
-        let head = exchange.read_response_head(false).await?;
-
-        res_head = Some(head);
-    }
-
-    let head = res_head.unwrap();
-
-    match exchange.codec.message_type() {
-        h1::MessageType::None => {
-            let keep_alive = exchange.codec.keep_alive();
-            exchange.io.on_release(keep_alive);
-
-            Ok((head, Payload::None))
-        }
-        _ => Ok((
-            head,
-            Payload::Stream {
-                payload: Box::pin(PlStream::new(exchange)),
-            },
-        )),
     }
 }
 
