@@ -41,19 +41,20 @@ pub enum Stalled {
     Upload,
 }
 
-/// Waits for the response head, or `Err` past `limit`. The limit counts from the start, or
+/// Waits for the response head, or `Err` past `limit`. The limit counts from `sent`, or
 /// from the last request-body chunk sent, whichever is later: an upload that keeps flowing
 /// is never cut, one that pauses longer than the limit is (nginx's `proxy_send_timeout`),
 /// and then it is the client's stall, not the server's.
 /// The deadline is one of the worker's kept timers.
 pub async fn head_within<F: std::future::Future>(
     sending: F,
+    sent: Instant,
     limit: Duration,
     body: Option<&BodyState>,
     timers: &Timers,
 ) -> Result<F::Output, Stalled> {
     let mut sending = std::pin::pin!(sending);
-    let mut from = Instant::now();
+    let mut from = sent;
     let mut timer = timers.at(tokio::time::Instant::from_std(from + limit));
     std::future::poll_fn(|cx| loop {
         if let Poll::Ready(out) = sending.as_mut().poll(cx) {

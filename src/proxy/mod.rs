@@ -268,7 +268,10 @@ pub(crate) async fn forward(
             .await
             .map(|reply| (reply, payload, upgrade))
     };
-    let head_at = started.elapsed();
+    let head_at = match &outcome {
+        Ok((reply, ..)) => reply.at.saturating_duration_since(started),
+        Err(_) => started.elapsed(),
+    };
     worker.sink.head_times.observe(head_at);
 
     // Phase **log** is the record, finished when the answer's body has been sent.
@@ -381,6 +384,8 @@ struct Reply {
     /// Boxed: rare, and held inline it would add its 152 bytes to every move of a reply.
     switched: Option<Box<Framed<BoxedSocket, ClientCodec>>>,
     lease: Lease,
+    /// When the head came.
+    at: Instant,
 }
 
 /// Phases pick (a server of the pool, from this worker's balancer) and rewrite (the
@@ -463,6 +468,7 @@ async fn send(
             // request's future (every level above this one) larger by twice that.
             Box::pin(head_within(
                 creq.send_upgrade(),
+                sent,
                 pool.timeout,
                 None,
                 &worker.timers,
@@ -489,7 +495,7 @@ async fn send(
                 // No body at all (not an empty one): no Content-Length: 0 on a GET.
                 (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
             };
-            head_within(sending, pool.timeout, body.as_deref(), &worker.timers)
+            head_within(sending, sent, pool.timeout, body.as_deref(), &worker.timers)
                 .await
                 .map(|r| r.map(|res| (res, None)))
         };
@@ -502,11 +508,16 @@ async fn send(
                 return Err((ProxyError::GatewayTimeout, last));
             }
             Ok(Ok((response, switched))) => {
-                lease.answered(response.status().as_u16(), sent.elapsed());
+                let at = Instant::now();
+                lease.answered(
+                    response.status().as_u16(),
+                    at.saturating_duration_since(sent),
+                );
                 return Ok(Reply {
                     response,
                     switched,
                     lease,
+                    at,
                 });
             }
             Ok(Err(e)) => e,
