@@ -11,18 +11,23 @@ pub fn push_ip(out: &mut Vec<u8>, ip: IpAddr) {
         let _ = write!(out, "{ip}");
         return;
     };
-    for (i, octet) in v4.octets().into_iter().enumerate() {
-        if i > 0 {
-            out.push(b'.');
-        }
+    // Made on the stack and copied once: a push per digit checked the room each time.
+    let mut text = [b'.'; 15];
+    let mut n = 0;
+    for octet in v4.octets() {
         if octet >= 100 {
-            out.push(b'0' + octet / 100);
+            text[n] = b'0' + octet / 100;
+            n += 1;
         }
         if octet >= 10 {
-            out.push(b'0' + octet / 10 % 10);
+            text[n] = b'0' + octet / 10 % 10;
+            n += 1;
         }
-        out.push(b'0' + octet % 10);
+        text[n] = b'0' + octet % 10;
+        // Past the last octet this skips the dot the text ends before.
+        n += 2;
     }
+    out.extend_from_slice(&text[..n - 1]);
 }
 
 /// Writes `n` in decimal.

@@ -42,7 +42,8 @@ fn combined(l: &Line, out: &mut Vec<u8>) {
     out.extend_from_slice(b"] \"");
     match &l.request {
         Some((method, uri, version)) => {
-            escaped(method.as_str().as_bytes(), out);
+            // A method is a token (`http::Method` takes nothing else): nothing to escape.
+            out.extend_from_slice(method.as_str().as_bytes());
             out.push(b' ');
             // The target as nginx's `$request` shows it: path and query (an HTTP/2
             // request's `:authority` and scheme are not part of it).
@@ -53,7 +54,7 @@ fn combined(l: &Line, out: &mut Vec<u8>) {
         None => out.push(b'-'),
     }
     out.extend_from_slice(b"\" ");
-    push_u64(out, u64::from(l.status));
+    status(l.status, out);
     out.push(b' ');
     push_u64(out, l.bytes);
     out.push(b' ');
@@ -193,17 +194,37 @@ fn plain_run(bytes: &[u8]) -> usize {
     at + bytes[at..].iter().take_while(|&&b| is_plain(b)).count()
 }
 
+/// A status: three digits (any other number as it is).
+fn status(status: u16, out: &mut Vec<u8>) {
+    if (100..1000).contains(&status) {
+        out.extend_from_slice(&[
+            b'0' + (status / 100) as u8,
+            b'0' + (status / 10 % 10) as u8,
+            b'0' + (status % 10) as u8,
+        ]);
+    } else {
+        push_u64(out, u64::from(status));
+    }
+}
+
 /// Seconds with millisecond resolution, as nginx's `$request_time`.
 fn seconds(d: Duration, out: &mut Vec<u8>) {
     let ms = d.as_millis() as u64;
-    push_u64(out, ms / 1000);
-    let ms = (ms % 1000) as u16;
-    out.extend_from_slice(&[
+    let (secs, ms) = (ms / 1000, (ms % 1000) as u16);
+    let fraction = [
         b'.',
         b'0' + (ms / 100) as u8,
         b'0' + (ms / 10 % 10) as u8,
         b'0' + (ms % 10) as u8,
-    ]);
+    ];
+    // Nearly always under ten seconds: one copy of a fixed size.
+    if secs < 10 {
+        let [dot, a, b, c] = fraction;
+        out.extend_from_slice(&[b'0' + secs as u8, dot, a, b, c]);
+    } else {
+        push_u64(out, secs);
+        out.extend_from_slice(&fraction);
+    }
 }
 
 /// A request's protocol as the request line names it (`Version`'s `Debug`, without the
@@ -377,11 +398,16 @@ mod tests {
 
     #[test]
     fn times_and_protocols_read_as_the_formatter_wrote_them() {
-        for ms in [0, 7, 999, 1_000, 1_234, 61_005] {
+        for ms in [0, 7, 999, 1_000, 1_234, 9_999, 10_000, 61_005, 86_400_123] {
             let mut out = Vec::new();
             seconds(Duration::from_millis(ms), &mut out);
             let want = format!("{}.{:03}", ms / 1000, ms % 1000);
             assert_eq!(String::from_utf8(out).unwrap(), want);
+        }
+        for code in [0, 7, 99, 100, 200, 404, 499, 999, 1000, u16::MAX] {
+            let mut out = Vec::new();
+            status(code, &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), code.to_string());
         }
         for v in [
             Version::HTTP_09,
