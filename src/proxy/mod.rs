@@ -451,8 +451,8 @@ async fn send(
         last = Some(upstream.clone());
 
         // Phase **rewrite**: the client's head, forwarded (forward.rs).
-        // Boxed at once (awc takes it boxed): not held inline across the send's awaits.
-        let head = Box::new(UpstreamHead::new(req, &upstream, &rewrite));
+        // Boxed (awc takes it boxed): not held inline across the send's awaits.
+        let head = UpstreamHead::new(req, &upstream, &rewrite);
         let sent = Instant::now();
         let result = if let Some(protocol) = to.upgrade {
             // An upgrade goes through awc's own request (its tunnel takes a head of its own).
