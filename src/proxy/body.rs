@@ -88,7 +88,7 @@ pub fn respond(
     let mut built = HttpResponse::new(status);
     // The server's headers (their table) become the answer's, less what does not cross;
     // actix writes the framing headers from the body's size, never from these.
-    let length = move_end_to_end(res.head_mut(), built.head_mut())
+    let length = move_end_to_end(res.headers_mut(), built.headers_mut())
         .and_then(|v| v.to_str().ok().and_then(|v| v.parse::<u64>().ok()));
 
     // No body can follow. A HEAD answer keeps the upstream's length (actix writes the size

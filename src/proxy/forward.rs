@@ -190,11 +190,6 @@ impl ForwardedHead for UpstreamHead {
         self.own.iter().any(|(n, _)| n == name)
             || (self.req.headers().contains_key(name) && self.forwards(name))
     }
-
-    /// The answer's end-to-end fields are passed on as the bytes they came as.
-    fn response_fields_in_map(&self) -> Option<fn(&[u8]) -> bool> {
-        Some(super::headers::stays_in_map)
-    }
 }
 
 /// `X-Forwarded-For`: the peer, after what a trusted peer's own `X-Forwarded-For` says.

@@ -5,7 +5,6 @@
 
 use std::net::IpAddr;
 
-use actix_http::ResponseHead;
 use actix_web::{
     http::{
         header::{self, HeaderMap, HeaderName, HeaderValue},
@@ -127,60 +126,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// client's), leaving out what [`strip_hop_by_hop`] drops and `Content-Length`, whose value
 /// is returned (actix writes the framing headers from the body's size). Names and values
 /// are moved, not copied; into an empty `to` the server's table itself moves, which the
-/// vendored decoder made with room for the few headers roundabout adds. The fields the
-/// decoder kept as wire bytes ([`stays_in_map`] says which it did not) are copied as
-/// they are, less any the server's `Connection` names.
-pub fn move_end_to_end(from: &mut ResponseHead, to: &mut ResponseHead) -> Option<HeaderValue> {
-    let named = connection_named(&from.headers);
-    let length = from.headers.get(header::CONTENT_LENGTH).cloned();
-    to.headers.move_from(&mut from.headers, |name| {
+/// vendored decoder made with room for the few headers roundabout adds.
+pub fn move_end_to_end(from: &mut HeaderMap, to: &mut HeaderMap) -> Option<HeaderValue> {
+    let named = connection_named(from);
+    let length = from.get(header::CONTENT_LENGTH).cloned();
+    to.move_from(from, |name| {
         *name != header::CONTENT_LENGTH && !is_hop_by_hop(name) && !named.contains(name)
     });
-    let raw = from.raw_fields_mut();
-    if !raw.is_empty() {
-        let out = to.raw_fields_mut();
-        if named.is_empty() {
-            out.extend_from_slice(raw);
-        } else {
-            for line in raw.split_inclusive(|&b| b == b'\n') {
-                let name = line.split(|&b| b == b':').next().unwrap_or_default();
-                if !named
-                    .iter()
-                    .any(|n| n.as_str().as_bytes().eq_ignore_ascii_case(name))
-                {
-                    out.extend_from_slice(line);
-                }
-            }
-        }
-        raw.clear();
-    }
     length
-}
-
-/// Which fields of a server's answer the vendored decoder puts in the answer's map, given
-/// each name as sent; the rest it keeps as wire bytes, passed on as they came
-/// (`ForwardedHead::response_fields_in_map`): no name made, no value, no map entry, ~0.2k
-/// instructions a field. In the map: what never crosses ([`HOP_BY_HOP`]), `Date` (actix
-/// writes its own when the map has none) and roundabout's own fields, which replace the
-/// server's ([`own_fields`](super::own_fields::own_fields)). The decoder keeps the
-/// framing fields (`Content-Length` and the rest) in the map whatever this says.
-pub fn stays_in_map(name: &[u8]) -> bool {
-    let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-    match name.len() {
-        2 => is("te"),
-        4 => is("date"),
-        6 => is("expect"),
-        7 => is("trailer") || is("upgrade"),
-        9 => is("ratelimit"),
-        10 => is("connection") || is("keep-alive"),
-        12 => is("x-request-id"),
-        16 => is("proxy-connection") || is("ratelimit-policy"),
-        17 => is("transfer-encoding") || is("x-ratelimit-limit") || is("x-ratelimit-reset"),
-        18 => is("proxy-authenticate"),
-        19 => is("proxy-authorization"),
-        21 => is("x-ratelimit-remaining"),
-        _ => false,
-    }
 }
 
 /// The header fields a message's `Connection` names (RFC 9110 §7.6.1): hop-by-hop too.
@@ -296,8 +249,6 @@ pub fn hash_key(req: &HttpRequest, on: &HashOn, client: Option<IpAddr>) -> Optio
 
 #[cfg(test)]
 mod tests {
-    use actix_web::http::StatusCode;
-
     use super::*;
 
     fn headers(xff: &[&str]) -> HeaderMap {
@@ -396,24 +347,15 @@ mod tests {
 
     #[test]
     fn moving_end_to_end_headers_drops_what_stripping_drops_and_keeps_repeats() {
-        let mut from = ResponseHead::new(StatusCode::OK);
-        from.headers = with_hop_by_hop();
-        from.headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
-        from.headers
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        // As the decoder keeps them: the one `Connection` names is dropped here too.
-        from.raw_fields_mut()
-            .extend_from_slice(b"Etag: \"x\"\r\nX-SECRET: 2\r\nVary: a\r\n");
-        let mut to = ResponseHead::new(StatusCode::OK);
-        to.headers
-            .insert(header::SERVER, HeaderValue::from_static("kept"));
+        let mut from = with_hop_by_hop();
+        from.insert(header::CONTENT_LENGTH, HeaderValue::from_static("12"));
+        from.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let mut to = HeaderMap::with_capacity(12);
+        to.insert(header::SERVER, HeaderValue::from_static("kept"));
         let length = move_end_to_end(&mut from, &mut to);
         assert_eq!(length.unwrap(), "12");
-        assert!(from.headers.is_empty() && from.raw_fields().is_empty());
-        assert_eq!(to.raw_fields(), b"Etag: \"x\"\r\nVary: a\r\n");
+        assert!(from.is_empty());
         let mut all: Vec<(&str, &str)> = to
-            .headers
             .iter()
             .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
             .collect();
@@ -427,37 +369,6 @@ mod tests {
                 ("set-cookie", "b=2"),
             ]
         );
-    }
-
-    #[test]
-    fn what_never_crosses_date_and_own_fields_stay_in_the_map_whatever_their_case() {
-        let own = [
-            "x-request-id",
-            "x-ratelimit-limit",
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-            "ratelimit-policy",
-            "ratelimit",
-        ];
-        for name in HOP_BY_HOP
-            .iter()
-            .map(HeaderName::as_str)
-            .chain(own)
-            .chain(["date"])
-        {
-            assert!(stays_in_map(name.as_bytes()), "{name}");
-            assert!(stays_in_map(name.to_uppercase().as_bytes()), "{name}");
-        }
-        for name in [
-            "content-type",
-            "server",
-            "set-cookie",
-            "datf",
-            "x-request-ie",
-            "etag",
-        ] {
-            assert!(!stays_in_map(name.as_bytes()), "{name}");
-        }
     }
 
     #[test]

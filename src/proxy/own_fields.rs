@@ -32,9 +32,8 @@ pub struct LimitFields<'a> {
 /// written as wire bytes after the map's fields (the vendored actix-http's
 /// `ResponseHead::raw_fields_mut`, which HTTP/2 reads back into fields): no name is hashed
 /// and no value made, where inserting six fields into the map cost ~2k instructions a
-/// request. The server's end-to-end fields may be wire bytes too (`headers::stays_in_map`).
-/// A route whose response rules name a field gets the fields of that name in the map,
-/// where the rules see them; then the rules apply.
+/// request. A route whose response rules name one of them gets them in the map, where
+/// the rules see them; then the rules apply.
 pub fn own_fields(
     res: &mut HttpResponse,
     request_id: &HeaderValue,
@@ -52,6 +51,7 @@ pub fn own_fields(
         }
     }
     let out = res.head_mut().raw_fields_mut();
+    let start = out.len();
     field(out, b"x-request-id: ", request_id.as_bytes());
     if let Some(LimitFields {
         decision: d,
@@ -90,26 +90,12 @@ pub fn own_fields(
     let Some(rules) = rules else {
         return;
     };
-    // The fields the rules name, ours and the server's passed as wire bytes, into the map
-    // where the rules see them (none of ours is in the map: each replaced the server's).
-    let named = |name: &[u8]| {
-        let is = |n: &HeaderName| n.as_str().as_bytes().eq_ignore_ascii_case(name);
-        rules.remove.iter().any(is) || rules.set.iter().any(|(n, _)| is(n))
-    };
-    if !rules.remove.is_empty() || !rules.set.is_empty() {
-        let raw = std::mem::take(res.head_mut().raw_fields_mut());
-        let mut kept = Vec::with_capacity(raw.len());
-        for line in raw.split_inclusive(|&b| b == b'\n') {
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            if named(name) {
-                for (name, value) in ResponseHead::fields_of(line) {
-                    res.headers_mut().append(name, value);
-                }
-            } else {
-                kept.extend_from_slice(line);
-            }
+    let names_ours = |n: &HeaderName| is_own_field(n, limited);
+    if rules.remove.iter().any(names_ours) || rules.set.iter().any(|(n, _)| names_ours(n)) {
+        let raw = out.split_off(start);
+        for (name, value) in ResponseHead::fields_of(&raw) {
+            res.headers_mut().insert(name, value);
         }
-        *res.head_mut().raw_fields_mut() = kept;
     }
     rules.apply(res.headers_mut());
 }
@@ -142,7 +128,6 @@ mod tests {
     use actix_web::http::header;
 
     use super::*;
-    use crate::proxy::headers::stays_in_map;
 
     fn wire(res: &HttpResponse) -> String {
         String::from_utf8(res.head().raw_fields().to_vec()).unwrap()
@@ -270,8 +255,6 @@ mod tests {
         ] {
             assert!(is_own_field(name, true), "{name}");
             assert_eq!(is_own_field(name, false), *name == X_REQUEST_ID, "{name}");
-            // The decoder keeps a server's field of this name in the map, where it is removed.
-            assert!(stays_in_map(name.as_str().as_bytes()), "{name}");
         }
         for name in ["x-request-ie", "ratelimiu", "x-ratelimit-limiu", "server"] {
             let name = HeaderName::from_bytes(name.as_bytes()).unwrap();

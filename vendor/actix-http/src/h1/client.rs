@@ -67,15 +67,6 @@ impl fmt::Debug for ClientCodec {
 }
 
 impl ClientCodec {
-    /// From now on, a response's fields that `in_map` does not claim are kept as wire bytes
-    /// in its head ([`ResponseHead::raw_fields`]), not made into names and values in its
-    /// map (roundabout patch: a proxy passes them on as they came). The fields the decoder
-    /// reads for the framing (`Content-Length`, `Transfer-Encoding`, `Connection`,
-    /// `Upgrade`) are always in the map.
-    pub fn set_raw_fields(&mut self, in_map: fn(&[u8]) -> bool) {
-        self.inner.decoder.set_raw_fields(in_map);
-    }
-
     /// Create HTTP/1 codec.
     ///
     /// `keepalive_enabled` how response `connection` header get generated.

@@ -16,11 +16,7 @@ pub(crate) const MAX_BUFFER_SIZE: usize = 131_072;
 const MAX_HEADERS: usize = 96;
 
 /// Incoming message decoder
-pub(crate) struct MessageDecoder<T: MessageType>(PhantomData<T>, Option<FieldsInMap>);
-
-/// Which of a response's fields go into its header map when the rest are kept as wire
-/// bytes (roundabout patch; [`ClientCodec::set_raw_fields`](super::ClientCodec::set_raw_fields)).
-pub type FieldsInMap = fn(&[u8]) -> bool;
+pub(crate) struct MessageDecoder<T: MessageType>(PhantomData<T>);
 
 #[derive(Debug)]
 /// Incoming request type
@@ -32,15 +28,7 @@ pub(crate) enum PayloadType {
 
 impl<T: MessageType> Default for MessageDecoder<T> {
     fn default() -> Self {
-        MessageDecoder(PhantomData, None)
-    }
-}
-
-impl<T: MessageType> MessageDecoder<T> {
-    /// From now on, fields `in_map` does not claim (nor the decoder, for the framing) are
-    /// kept as wire bytes.
-    pub(crate) fn set_raw_fields(&mut self, in_map: FieldsInMap) {
-        self.1 = Some(in_map);
+        MessageDecoder(PhantomData)
     }
 }
 
@@ -49,10 +37,7 @@ impl<T: MessageType> Decoder for MessageDecoder<T> {
     type Error = ParseError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
-        match self.1 {
-            None => T::decode(src),
-            Some(in_map) => T::decode_raw(src, in_map),
-        }
+        T::decode(src)
     }
 }
 
@@ -92,27 +77,11 @@ pub(crate) trait MessageType: Sized {
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError>;
 
-    /// [`decode`](Self::decode), the fields `in_map` does not claim kept as wire bytes
-    /// where the head has room for them (a response head's `raw_fields`).
-    fn decode_raw(
-        src: &mut BytesMut,
-        in_map: FieldsInMap,
-    ) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        let _ = in_map;
-        Self::decode(src)
-    }
-
-    /// The header map, and where fields kept as wire bytes go, if the head has such a place.
-    fn fields_mut(&mut self) -> (&mut HeaderMap, Option<&mut Vec<u8>>) {
-        (self.headers_mut(), None)
-    }
-
     fn set_headers(
         &mut self,
         slice: &Bytes,
         raw_headers: &[HeaderIndex],
         version: Version,
-        in_map: Option<FieldsInMap>,
     ) -> Result<PayloadLength, ParseError> {
         let mut ka = None;
         let mut has_upgrade_websocket = false;
@@ -124,32 +93,13 @@ pub(crate) trait MessageType: Sized {
         let mut content_length = None;
 
         {
-            let (headers, mut raw) = self.fields_mut();
-            if in_map.is_none() {
-                raw = None;
-            }
+            let headers = self.headers_mut();
             // Room for this head's headers at once: a new request head starts without any
             // (see `RequestHead::default`), and a pooled one keeps what earlier heads needed.
             headers.reserve(raw_headers.len() + Self::SPARE_HEADERS);
 
             for idx in raw_headers.iter() {
-                let name = &slice[idx.name.0..idx.name.1];
-                // A field kept as wire bytes: no name made, no value, no map entry. Those
-                // read below for the framing always go to the map.
-                if let (Some(out), Some(in_map)) = (raw.as_deref_mut(), in_map) {
-                    if !read_for_framing(name) && !in_map(name) {
-                        if out.capacity() == 0 {
-                            // At most the whole head: one allocation.
-                            out.reserve(slice.len());
-                        }
-                        out.extend_from_slice(name);
-                        out.extend_from_slice(b": ");
-                        out.extend_from_slice(&slice[idx.value.0..idx.value.1]);
-                        out.extend_from_slice(b"\r\n");
-                        continue;
-                    }
-                }
-                let name = HeaderName::from_bytes(name).unwrap();
+                let name = HeaderName::from_bytes(&slice[idx.name.0..idx.name.1]).unwrap();
 
                 // SAFETY: httparse already checks header value is only visible ASCII bytes
                 // from_maybe_shared_unchecked contains debug assertions so they are omitted here
@@ -313,18 +263,6 @@ pub(crate) trait MessageType: Sized {
     }
 }
 
-/// The fields a decoder reads for a message's framing and connection: always in the map.
-fn read_for_framing(name: &[u8]) -> bool {
-    let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
-    match name.len() {
-        7 => is(b"upgrade"),
-        10 => is(b"connection"),
-        14 => is(b"content-length"),
-        17 => is(b"transfer-encoding"),
-        _ => false,
-    }
-}
-
 impl MessageType for Request {
     fn set_connection_type(&mut self, conn_type: Option<ConnectionType>) {
         if let Some(ctype) = conn_type {
@@ -388,8 +326,7 @@ impl MessageType for Request {
         let mut msg = Request::new();
 
         // convert headers
-        let mut length =
-            msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver, None)?;
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // disallow HTTP/1.1 requests that do not contain a Host header
         // see https://datatracker.ietf.org/doc/html/rfc9112#section-3.2
@@ -479,28 +416,7 @@ impl MessageType for ResponseHead {
         &mut self.headers
     }
 
-    fn fields_mut(&mut self) -> (&mut HeaderMap, Option<&mut Vec<u8>>) {
-        let (headers, raw) = self.headers_and_raw_fields_mut();
-        (headers, Some(raw))
-    }
-
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        Self::decode_fields(src, None)
-    }
-
-    fn decode_raw(
-        src: &mut BytesMut,
-        in_map: FieldsInMap,
-    ) -> Result<Option<(Self, PayloadType)>, ParseError> {
-        Self::decode_fields(src, Some(in_map))
-    }
-}
-
-impl ResponseHead {
-    fn decode_fields(
-        src: &mut BytesMut,
-        in_map: Option<FieldsInMap>,
-    ) -> Result<Option<(Self, PayloadType)>, ParseError> {
         // Not zeroed: only the entries of the headers parsed are written, then read (3 KiB
         // zeroed per call adds up: a decoder is asked again while a head is partial, and once
         // more after each one).
@@ -551,8 +467,7 @@ impl ResponseHead {
         msg.version = ver;
 
         // convert headers
-        let mut length =
-            msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver, in_map)?;
+        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
         // Protects against some request smuggling attacks.
@@ -1359,43 +1274,6 @@ mod tests {
             );
         }
         assert_eq!(msg.headers().capacity(), room, "it did not grow");
-    }
-
-    #[test]
-    fn fields_not_claimed_for_the_map_are_kept_as_the_wire_bytes_they_came_as() {
-        // roundabout patch (VENDORED.md): a proxy passes them on as they came.
-        fn in_map(name: &[u8]) -> bool {
-            name.eq_ignore_ascii_case(b"date")
-        }
-        let mut reader = MessageDecoder::<ResponseHead>::default();
-        reader.set_raw_fields(in_map);
-        let mut buf = BytesMut::from(
-            "HTTP/1.1 200 OK\r\nServer: y\r\nTransfer-Encoding: chunked\r\nDATE: x\r\n\
-             Connection: keep-alive\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n\
-             3\r\nabc\r\n0\r\n\r\n",
-        );
-        let (msg, pl) = reader.decode(&mut buf).unwrap().unwrap();
-        assert_eq!(
-            msg.raw_fields(),
-            b"Server: y\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
-        );
-        let mut names: Vec<&str> = msg.headers().keys().map(|n| n.as_str()).collect();
-        names.sort();
-        assert_eq!(names, ["connection", "date", "transfer-encoding"]);
-        assert!(msg.keep_alive());
-        // The framing was read from the map's fields: the body is chunked.
-        let mut pl = pl.unwrap();
-        assert_eq!(&pl.decode(&mut buf).unwrap().unwrap().chunk()[..], b"abc");
-        assert!(pl.decode(&mut buf).unwrap().unwrap().eof());
-
-        // Without the mode, every field is in the map, as upstream has it.
-        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nServer: y\r\nContent-Length: 0\r\n\r\n");
-        let (msg, _) = MessageDecoder::<ResponseHead>::default()
-            .decode(&mut buf)
-            .unwrap()
-            .unwrap();
-        assert!(msg.raw_fields().is_empty());
-        assert_eq!(msg.headers().len(), 2);
     }
 
     #[test]

@@ -187,13 +187,6 @@ pub trait ForwardedHead {
 
     /// Whether a header named `name` is among those [`ForwardedHead::headers`] gives.
     fn has(&self, name: &HeaderName) -> bool;
-
-    /// Which fields of the answer go into its header map (given each name as sent); the
-    /// rest are kept as wire bytes in the head ([`crate::ResponseHead::raw_fields`]), for
-    /// a proxy that passes them on as they came. `None` (the default): all in the map.
-    fn response_fields_in_map(&self) -> Option<fn(&[u8]) -> bool> {
-        None
-    }
 }
 
 pub enum RequestHeadType {

@@ -96,11 +96,6 @@ impl ResponseHead {
         &mut self.raw_fields
     }
 
-    /// The header map and the fields kept as wire bytes, both at once (for the decoder).
-    pub(crate) fn headers_and_raw_fields_mut(&mut self) -> (&mut HeaderMap, &mut Vec<u8>) {
-        (&mut self.headers, &mut self.raw_fields)
-    }
-
     /// See [`raw_fields_mut`](Self::raw_fields_mut).
     #[inline]
     pub fn raw_fields(&self) -> &[u8] {

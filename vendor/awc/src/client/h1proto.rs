@@ -39,12 +39,6 @@ where
     B::Error: Into<BoxError>,
 {
     let mut exchange = Exchange::new(io);
-    // A forwarded head may want the answer's fields kept as wire bytes (roundabout patch).
-    if let RequestHeadType::Forward(fwd) = &head {
-        if let Some(in_map) = fwd.response_fields_in_map() {
-            exchange.codec.set_raw_fields(in_map);
-        }
-    }
     async move {
         let mut body = pin!(body);
 

@@ -72,12 +72,6 @@ impl<S> ClientResponse<S> {
         &mut self.head.headers
     }
 
-    /// The response head, to change or to take from (a proxy moves the fields kept as wire
-    /// bytes, `ResponseHead::raw_fields`, into its own answer).
-    pub fn head_mut(&mut self) -> &mut ResponseHead {
-        &mut self.head
-    }
-
     /// Map the current body type to another using a closure. Returns a new response.
     ///
     /// Closure receives the response head and the current body type.
