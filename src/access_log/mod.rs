@@ -67,14 +67,15 @@ pub struct Line {
 }
 
 impl Line {
-    /// A line of these fields, now, with nothing sent and nothing else known.
+    /// A line of these fields, at `time`, with nothing sent and nothing else known.
     pub fn bare(
+        time: SystemTime,
         client: Option<IpAddr>,
         request: Option<(Method, Uri, Version)>,
         status: u16,
     ) -> Line {
         Line {
-            time: SystemTime::now(),
+            time,
             client,
             request,
             status,
@@ -144,7 +145,7 @@ impl AccessLog {
         request_id: HeaderValue,
     ) {
         self.metrics.answered(None, status);
-        let mut line = Line::bare(client, None, status);
+        let mut line = Line::bare(SystemTime::now(), client, None, status);
         line.bytes = bytes;
         line.request_id = Some(request_id);
         self.write(line);
@@ -249,7 +250,7 @@ mod tests {
 
     fn line(path: &str) -> Line {
         let request = (Method::GET, path.parse().unwrap(), Version::HTTP_11);
-        Line::bare(None, Some(request), 200)
+        Line::bare(SystemTime::now(), None, Some(request), 200)
     }
 
     #[test]

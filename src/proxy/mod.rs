@@ -279,6 +279,8 @@ pub(crate) async fn forward(
     let pool = ctx.pool();
     let line = settings.access_log.then(|| {
         let mut line = Line::bare(
+            // Its time is when the exchange ends: `Record::finish` sets it.
+            std::time::UNIX_EPOCH,
             ctx.client_ip,
             Some((req.method().clone(), req.uri().clone(), req.version())),
             0,
