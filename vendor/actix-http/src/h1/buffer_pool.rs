@@ -119,16 +119,12 @@ pub(crate) fn give_if_empty(buf: &mut BytesMut) {
 /// request on each side there are none yet, and the whole `give` cost ~120 instructions.
 pub fn give_untouched(buf: &mut BytesMut) {
     debug_assert!(buf.is_empty());
-    let buf = mem::take(buf);
-    let _ = POOL.try_with(|pool| {
-        let mut pool = pool.borrow_mut();
-        pool.lent = pool.lent.saturating_sub(1);
-        if pool.free.len() < MAX_FREE {
-            pool.free.push(buf);
-        } else {
-            pool.released += 1;
-        }
-    });
+    if POOL
+        .try_with(|pool| put(&mut pool.borrow_mut(), buf, true))
+        .is_err()
+    {
+        *buf = BytesMut::new();
+    }
 }
 
 /// [`give`], taking the buffer out of `buf` (moved once, into the pool).
@@ -150,22 +146,25 @@ fn give_from(buf: &mut BytesMut) {
     }
     let keep = (MIN_KEPT..=MAX_KEPT).contains(&buf.capacity());
 
-    let kept = POOL
-        .try_with(|pool| {
-            let mut pool = pool.borrow_mut();
-            pool.lent = pool.lent.saturating_sub(1);
-            sweep(&mut pool);
-            if keep && pool.free.len() < MAX_FREE {
-                pool.free.push(mem::take(buf));
-                true
-            } else {
-                pool.released += 1;
-                false
-            }
-        })
-        .unwrap_or(false);
+    let given = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        sweep(&mut pool);
+        put(&mut pool, buf, keep);
+    });
+    if given.is_err() {
+        *buf = BytesMut::new();
+    }
+}
 
-    if !kept {
+/// A lent buffer back: into the free list if `keep` and there is room, else freed and
+/// counted as released. `buf` is left without capacity either way.
+#[inline(always)]
+fn put(pool: &mut Pool, buf: &mut BytesMut, keep: bool) {
+    pool.lent = pool.lent.saturating_sub(1);
+    if keep && pool.free.len() < MAX_FREE {
+        pool.free.push(mem::take(buf));
+    } else {
+        pool.released += 1;
         *buf = BytesMut::new();
     }
 }
