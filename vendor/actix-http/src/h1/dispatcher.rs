@@ -178,6 +178,10 @@ pin_project! {
         payload: Option<PayloadSender>,
         // true when current request uses chunked transfer encoding (drainable when payload is dropped)
         payload_drainable: bool,
+        // The service's future was polled by `handle_request` in this dispatcher poll and is
+        // pending: `poll_response` does not poll it again until something wakes the task
+        // (roundabout patch, VENDORED.md).
+        polled: bool,
         messages: VecDeque<DispatcherMessage>,
 
         head_timer: TimerState,
@@ -311,6 +315,7 @@ where
                     state: State::None,
                     payload: None,
                     payload_drainable: false,
+                    polled: false,
                     messages: VecDeque::new(),
 
                     head_timer: TimerState::new(config.client_request_deadline().is_some()),
@@ -751,7 +756,15 @@ where
                 },
 
                 StateProj::ServiceCall { fut } => {
-                    match fut.poll(cx) {
+                    // Just polled by `handle_request` and pending: its waker is registered,
+                    // and a second poll would only ask again (for a proxy, another look at a
+                    // socket the answer cannot have reached yet).
+                    let poll = if mem::take(this.polled) {
+                        Poll::Pending
+                    } else {
+                        fut.poll(cx)
+                    };
+                    match poll {
                         // service call resolved. send response.
                         Poll::Ready(Ok(res)) => {
                             let (res, body) = res.into().replace_body(());
@@ -987,7 +1000,10 @@ where
                         }
 
                         // see the comment on ExpectCall state branch's Pending
-                        Poll::Pending => Ok(()),
+                        Poll::Pending => {
+                            *self.project().polled = true;
+                            Ok(())
+                        }
 
                         // see the comment on ExpectCall state branch's Ready(Err(_))
                         Poll::Ready(Err(err)) => {
@@ -1489,6 +1505,8 @@ where
                     &inner.shutdown_timer,
                 );
 
+                // Whatever woke this poll may be what the service's future waits for.
+                *inner.as_mut().project().polled = false;
                 inner.as_mut().poll_graceful_shutdown(cx);
                 inner.as_mut().poll_timers(cx)?;
 

@@ -42,8 +42,9 @@ impl Service<Request> for YieldService {
 
     fn call(&self, _: Request) -> Self::Future {
         Box::pin(async {
-            // Yield twice because the dispatcher can poll the service twice per dispatcher's poll:
-            // once in `handle_request` and another in `poll_response`
+            // Yield twice: the service answers in the dispatcher's third poll. (Upstream's
+            // dispatcher polled it twice in the first, in `handle_request` and again in
+            // `poll_response`; this one polls a pending service once per poll.)
             tokio::task::yield_now().await;
             tokio::task::yield_now().await;
             Ok(Response::ok())
@@ -1428,8 +1429,12 @@ async fn allow_half_closed() {
     assert!(disptacher.as_mut().poll(&mut cx).is_pending());
     assert_eq!(disptacher.poll_count, 1);
 
+    // The service has yielded once: it is polled once per dispatcher poll.
+    assert!(disptacher.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(disptacher.poll_count, 2);
+
     assert!(disptacher.as_mut().poll(&mut cx).is_ready());
-    assert_eq!(disptacher.poll_count, 3);
+    assert_eq!(disptacher.poll_count, 4);
 
     let mut res = BytesMut::from(buf.take_write_buf().as_ref());
     stabilize_date_header(&mut res);
@@ -1596,4 +1601,50 @@ fn http_msg_creates_msg() {
         ),
         "GET / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
     );
+}
+
+/// A pending service is polled once per dispatcher poll: `handle_request` polls it as the
+/// request arrives, and `poll_response` does not poll it again in the same poll (roundabout
+/// patch, VENDORED.md). A later poll (something woke the task) polls it again.
+#[actix_rt::test]
+async fn pending_service_polled_once_per_poll() {
+    let polls = Rc::new(Cell::new(0));
+    let counted = polls.clone();
+    let service = fn_service(move |_: Request| {
+        let polls = counted.clone();
+        std::future::poll_fn(move |_| {
+            polls.set(polls.get() + 1);
+            if polls.get() < 3 {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok::<_, Error>(Response::ok()))
+            }
+        })
+    });
+
+    let buf = TestBuffer::new("GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let services = HttpFlow::new(service, ExpectHandler, None::<UpgradeHandler>);
+    let h1 = Dispatcher::new(
+        buf.clone(),
+        services,
+        ServiceConfig::default(),
+        None,
+        OnConnectData::default(),
+    );
+    let mut h1 = pin!(h1);
+
+    lazy(|cx| {
+        assert!(h1.as_mut().poll(cx).is_pending());
+        assert_eq!(polls.get(), 1, "polled twice in the poll that read the request");
+        assert!(buf.take_write_buf().is_empty());
+
+        assert!(h1.as_mut().poll(cx).is_pending());
+        assert_eq!(polls.get(), 2);
+
+        assert!(h1.as_mut().poll(cx).is_pending());
+        assert_eq!(polls.get(), 3);
+        let res = buf.take_write_buf();
+        assert!(res.starts_with(b"HTTP/1.1 200 OK\r\n"), "{res:?}");
+    })
+    .await;
 }
