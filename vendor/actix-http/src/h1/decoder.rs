@@ -3,7 +3,7 @@ use std::{io, marker::PhantomData, mem::MaybeUninit, task::Poll};
 use actix_codec::Decoder;
 use bytes::{Bytes, BytesMut};
 use http::{
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
     Method, StatusCode, Uri, Version,
 };
 use smallvec::SmallVec;
@@ -99,7 +99,7 @@ pub(crate) trait MessageType: Sized {
             headers.reserve(raw_headers.len() + Self::SPARE_HEADERS);
 
             for idx in raw_headers.iter() {
-                let name = HeaderName::from_bytes(&slice[idx.name.0..idx.name.1]).unwrap();
+                let name = super::names::header_name(&slice[idx.name.0..idx.name.1]).unwrap();
 
                 // SAFETY: httparse already checks header value is only visible ASCII bytes
                 // from_maybe_shared_unchecked contains debug assertions so they are omitted here
@@ -664,7 +664,10 @@ impl Decoder for PayloadDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{header::SET_COOKIE, HttpMessage as _};
+    use crate::{
+        header::{HeaderName, SET_COOKIE},
+        HttpMessage as _,
+    };
 
     impl PayloadType {
         pub(crate) fn unwrap(self) -> PayloadDecoder {

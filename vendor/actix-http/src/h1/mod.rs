@@ -10,6 +10,7 @@ mod decoder;
 mod dispatcher;
 mod encoder;
 mod expect;
+mod names;
 mod payload;
 mod refused;
 mod service;
