@@ -95,8 +95,9 @@ pub(crate) trait MessageType: Sized {
         {
             let headers = self.headers_mut();
             // Room for this head's headers at once: a new request head starts without any
-            // (see `RequestHead::default`), and a pooled one keeps what earlier heads needed.
-            headers.reserve(raw_headers.len() + Self::SPARE_HEADERS);
+            // (see `RequestHead::default`), and a pooled one keeps what earlier heads needed;
+            // a response head takes a spare table a proxied answer left (roundabout patch).
+            headers.reserve_pooled(raw_headers.len() + Self::SPARE_HEADERS);
 
             for idx in raw_headers.iter() {
                 let name = super::names::header_name(&slice[idx.name.0..idx.name.1]).unwrap();

@@ -1635,7 +1635,11 @@ async fn pending_service_polled_once_per_poll() {
 
     lazy(|cx| {
         assert!(h1.as_mut().poll(cx).is_pending());
-        assert_eq!(polls.get(), 1, "polled twice in the poll that read the request");
+        assert_eq!(
+            polls.get(),
+            1,
+            "polled twice in the poll that read the request"
+        );
         assert!(buf.take_write_buf().is_empty());
 
         assert!(h1.as_mut().poll(cx).is_pending());

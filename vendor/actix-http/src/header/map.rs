@@ -1,6 +1,6 @@
 //! A multi-value [`HeaderMap`] and its iterators.
 
-use std::{borrow::Cow, collections::hash_map, iter, ops};
+use std::{borrow::Cow, cell::RefCell, collections::hash_map, iter, mem, ops};
 
 use foldhash::{HashMap as FoldHashMap, HashMapExt as _};
 use http::header::{HeaderName, HeaderValue};
@@ -54,6 +54,19 @@ pub struct HeaderMap {
 /// `Set-Cookie` spills to the heap). Upstream kept four inline, which made every bucket of
 /// the map ~200 bytes, moved whole on each insert and rehash (VENDORED.md, "Cost").
 type Values = SmallVec<[HeaderValue; 1]>;
+
+/// Spare tables kept per thread, and the largest kept (the capacity of a 32-bucket table).
+const MAX_SPARE_TABLES: usize = 32;
+const MAX_SPARE_CAPACITY: usize = 28;
+
+thread_local! {
+    /// Empty tables left over by [`HeaderMap::move_from`], for the next decoded head to take
+    /// ([`HeaderMap::reserve_pooled`]; roundabout patch, VENDORED.md): a proxy's answer takes
+    /// the server's table and leaves its own, which was freed while the next answer from a
+    /// server allocated one.
+    static SPARE_TABLES: RefCell<Vec<FoldHashMap<HeaderName, Value>>> =
+        const { RefCell::new(Vec::new()) };
+}
 
 /// A bespoke non-empty list for HeaderMap values.
 #[derive(Debug, Clone)]
@@ -123,6 +136,17 @@ impl HeaderMap {
         HeaderMap {
             inner: FoldHashMap::with_capacity(capacity),
         }
+    }
+
+    /// Reserves room for `additional` more headers; a map without a table takes an empty one
+    /// this thread has spare (see [`move_from`](Self::move_from)) before it allocates.
+    pub(crate) fn reserve_pooled(&mut self, additional: usize) {
+        if self.inner.capacity() == 0 {
+            if let Ok(Some(table)) = SPARE_TABLES.try_with(|spares| spares.borrow_mut().pop()) {
+                self.inner = table;
+            }
+        }
+        self.inner.reserve(additional);
     }
 
     /// Create new `HeaderMap` from a `http::HeaderMap`-like drain.
@@ -660,8 +684,10 @@ impl HeaderMap {
         if self.inner.is_empty() {
             // Nothing to merge with: the maps trade tables, and what is not kept is dropped
             // in place; no name is hashed again and no bucket moves.
-            std::mem::swap(&mut self.inner, &mut from.inner);
+            mem::swap(&mut self.inner, &mut from.inner);
             self.inner.retain(|name, _| keep(name));
+            // `from` now holds this map's table, empty: a spare for the next decoded head.
+            give_spare(&mut from.inner);
             return;
         }
         for (name, value) in from.inner.drain() {
@@ -676,6 +702,21 @@ impl HeaderMap {
             }
         }
     }
+}
+
+/// Keeps `table`, empty, as one of this thread's spares if it is small and there is room,
+/// leaving `table` without one; else leaves it as it is.
+fn give_spare(table: &mut FoldHashMap<HeaderName, Value>) {
+    let capacity = table.capacity();
+    if capacity == 0 || capacity > MAX_SPARE_CAPACITY || !table.is_empty() {
+        return;
+    }
+    let _ = SPARE_TABLES.try_with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < MAX_SPARE_TABLES {
+            spares.push(mem::take(table));
+        }
+    });
 }
 
 /// Note that this implementation will clone a [HeaderName] for each value. Consider using
@@ -1293,6 +1334,41 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert!(!to.contains_key(header::CONNECTION));
         assert_eq!(to.get(header::CONTENT_TYPE).unwrap(), "text/plain");
+    }
+
+    #[test]
+    fn the_table_a_move_leaves_is_the_next_decoded_heads() {
+        // Each test has a thread, so its own spares.
+        let mut answer = HeaderMap::with_capacity(12);
+        let room = answer.capacity();
+        let mut server = HeaderMap::new();
+        server.reserve_pooled(3);
+        assert!(server.capacity() < room, "no spare yet: a table of its own size");
+        server.insert(header::DATE, HeaderValue::from_static("now"));
+
+        answer.move_from(&mut server, |_| true);
+        assert_eq!(server.capacity(), 0, "its table went to the spares");
+        assert_eq!(answer.get(header::DATE).unwrap(), "now");
+
+        let mut next = HeaderMap::new();
+        next.reserve_pooled(3);
+        assert_eq!(next.capacity(), room, "the answer's old table");
+        let mut after = HeaderMap::new();
+        after.reserve_pooled(3);
+        assert!(after.capacity() < room, "one spare, taken once");
+    }
+
+    #[test]
+    fn a_large_table_is_not_kept_as_a_spare() {
+        let mut answer = HeaderMap::with_capacity(200);
+        let mut server = HeaderMap::new();
+        server.insert(header::DATE, HeaderValue::from_static("now"));
+        answer.move_from(&mut server, |_| true);
+        assert!(server.capacity() > MAX_SPARE_CAPACITY, "left where it was");
+
+        let mut next = HeaderMap::new();
+        next.reserve_pooled(1);
+        assert!(next.capacity() <= MAX_SPARE_CAPACITY);
     }
 
     #[test]
