@@ -1343,7 +1343,10 @@ mod tests {
         let room = answer.capacity();
         let mut server = HeaderMap::new();
         server.reserve_pooled(3);
-        assert!(server.capacity() < room, "no spare yet: a table of its own size");
+        assert!(
+            server.capacity() < room,
+            "no spare yet: a table of its own size"
+        );
         server.insert(header::DATE, HeaderValue::from_static("now"));
 
         answer.move_from(&mut server, |_| true);
