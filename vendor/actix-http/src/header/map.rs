@@ -1,8 +1,15 @@
 //! A multi-value [`HeaderMap`] and its iterators.
 
-use std::{borrow::Cow, cell::RefCell, collections::hash_map, iter, mem, ops};
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    collections::hash_map,
+    fmt,
+    hash::{Hash as _, Hasher},
+    iter, mem, ops,
+};
 
-use foldhash::{HashMap as FoldHashMap, HashMapExt as _};
+use foldhash::{fast::FoldHasher, SharedSeed};
 use http::header::{HeaderName, HeaderValue};
 use smallvec::{smallvec, SmallVec};
 
@@ -45,9 +52,89 @@ use super::AsHeaderName;
 ///
 /// assert_eq!(headers.len(), 3);
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct HeaderMap {
-    pub(crate) inner: FoldHashMap<HeaderName, Value>,
+    pub(crate) inner: Table,
+    /// One bit per name in the map, by [`name_bit`] (and bits of names since removed, until
+    /// the map is emptied): a lookup of a name whose bit is clear is answered without hashing
+    /// it (roundabout patch, VENDORED.md). Most lookups a proxy makes are for names a message
+    /// does not have (`Connection`, `Upgrade`, `Transfer-Encoding`, `X-Request-Id`, ...).
+    present: u64,
+}
+
+impl fmt::Debug for HeaderMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeaderMap")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+/// A map's table: names hashed by foldhash, as upstream's, but seeded per process rather
+/// than per map (roundabout patch, VENDORED.md): a per-map seed is 8 bytes in every map,
+/// moved with every head that holds one.
+type Table = std::collections::HashMap<HeaderName, Value, ProcessSeed>;
+
+/// foldhash's process-wide random seed, with a fixed per-hasher one: an attacker still
+/// cannot know where names fall.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ProcessSeed;
+
+impl std::hash::BuildHasher for ProcessSeed {
+    type Hasher = FoldHasher<'static>;
+
+    #[inline(always)]
+    fn build_hasher(&self) -> FoldHasher<'static> {
+        FoldHasher::with_seed(0x243f_6a88_85a3_08d3, SharedSeed::global_random())
+    }
+}
+
+/// A name's bit in [`HeaderMap::present`]: a standard name's from its index among them, any
+/// other's from its length and last two bytes. (Read through `HeaderName`'s `Hash`, the one
+/// way to a standard name's index: `as_str` is a call and a jump table.)
+#[inline]
+fn name_bit(name: &HeaderName) -> u64 {
+    let mut bits = NameBits(0);
+    name.hash(&mut bits);
+    1 << (bits.0.wrapping_mul(0x94d0_49bb_1331_11eb) >> 58)
+}
+
+/// [`name_bit`]'s `Hasher`: `HeaderName` writes a standard name as two integers (its kind
+/// and index), another as its kind and its bytes.
+struct NameBits(u64);
+
+impl Hasher for NameBits {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let len = bytes.len();
+        let at = |i: usize| len.checked_sub(i).map_or(0, |i| u64::from(bytes[i]));
+        self.0 = self.0.rotate_left(24) ^ (len as u64 | at(1) << 8 | at(2) << 16);
+    }
+
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = self.0.rotate_left(24) ^ i;
+    }
+
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+
+    #[inline]
+    fn write_isize(&mut self, i: isize) {
+        self.write_u64(i as u64);
+    }
+
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The values of one name, inline: one value (nearly every name has one; a repeated
@@ -64,7 +151,7 @@ thread_local! {
     /// ([`HeaderMap::reserve_pooled`]; roundabout patch, VENDORED.md): a proxy's answer takes
     /// the server's table and leaves its own, which was freed while the next answer from a
     /// server allocated one.
-    static SPARE_TABLES: RefCell<Vec<FoldHashMap<HeaderName, Value>>> =
+    static SPARE_TABLES: RefCell<Vec<Table>> =
         const { RefCell::new(Vec::new()) };
 }
 
@@ -134,7 +221,8 @@ impl HeaderMap {
     /// ```
     pub fn with_capacity(capacity: usize) -> Self {
         HeaderMap {
-            inner: FoldHashMap::with_capacity(capacity),
+            inner: Table::with_capacity_and_hasher(capacity, ProcessSeed),
+            present: 0,
         }
     }
 
@@ -252,12 +340,20 @@ impl HeaderMap {
     /// ```
     pub fn clear(&mut self) {
         self.inner.clear();
+        self.present = 0;
+    }
+
+    /// Whether the map may hold `name`: `false` means it does not.
+    #[inline]
+    fn may_hold(&self, name: &HeaderName) -> bool {
+        self.present & name_bit(name) != 0
     }
 
     fn get_value(&self, key: impl AsHeaderName) -> Option<&Value> {
         match key.try_as_name(super::as_name::Seal).ok()? {
-            Cow::Borrowed(name) => self.inner.get(name),
-            Cow::Owned(name) => self.inner.get(&name),
+            Cow::Borrowed(name) if self.may_hold(name) => self.inner.get(name),
+            Cow::Owned(name) if self.may_hold(&name) => self.inner.get(&name),
+            _ => None,
         }
     }
 
@@ -322,8 +418,13 @@ impl HeaderMap {
     /// ```
     pub fn get_mut(&mut self, key: impl AsHeaderName) -> Option<&mut HeaderValue> {
         match key.try_as_name(super::as_name::Seal).ok()? {
-            Cow::Borrowed(name) => self.inner.get_mut(name).map(Value::first_mut),
-            Cow::Owned(name) => self.inner.get_mut(&name).map(Value::first_mut),
+            Cow::Borrowed(name) if self.may_hold(name) => {
+                self.inner.get_mut(name).map(Value::first_mut)
+            }
+            Cow::Owned(name) if self.may_hold(&name) => {
+                self.inner.get_mut(&name).map(Value::first_mut)
+            }
+            _ => None,
         }
     }
 
@@ -373,8 +474,8 @@ impl HeaderMap {
     /// ```
     pub fn contains_key(&self, key: impl AsHeaderName) -> bool {
         match key.try_as_name(super::as_name::Seal) {
-            Ok(Cow::Borrowed(name)) => self.inner.contains_key(name),
-            Ok(Cow::Owned(name)) => self.inner.contains_key(&name),
+            Ok(Cow::Borrowed(name)) => self.may_hold(name) && self.inner.contains_key(name),
+            Ok(Cow::Owned(name)) => self.may_hold(&name) && self.inner.contains_key(&name),
             Err(_) => false,
         }
     }
@@ -414,6 +515,7 @@ impl HeaderMap {
     /// assert!(!removed.is_empty());
     /// ```
     pub fn insert(&mut self, name: HeaderName, val: HeaderValue) -> Removed {
+        self.present |= name_bit(&name);
         let value = self.inner.insert(name, Value::one(val));
         Removed::new(value)
     }
@@ -439,6 +541,7 @@ impl HeaderMap {
     /// assert_eq!(map.len(), 3);
     /// ```
     pub fn append(&mut self, key: HeaderName, value: HeaderValue) {
+        self.present |= name_bit(&key);
         match self.inner.entry(key) {
             hash_map::Entry::Occupied(mut entry) => {
                 entry.get_mut().append(value);
@@ -487,9 +590,9 @@ impl HeaderMap {
     /// ```
     pub fn remove(&mut self, key: impl AsHeaderName) -> Removed {
         let value = match key.try_as_name(super::as_name::Seal) {
-            Ok(Cow::Borrowed(name)) => self.inner.remove(name),
-            Ok(Cow::Owned(name)) => self.inner.remove(&name),
-            Err(_) => None,
+            Ok(Cow::Borrowed(name)) if self.may_hold(name) => self.inner.remove(name),
+            Ok(Cow::Owned(name)) if self.may_hold(&name) => self.inner.remove(&name),
+            _ => None,
         };
 
         Removed::new(value)
@@ -656,6 +759,8 @@ impl HeaderMap {
     /// ```
     pub fn drain(&mut self) -> Drain<'_> {
         let len = self.len();
+        // A drain empties the map, even one dropped part way.
+        self.present = 0;
         Drain::new(self.inner.drain(), len)
     }
 
@@ -685,11 +790,13 @@ impl HeaderMap {
             // Nothing to merge with: the maps trade tables, and what is not kept is dropped
             // in place; no name is hashed again and no bucket moves.
             mem::swap(&mut self.inner, &mut from.inner);
+            self.present = mem::take(&mut from.present);
             self.inner.retain(|name, _| keep(name));
             // `from` now holds this map's table, empty: a spare for the next decoded head.
             give_spare(&mut from.inner);
             return;
         }
+        self.present |= mem::take(&mut from.present);
         for (name, value) in from.inner.drain() {
             if !keep(&name) {
                 continue;
@@ -706,7 +813,7 @@ impl HeaderMap {
 
 /// Keeps `table`, empty, as one of this thread's spares if it is small and there is room,
 /// leaving `table` without one; else leaves it as it is.
-fn give_spare(table: &mut FoldHashMap<HeaderName, Value>) {
+fn give_spare(table: &mut Table) {
     let capacity = table.capacity();
     if capacity == 0 || capacity > MAX_SPARE_CAPACITY || !table.is_empty() {
         return;
@@ -1334,6 +1441,130 @@ mod tests {
         assert_eq!(cookies, ["a=1", "b=2"]);
         assert!(!to.contains_key(header::CONNECTION));
         assert_eq!(to.get(header::CONTENT_TYPE).unwrap(), "text/plain");
+    }
+
+    /// Maps driven through every way names come and go, each lookup checked against a
+    /// plain model: a name's bit may be stale, never missing.
+    #[test]
+    fn lookups_answer_as_the_map_holds_through_every_change() {
+        use std::collections::HashMap;
+
+        let names: Vec<HeaderName> = [
+            "host",
+            "connection",
+            "upgrade",
+            "te",
+            "transfer-encoding",
+            "content-length",
+            "x-request-id",
+            "x-forwarded-for",
+            "accept",
+            "accept-encoding",
+            "cookie",
+            "date",
+            "server",
+            "keep-alive",
+            "proxy-connection",
+            "trailer",
+            "expect",
+            "x-a",
+            "x-b",
+            "via",
+        ]
+        .iter()
+        .map(|n| HeaderName::from_static(n))
+        .collect();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let value = HeaderValue::from_static("v");
+        let mut map = HeaderMap::new();
+        let mut model: HashMap<HeaderName, usize> = HashMap::new();
+        for step in 0..20_000 {
+            let name = &names[next(names.len())];
+            match next(9) {
+                0 | 1 => {
+                    map.insert(name.clone(), value.clone());
+                    model.insert(name.clone(), 1);
+                }
+                2 | 3 => {
+                    map.append(name.clone(), value.clone());
+                    *model.entry(name.clone()).or_default() += 1;
+                }
+                4 => {
+                    let removed = map.remove(name).count();
+                    assert_eq!(removed, model.remove(name).unwrap_or(0), "step {step}");
+                }
+                5 => {
+                    let drop_it = names[next(names.len())].clone();
+                    map.retain(|n, _| *n != drop_it);
+                    model.remove(&drop_it);
+                }
+                6 if next(20) == 0 => {
+                    if next(2) == 0 {
+                        map.clear();
+                    } else {
+                        map.drain().take(1).for_each(drop);
+                    }
+                    model.clear();
+                }
+                7 => {
+                    // Into an empty map (the tables trade) or a full one (merged).
+                    let mut to = HeaderMap::new();
+                    let dropped = names[next(names.len())].clone();
+                    model.remove(&dropped);
+                    if next(2) == 0 {
+                        to.insert(names[0].clone(), value.clone());
+                        *model.entry(names[0].clone()).or_default() += 1;
+                    }
+                    to.move_from(&mut map, |n| *n != dropped);
+                    assert!(map.is_empty());
+                    for n in &names {
+                        assert!(!map.contains_key(n), "moved-from map holds {n}");
+                    }
+                    map = to;
+                }
+                _ => {}
+            }
+            for n in &names {
+                let count = model.get(n).copied().unwrap_or(0);
+                assert_eq!(map.contains_key(n), count > 0, "step {step}, {n}");
+                assert_eq!(map.get(n).is_some(), count > 0, "step {step}, {n}");
+                assert_eq!(map.get_all(n).count(), count, "step {step}, {n}");
+                assert_eq!(map.get(n.as_str()).is_some(), count > 0, "step {step}, {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_map_is_no_larger_than_upstreams() {
+        // The bits of names present take the room of upstream's per-map seed: a map grown
+        // past 40 bytes grows every head, each moved several times a request.
+        assert_eq!(std::mem::size_of::<HeaderMap>(), 40);
+    }
+
+    #[test]
+    fn the_names_a_proxy_looks_for_have_bits_apart_from_a_plain_requests() {
+        // wrk's and curl's requests: a lookup of any of these is answered by the bits alone.
+        let mut map = HeaderMap::new();
+        for name in [header::HOST, header::USER_AGENT, header::ACCEPT] {
+            map.insert(name, HeaderValue::from_static("x"));
+        }
+        for absent in [
+            header::CONNECTION,
+            header::UPGRADE,
+            header::TE,
+            header::TRANSFER_ENCODING,
+            header::CONTENT_LENGTH,
+            header::EXPECT,
+            HeaderName::from_static("x-request-id"),
+        ] {
+            assert!(!map.may_hold(&absent), "{absent}");
+        }
     }
 
     #[test]
