@@ -77,12 +77,14 @@ pub(crate) trait MessageType: Sized {
 
     fn decode(src: &mut BytesMut) -> Result<Option<(Self, PayloadType)>, ParseError>;
 
+    /// Fills the head's map from the parsed fields; the body's framing, and whether a
+    /// `Host` field came (roundabout patch: the request decoder's check, not a lookup).
     fn set_headers(
         &mut self,
         slice: &Bytes,
         raw_headers: &[HeaderIndex],
         version: Version,
-    ) -> Result<PayloadLength, ParseError> {
+    ) -> Result<(PayloadLength, bool), ParseError> {
         let mut ka = None;
         let mut has_upgrade_websocket = false;
         let mut has_upgrade_other = false;
@@ -241,26 +243,23 @@ pub(crate) trait MessageType: Sized {
         }
 
         // https://datatracker.ietf.org/doc/html/rfc7230#section-3.3.3
-        if chunked {
+        let length = if chunked {
             // Chunked encoding
-            Ok(PayloadLength::Payload(PayloadType::Payload(
-                PayloadDecoder::chunked(),
-            )))
+            PayloadLength::Payload(PayloadType::Payload(PayloadDecoder::chunked()))
         } else if has_upgrade_websocket {
-            Ok(PayloadLength::UpgradeWebSocket)
+            PayloadLength::UpgradeWebSocket
         } else if let Some(len) = content_length {
             // Content-Length
-            Ok(PayloadLength::Payload(PayloadType::Payload(
-                PayloadDecoder::length(len),
-            )))
+            PayloadLength::Payload(PayloadType::Payload(PayloadDecoder::length(len)))
         } else if has_upgrade_other && ka == Some(ConnectionType::Upgrade) {
             // An upgrade to any protocol, asked for with `Connection: upgrade` and framing
             // no body: what follows the head belongs to the new protocol, as with WebSocket
             // (a proxy tunnels it once the server agrees).
-            Ok(PayloadLength::UpgradeWebSocket)
+            PayloadLength::UpgradeWebSocket
         } else {
-            Ok(PayloadLength::None)
-        }
+            PayloadLength::None
+        };
+        Ok((length, seen_host))
     }
 }
 
@@ -327,11 +326,13 @@ impl MessageType for Request {
         let mut msg = Request::new();
 
         // convert headers
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
+        let (mut length, has_host) =
+            msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // disallow HTTP/1.1 requests that do not contain a Host header
         // see https://datatracker.ietf.org/doc/html/rfc9112#section-3.2
-        if ver == Version::HTTP_11 && !msg.head().headers.contains_key(header::HOST) {
+        // (`set_headers` saw it go by: not looked up again; roundabout patch)
+        if ver == Version::HTTP_11 && !has_host {
             debug!("missing Host header for HTTP/1.1 request");
             return Err(ParseError::HeadRule(
                 "no Host header (HTTP/1.1 requires one)",
@@ -468,7 +469,8 @@ impl MessageType for ResponseHead {
         msg.version = ver;
 
         // convert headers
-        let mut length = msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
+        let (mut length, _) =
+            msg.set_headers(&src.split_to(len).freeze(), &headers[..h_len], ver)?;
 
         // Remove CL value if 0 now that all headers and HTTP/1.0 special cases are processed.
         // Protects against some request smuggling attacks.
