@@ -92,7 +92,8 @@ impl UpstreamHead {
         };
         up.own
             .push((X_FORWARDED_PROTO, HeaderValue::from_static(proto)));
-        let host = match incoming.get(header::HOST) {
+        let client_host = incoming.get(header::HOST);
+        let host = match client_host {
             Some(host) => Some(host.clone()),
             // HTTP/2 carries the host as `:authority`, which is the Host an HTTP/1.1
             // server needs (RFC 9113 §8.3.1).
@@ -129,7 +130,10 @@ impl UpstreamHead {
             Some(_) => up.set(X_REQUEST_ID, rewrite.request_id.clone()),
             None => up.own.push((X_REQUEST_ID, rewrite.request_id.clone())),
         }
-        if !rewrite.preserve_host || !up.has(&header::HOST) {
+        // `up.has(&header::HOST)`, from what is known of the client's Host (no lookup).
+        let has_host = up.own.iter().any(|(n, _)| *n == header::HOST)
+            || (client_host.is_some() && up.forwards(&header::HOST));
+        if !rewrite.preserve_host || !has_host {
             up.set(header::HOST, upstream.host_header.clone());
         }
         up
