@@ -23,7 +23,7 @@ mod settings;
 mod timers;
 mod tunnel;
 
-use std::{net::IpAddr, rc::Rc, sync::Arc, time::Instant};
+use std::{future::Future, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
 
 use actix_codec::Framed;
 use actix_http::h1::ClientCodec;
@@ -220,134 +220,141 @@ fn https_location(req: &HttpRequest, host: Option<&str>, tls_port: Option<u16>) 
 }
 
 /// The proxy handler: every request on `listen.address` (and the TLS listener) comes here.
-pub(crate) async fn forward(
+///
+/// Not an `async fn`, for the reason [`send`] is not.
+#[allow(clippy::manual_async_fn)]
+pub(crate) fn forward(
     req: HttpRequest,
     payload: web::Payload,
     worker: web::Data<Worker>,
-) -> HttpResponse {
-    let started = Instant::now();
-    let current = worker.current();
-    let settings = &current.settings;
-    let mut ctx = Ctx::new(&req, settings);
-    // Phases route, limit, pick and rewrite, then the send; an error comes with the last
-    // server tried, if any. Written out here rather than in a function of its own: each
-    // async function awaited holds its callee's future and a copy of it, so one level
-    // fewer halves the room every request's future takes (3.6 KiB here).
-    let outcome: Result<Exchanged, (ProxyError, Option<Arc<Upstream>>)> = 'exchange: {
-        let framing = match check_request(&req, &settings.proxy) {
-            Ok(framing) => framing,
-            Err(e) => break 'exchange Err((e, None)),
-        };
-        if let Err(e) = ctx.route(&req) {
-            break 'exchange Err((e, None));
-        }
-        if let Err(e) = ctx.limit(&worker).await {
-            break 'exchange Err((e, None));
-        }
-        // The body goes to the server; an upgrade's payload (the rest of the connection)
-        // waits for the tunnel.
-        let mut payload = Some(payload.into_inner());
-        let body = (framing != Framing::None).then(|| {
-            let payload = payload.take().unwrap_or(Payload::None);
-            BodyState::new(payload, settings.proxy.max_body_bytes)
-        });
-        let upgrade = headers::upgrade_of(&req)
-            .filter(|_| body.is_none())
-            .cloned();
-        let key = ctx.pick_keys(&req);
-        let to = Target {
-            upgrade: upgrade.as_ref(),
-            key,
-            pool: ctx.pool,
-            proxy: ctx.pool(),
-            path: ctx
-                .route
-                .and_then(|r| r.upstream_path(req.uri().path(), req.uri().query())),
-        };
-        send(&req, body, framing, to, &worker, &current, &ctx)
-            .await
-            .map(|reply| (reply, payload, upgrade))
-    };
-    let head_at = match &outcome {
-        Ok((reply, ..)) => reply.at.saturating_duration_since(started),
-        Err(_) => started.elapsed(),
-    };
-    worker.sink.head_times.observe(head_at);
-
-    // Phase **log** is the record, finished when the answer's body has been sent.
-    let headers = req.headers();
-    let pool = ctx.pool();
-    let line = settings.access_log.then(|| {
-        let mut line = Line::bare(
-            // Its time is when the exchange ends: `Record::finish` sets it.
-            std::time::UNIX_EPOCH,
-            ctx.client_ip,
-            Some((req.method().clone(), req.uri().clone(), req.version())),
-            0,
-        );
-        line.referer = headers.get(header::REFERER).cloned();
-        line.user_agent = headers.get(header::USER_AGENT).cloned();
-        line.request_id = Some(ctx.request_id.clone());
-        line.pool = Some(pool.name.clone());
-        line.route = ctx.route.map(|r| r.name.clone());
-        Box::new(line)
-    });
-    let mut record = Record::new(worker.sink.clone(), started, line);
-    let idle = pool.proxy.timeout;
-    // Phase **respond**: the server's answer streamed back, or one of our own.
-    let mut res = match outcome {
-        Ok((reply, payload, upgrade)) => {
-            let upstream = reply.lease.upstream().clone();
-            record.upstream = Some(upstream.clone());
-            record.status = reply.response.status().as_u16();
-            record.upstream_time = Some(head_at);
-            let mut res = match (reply.switched, payload, upgrade) {
-                (Some(socket), Some(payload), Some(asked)) => {
-                    let tunnel_idle = settings.proxy.tunnel_idle_timeout;
-                    tunnel(
-                        reply.response,
-                        *socket,
-                        payload,
-                        asked,
-                        reply.lease,
-                        tunnel_idle,
-                        record,
-                    )
-                }
-                _ => respond(&req, reply.response, reply.lease, idle, record),
+) -> impl Future<Output = HttpResponse> {
+    async move {
+        let started = Instant::now();
+        let current = worker.current();
+        let settings = &current.settings;
+        let mut ctx = Ctx::new(&req, settings);
+        // Phases route, limit, pick and rewrite, then the send; an error comes with the last
+        // server tried, if any. Written out here rather than in a function of its own: each
+        // level of futures adds its own locals to the room every request's future takes.
+        // That room is allocated and copied whole for every request (actix-web boxes the
+        // handler's future): 976 bytes with actix-web's part, under the 1 KiB past which
+        // mimalloc takes its slower path (`tests::a_requests_future_stays_under_1_kib`).
+        let outcome: Result<Exchanged, (ProxyError, Option<Arc<Upstream>>)> = 'exchange: {
+            let framing = match check_request(&req, &settings.proxy) {
+                Ok(framing) => framing,
+                Err(e) => break 'exchange Err((e, None)),
             };
-            ctx.stick(&req, &upstream, &mut res);
-            res
-        }
-        Err((e, tried)) => {
-            if let ProxyError::RateLimited(d) = &e {
-                ctx.decision = Some(d.clone());
-                worker.sink.metrics.rate_limited();
+            if let Err(e) = ctx.route(&req) {
+                break 'exchange Err((e, None));
             }
-            // The last server tried, for the log (a 502 names where it went).
-            record.upstream = tried;
-            let res = e.error_response();
-            record.status = match e {
-                ProxyError::ClientGone => CLIENT_CLOSED,
-                _ => res.status().as_u16(),
+            if let Err(e) = ctx.limit(&worker).await {
+                break 'exchange Err((e, None));
+            }
+            // The body goes to the server; an upgrade's payload (the rest of the connection)
+            // waits for the tunnel.
+            let mut payload = Some(payload.into_inner());
+            let body = (framing != Framing::None).then(|| {
+                let payload = payload.take().unwrap_or(Payload::None);
+                BodyState::new(payload, settings.proxy.max_body_bytes)
+            });
+            let upgrade = headers::upgrade_of(&req)
+                .filter(|_| body.is_none())
+                .cloned();
+            let key = ctx.pick_keys(&req);
+            let to = Target {
+                upgrade: upgrade.as_ref(),
+                key,
+                pool: ctx.pool,
+                proxy: ctx.pool(),
+                path: ctx
+                    .route
+                    .and_then(|r| r.upstream_path(req.uri().path(), req.uri().query())),
             };
-            let bytes = match res.body().size() {
-                BodySize::Sized(n) => n,
-                _ => 0,
-            };
-            record.own_answer();
-            record.finish(bytes, Ending::Complete);
-            res
-        }
-    };
-    let limit = ctx.decision.as_ref().map(|decision| LimitFields {
-        decision,
-        policy: ctx.policy(),
-        budget: ctx.budget_name(),
-    });
-    let rules = ctx.route.map(|r| &r.response_headers);
-    own_fields(&mut res, &ctx.request_id, limit, rules);
-    res
+            send(&req, body, framing, to, &worker, &current, &ctx)
+                .await
+                .map(|reply| (reply, payload, upgrade))
+        };
+        let head_at = match &outcome {
+            Ok((reply, ..)) => reply.at.saturating_duration_since(started),
+            Err(_) => started.elapsed(),
+        };
+        worker.sink.head_times.observe(head_at);
+
+        // Phase **log** is the record, finished when the answer's body has been sent.
+        let headers = req.headers();
+        let pool = ctx.pool();
+        let line = settings.access_log.then(|| {
+            let mut line = Line::bare(
+                // Its time is when the exchange ends: `Record::finish` sets it.
+                std::time::UNIX_EPOCH,
+                ctx.client_ip,
+                Some((req.method().clone(), req.uri().clone(), req.version())),
+                0,
+            );
+            line.referer = headers.get(header::REFERER).cloned();
+            line.user_agent = headers.get(header::USER_AGENT).cloned();
+            line.request_id = Some(ctx.request_id.clone());
+            line.pool = Some(pool.name.clone());
+            line.route = ctx.route.map(|r| r.name.clone());
+            Box::new(line)
+        });
+        let mut record = Record::new(worker.sink.clone(), started, line);
+        let idle = pool.proxy.timeout;
+        // Phase **respond**: the server's answer streamed back, or one of our own.
+        let mut res = match outcome {
+            Ok((reply, payload, upgrade)) => {
+                let upstream = reply.lease.upstream().clone();
+                record.upstream = Some(upstream.clone());
+                record.status = reply.response.status().as_u16();
+                record.upstream_time = Some(head_at);
+                let mut res = match (reply.switched, payload, upgrade) {
+                    (Some(socket), Some(payload), Some(asked)) => {
+                        let tunnel_idle = settings.proxy.tunnel_idle_timeout;
+                        tunnel(
+                            reply.response,
+                            *socket,
+                            payload,
+                            asked,
+                            reply.lease,
+                            tunnel_idle,
+                            record,
+                        )
+                    }
+                    _ => respond(&req, reply.response, reply.lease, idle, record),
+                };
+                ctx.stick(&req, &upstream, &mut res);
+                res
+            }
+            Err((e, tried)) => {
+                if let ProxyError::RateLimited(d) = &e {
+                    ctx.decision = Some(d.clone());
+                    worker.sink.metrics.rate_limited();
+                }
+                // The last server tried, for the log (a 502 names where it went).
+                record.upstream = tried;
+                let res = e.error_response();
+                record.status = match e {
+                    ProxyError::ClientGone => CLIENT_CLOSED,
+                    _ => res.status().as_u16(),
+                };
+                let bytes = match res.body().size() {
+                    BodySize::Sized(n) => n,
+                    _ => 0,
+                };
+                record.own_answer();
+                record.finish(bytes, Ending::Complete);
+                res
+            }
+        };
+        let limit = ctx.decision.as_ref().map(|decision| LimitFields {
+            decision,
+            policy: ctx.policy(),
+            budget: ctx.budget_name(),
+        });
+        let rules = ctx.route.map(|r| &r.response_headers);
+        own_fields(&mut res, &ctx.request_id, limit, rules);
+        res
+    }
 }
 
 /// What an exchange that reached a server gives: the answer, the rest of the connection
@@ -393,171 +400,215 @@ struct Reply {
 /// Phases pick (a server of the pool, from this worker's balancer) and rewrite (the
 /// upstream request), then the send; retries on another server of the pool while that is
 /// safe. An error comes with the last server tried.
-async fn send(
-    req: &HttpRequest,
+///
+/// Not an `async fn`: one keeps each argument twice in its future (as given, and as the
+/// local it is moved to), and this future is part of every request's.
+#[allow(clippy::manual_async_fn)]
+fn send<'a>(
+    req: &'a HttpRequest,
     body: Option<Rc<BodyState>>,
     framing: Framing,
-    to: Target<'_>,
-    worker: &Worker,
-    current: &Current,
-    ctx: &Ctx<'_>,
-) -> Result<Reply, (ProxyError, Option<Arc<Upstream>>)> {
-    let settings = &current.settings;
-    let pool = to.proxy.proxy;
-    let client = current.client(pool.connect_timeout);
-    let rewrite = Rewrite {
-        peer: ctx.peer,
-        trusted: &settings.trusted_proxies,
-        rules: ctx.route.map(|r| &r.request_headers),
-        path: to.path.as_deref(),
-        request_id: &ctx.request_id,
-        preserve_host: settings.proxy.preserve_host,
-    };
-    let idempotent = matches!(
-        *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    );
+    to: Target<'a>,
+    worker: &'a Worker,
+    current: &'a Current,
+    ctx: &'a Ctx<'a>,
+) -> impl Future<Output = Result<Reply, (ProxyError, Option<Arc<Upstream>>)>> + 'a {
+    async move {
+        let settings = &current.settings;
+        // References, not copies: every byte held here is held by every request's future.
+        let pool = &to.proxy.proxy;
+        let client = current.client(pool.connect_timeout);
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
 
-    // Servers that refused a connection: not chosen again for this request.
-    let mut tried: Vec<Arc<Upstream>> = Vec::new();
-    let mut last: Option<Arc<Upstream>> = None;
-    let mut attempts = 0u32;
-    let mut last_error = String::new();
-    loop {
-        attempts += 1;
-        let next = NextServer {
-            pool: to.pool,
-            key: to.key,
-            sticky: ctx.sticky,
-            tried: tried.clone(),
-        };
-        let lease = match worker.balancer.lease_now(&next) {
-            Some(lease) => lease,
-            // Only before the worker's balancer has its first list: boxed, so that this
-            // future does not carry the wait's room on every request.
-            None => Box::pin(worker.balancer.lease(next))
-                .await
-                .map_err(|_| (ProxyError::Unavailable, last.clone()))?,
-        };
-        let Some(lease) = lease else {
-            let error = if last_error.is_empty() {
-                ProxyError::NoServer {
-                    retry_after: to.proxy.retry_after.clone(),
+        // Servers that refused a connection: not chosen again for this request.
+        let mut tried: Vec<Arc<Upstream>> = Vec::new();
+        let mut last: Option<Arc<Upstream>> = None;
+        let mut attempts = 0u32;
+        let mut last_error = String::new();
+        loop {
+            attempts += 1;
+            // In a block: what picks the server is not kept in this future's room across
+            // the send (a local's room lasts to the end of its scope, moved from or not).
+            let Some(lease) = ({
+                let next = NextServer {
+                    pool: to.pool,
+                    key: to.key,
+                    sticky: ctx.sticky,
+                    tried: tried.clone(),
+                };
+                match worker.balancer.lease_now(&next) {
+                    Some(lease) => lease,
+                    // Only before the worker's balancer has its first list: boxed, so that
+                    // this future does not carry the wait's room on every request.
+                    None => Box::pin(worker.balancer.lease(next))
+                        .await
+                        .map_err(|_| (ProxyError::Unavailable, last.clone()))?,
                 }
-            } else {
-                ProxyError::BadGateway(last_error)
+            }) else {
+                let error = if last_error.is_empty() {
+                    ProxyError::NoServer {
+                        retry_after: to.proxy.retry_after.clone(),
+                    }
+                } else {
+                    ProxyError::BadGateway(last_error)
+                };
+                return Err((error, last));
             };
-            return Err((error, last));
-        };
-        let upstream = lease.upstream().clone();
-        last = Some(upstream.clone());
+            let upstream = lease.upstream().clone();
+            last = Some(upstream.clone());
 
-        // Phase **rewrite**: the client's head, forwarded (forward.rs).
-        // Boxed (awc takes it boxed): not held inline across the send's awaits.
-        let head = UpstreamHead::new(req, &upstream, &rewrite);
-        let sent = Instant::now();
-        let result = if let Some(protocol) = to.upgrade {
-            // An upgrade goes through awc's own request (its tunnel takes a head of its own).
-            let uri = upstream_uri(req, &upstream, to.path.as_deref());
-            let mut creq = client.request(req.method().clone(), uri).no_decompress();
-            if let Some(address) = upstream.address {
-                // A server known by name: this address of the name's, the name in Host and SNI.
-                creq = creq.address(address);
-            }
-            *creq.headers_mut() = head.header_map();
-            creq.headers_mut().insert(header::UPGRADE, protocol.clone());
-            // Boxed: the upgrade's future is 1.6 KiB, and held inline it would make every
-            // request's future (every level above this one) larger by twice that.
-            Box::pin(head_within(
-                creq.send_upgrade(),
-                sent,
-                pool.timeout,
-                None,
-                &worker.timers,
-            ))
-            .await
-            .map(|r| {
-                r.map(|answer| match answer {
-                    UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
-                    UpgradeResponse::NotSwitched(res) => (res, None),
+            // Phase **rewrite**: the client's head, forwarded (forward.rs).
+            // Boxed (awc takes it boxed): not held inline across the send's awaits.
+            let head = UpstreamHead::new(
+                req,
+                &upstream,
+                &Rewrite {
+                    peer: ctx.peer,
+                    trusted: &settings.trusted_proxies,
+                    rules: ctx.route.map(|r| &r.request_headers),
+                    path: to.path.as_deref(),
+                    request_id: &ctx.request_id,
+                    preserve_host: settings.proxy.preserve_host,
+                },
+            );
+            let sent = Instant::now();
+            let result = if let Some(protocol) = to.upgrade {
+                // Boxed: the upgrade's future is 1.6 KiB, and held inline it would make every
+                // request's future (every level above this one) larger by twice that. Made
+                // in a block, so that the request it is made from (288 bytes) does not keep
+                // its room in this future across the wait.
+                let upgrading = {
+                    // An upgrade goes through awc's own request (its tunnel takes a head of
+                    // its own).
+                    let uri = upstream_uri(req, &upstream, to.path.as_deref());
+                    let mut creq = client.request(req.method().clone(), uri).no_decompress();
+                    if let Some(address) = upstream.address {
+                        // A server known by name: this address of the name's, the name in
+                        // Host and SNI.
+                        creq = creq.address(address);
+                    }
+                    *creq.headers_mut() = head.header_map();
+                    creq.headers_mut().insert(header::UPGRADE, protocol.clone());
+                    Box::pin(head_within(
+                        creq.send_upgrade(),
+                        sent,
+                        pool.timeout,
+                        None,
+                        &worker.timers,
+                    ))
+                };
+                upgrading.await.map(|r| {
+                    r.map(|answer| match answer {
+                        UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
+                        UpgradeResponse::NotSwitched(res) => (res, None),
+                    })
                 })
-            })
-        } else {
-            let sending = match (&body, framing) {
-                (Some(b), Framing::Length(n)) => client.send_forwarded(
-                    head,
-                    upstream.address,
-                    SizedStream::new(n, BodyReader(b.clone())),
-                ),
-                (Some(b), _) => client.send_forwarded(
-                    head,
-                    upstream.address,
-                    BodyStream::new(BodyReader(b.clone())),
-                ),
-                // No body at all (not an empty one): no Content-Length: 0 on a GET.
-                (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
+            } else {
+                let sending = match (&body, framing) {
+                    (Some(b), Framing::Length(n)) => client.send_forwarded(
+                        head,
+                        upstream.address,
+                        SizedStream::new(n, BodyReader(b.clone())),
+                    ),
+                    (Some(b), _) => client.send_forwarded(
+                        head,
+                        upstream.address,
+                        BodyStream::new(BodyReader(b.clone())),
+                    ),
+                    // No body at all (not an empty one): no Content-Length: 0 on a GET.
+                    (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
+                };
+                head_within(sending, sent, pool.timeout, body.as_deref(), &worker.timers)
+                    .await
+                    .map(|r| r.map(|res| (res, None)))
             };
-            head_within(sending, sent, pool.timeout, body.as_deref(), &worker.timers)
-                .await
-                .map(|r| r.map(|res| (res, None)))
-        };
 
-        let body_started = body.as_ref().is_some_and(|b| b.started());
-        let error = match result {
-            Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
-            Err(Stalled::Upstream) => {
+            let body_started = body.as_ref().is_some_and(|b| b.started());
+            let error = match result {
+                Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
+                Err(Stalled::Upstream) => {
+                    lease.failed();
+                    return Err((ProxyError::GatewayTimeout, last));
+                }
+                Ok(Ok((response, switched))) => {
+                    let at = Instant::now();
+                    lease.answered(
+                        response.status().as_u16(),
+                        at.saturating_duration_since(sent),
+                    );
+                    return Ok(Reply {
+                        response,
+                        switched,
+                        lease,
+                        at,
+                    });
+                }
+                Ok(Err(e)) => e,
+            };
+            if let SendRequestError::Connect(_) = error {
                 lease.failed();
-                return Err((ProxyError::GatewayTimeout, last));
             }
-            Ok(Ok((response, switched))) => {
-                let at = Instant::now();
-                lease.answered(
-                    response.status().as_u16(),
-                    at.saturating_duration_since(sent),
-                );
-                return Ok(Reply {
-                    response,
-                    switched,
-                    lease,
-                    at,
-                });
+            drop(lease);
+            if body.as_ref().is_some_and(|b| b.over()) {
+                return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));
             }
-            Ok(Err(e)) => e,
-        };
-        if let SendRequestError::Connect(_) = error {
-            lease.failed();
-        }
-        drop(lease);
-        if body.as_ref().is_some_and(|b| b.over()) {
-            return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));
-        }
-        // The client went away mid-upload: nothing to answer, nobody to blame.
-        if body.as_ref().is_some_and(|b| b.client_failed()) {
-            return Err((ProxyError::ClientGone, last));
-        }
-        let reason = describe(&error, pool.connect_timeout);
-        last_error = format!("{upstream}: {reason}");
-        let retry = match &error {
-            // Nothing reached the server: any method may go to another one.
-            SendRequestError::Connect(_) => {
-                worker.health.do_send(ConnectFailed {
-                    upstream: upstream.clone(),
-                    reason,
-                });
-                tried.push(upstream);
-                !body_started
+            // The client went away mid-upload: nothing to answer, nobody to blame.
+            if body.as_ref().is_some_and(|b| b.client_failed()) {
+                return Err((ProxyError::ClientGone, last));
             }
-            // Most often a kept-alive connection the server had just closed: repeat only what
-            // may be repeated, and only if no byte of a body went out. The server is not at
-            // fault, so it may be chosen again.
-            SendRequestError::Send(_) | SendRequestError::Response(_) => {
-                idempotent && !body_started
+            let reason = describe(&error, pool.connect_timeout);
+            last_error = format!("{upstream}: {reason}");
+            let retry = match &error {
+                // Nothing reached the server: any method may go to another one.
+                SendRequestError::Connect(_) => {
+                    worker.health.do_send(ConnectFailed {
+                        upstream: upstream.clone(),
+                        reason,
+                    });
+                    tried.push(upstream);
+                    !body_started
+                }
+                // Most often a kept-alive connection the server had just closed: repeat only what
+                // may be repeated, and only if no byte of a body went out. The server is not at
+                // fault, so it may be chosen again.
+                SendRequestError::Send(_) | SendRequestError::Response(_) => {
+                    idempotent && !body_started
+                }
+                _ => false,
+            };
+            if !retry || attempts > pool.retries {
+                return Err((ProxyError::BadGateway(last_error), last));
             }
-            _ => false,
-        };
-        if !retry || attempts > pool.retries {
-            return Err((ProxyError::BadGateway(last_error), last));
+            log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
         }
-        log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(HttpRequest, web::Payload, web::Data<Worker>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// actix-web boxes each request's handler future, with 120 bytes of its own around this
+    /// one: past 1 KiB, mimalloc allocates it on its slower path (~70 instructions more a
+    /// request), and the copy into the box grows with it.
+    #[test]
+    fn a_requests_future_stays_under_1_kib() {
+        let size = future_size(forward);
+        assert!(size + 120 <= 1024, "forward's future is {size} bytes");
     }
 }
