@@ -130,10 +130,8 @@ impl UpstreamHead {
             Some(_) => up.set(X_REQUEST_ID, rewrite.request_id.clone()),
             None => up.own.push((X_REQUEST_ID, rewrite.request_id.clone())),
         }
-        // `up.has(&header::HOST)`, from what is known of the client's Host (no lookup).
-        let has_host = up.own.iter().any(|(n, _)| *n == header::HOST)
-            || (client_host.is_some() && up.forwards(&header::HOST));
-        if !rewrite.preserve_host || !has_host {
+        // Whether the client's Host is known from the lookup above: not looked up again.
+        if !rewrite.preserve_host || !up.has_given(&header::HOST, || client_host.is_some()) {
             up.set(header::HOST, upstream.host_header.clone());
         }
         up
@@ -153,6 +151,12 @@ impl UpstreamHead {
             && !is_forwarded_field(name)
             && !self.dropped.contains(name)
             && !self.own.iter().any(|(n, _)| n == name)
+    }
+
+    /// Whether the head has `name`, `in_client` telling whether the client's request has it
+    /// (asked only when roundabout's own fields do not have it).
+    fn has_given(&self, name: &HeaderName, in_client: impl FnOnce() -> bool) -> bool {
+        self.own.iter().any(|(n, _)| n == name) || (in_client() && self.forwards(name))
     }
 
     /// The headers as one map: for what is not forwarded this way (an upgrade).
@@ -191,8 +195,7 @@ impl ForwardedHead for UpstreamHead {
     }
 
     fn has(&self, name: &HeaderName) -> bool {
-        self.own.iter().any(|(n, _)| n == name)
-            || (self.req.headers().contains_key(name) && self.forwards(name))
+        self.has_given(name, || self.req.headers().contains_key(name))
     }
 }
 
