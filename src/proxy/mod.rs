@@ -19,31 +19,21 @@ mod error;
 mod forward;
 mod headers;
 mod own_fields;
+mod send;
 mod settings;
 mod timers;
 mod tunnel;
 
-use std::{future::Future, net::IpAddr, rc::Rc, sync::Arc, time::Instant};
-
-use actix_codec::Framed;
-use actix_http::h1::ClientCodec;
-use actix_web::{
-    body::{BodySize, BodyStream, MessageBody as _, None as NoBody, SizedStream},
-    dev::Payload,
-    http::{header, header::HeaderValue, Method},
-    web, HttpRequest, HttpResponse, ResponseError,
-};
-use awc::{error::SendRequestError, BoxedSocket, UpgradeResponse};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Instant};
 
 pub(crate) use self::error::on_refused;
 pub use self::error::ProxyError;
 use self::{
-    body::{head_within, respond, BodyReader, BodyState, Stalled},
+    body::{respond, BodyState},
     checks::{check_request, Framing},
-    forward::{Rewrite, UpstreamHead},
-    headers::upstream_uri,
     own_fields::{own_fields, LimitFields},
-    settings::{Current, PoolSettings},
+    send::{send, Reply, Target},
+    settings::PoolSettings,
     tunnel::tunnel,
 };
 pub(crate) use self::{
@@ -52,12 +42,16 @@ pub(crate) use self::{
 };
 use crate::{
     access_log::{Ending, Line, Record, CLIENT_CLOSED},
-    balancer::{Lease, NextServer},
-    health::ConnectFailed,
     rate_limit::{Budget, Decision, Verdict},
     routing::{Limit, Route, RouteRequest},
     sticky::ServerId,
-    upstream::{describe, PoolId, Upstream},
+    upstream::{PoolId, Upstream},
+};
+use actix_web::{
+    body::{BodySize, MessageBody as _},
+    dev::Payload,
+    http::{header, header::HeaderValue},
+    web, HttpRequest, HttpResponse, ResponseError,
 };
 
 /// One request's context: what the phases learn, in order, and the next ones read.
@@ -221,7 +215,7 @@ fn https_location(req: &HttpRequest, host: Option<&str>, tls_port: Option<u16>) 
 
 /// The proxy handler: every request on `listen.address` (and the TLS listener) comes here.
 ///
-/// Not an `async fn`, for the reason [`send`] is not.
+/// Not an `async fn`, for the reason [`send()`] is not.
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn forward(
     req: HttpRequest,
@@ -372,223 +366,6 @@ async fn limit(
         Ok(Verdict::Counted(d)) => Err(ProxyError::RateLimited(d)),
         Ok(Verdict::Uncounted) => Ok(None),
         Ok(Verdict::Unavailable) | Err(_) => Err(ProxyError::LimiterUnavailable),
-    }
-}
-
-/// Where a request goes beyond the server: the protocol it upgrades to, its pool, and the
-/// path its route rewrote.
-struct Target<'a> {
-    upgrade: Option<&'a HeaderValue>,
-    /// The request's hash key, for `consistent_hash`.
-    key: Option<u64>,
-    pool: PoolId,
-    proxy: &'a PoolSettings,
-    /// The path and query the server gets when the route strips its prefix.
-    path: Option<String>,
-}
-
-/// A server's answer head, the connection when it switched protocols, and the lease.
-struct Reply {
-    response: awc::ClientResponse,
-    /// Boxed: rare, and held inline it would add its 152 bytes to every move of a reply.
-    switched: Option<Box<Framed<BoxedSocket, ClientCodec>>>,
-    lease: Lease,
-    /// When the head came.
-    at: Instant,
-}
-
-/// Phases pick (a server of the pool, from this worker's balancer) and rewrite (the
-/// upstream request), then the send; retries on another server of the pool while that is
-/// safe. An error comes with the last server tried.
-///
-/// Not an `async fn`: one keeps each argument twice in its future (as given, and as the
-/// local it is moved to), and this future is part of every request's.
-#[allow(clippy::manual_async_fn)]
-fn send<'a>(
-    req: &'a HttpRequest,
-    body: Option<Rc<BodyState>>,
-    framing: Framing,
-    to: Target<'a>,
-    worker: &'a Worker,
-    current: &'a Current,
-    ctx: &'a Ctx<'a>,
-) -> impl Future<Output = Result<Reply, (ProxyError, Option<Arc<Upstream>>)>> + 'a {
-    async move {
-        let settings = &current.settings;
-        // References, not copies: every byte held here is held by every request's future.
-        let pool = &to.proxy.proxy;
-        let client = current.client(pool.connect_timeout);
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
-
-        // Servers that refused a connection: not chosen again for this request.
-        let mut tried: Vec<Arc<Upstream>> = Vec::new();
-        let mut last: Option<Arc<Upstream>> = None;
-        let mut attempts = 0u32;
-        let mut last_error = String::new();
-        loop {
-            attempts += 1;
-            // In a block: what picks the server is not kept in this future's room across
-            // the send (a local's room lasts to the end of its scope, moved from or not).
-            let Some(lease) = ({
-                let next = NextServer {
-                    pool: to.pool,
-                    key: to.key,
-                    sticky: ctx.sticky,
-                    tried: tried.clone(),
-                };
-                match worker.balancer.lease_now(&next) {
-                    Some(lease) => lease,
-                    // Only before the worker's balancer has its first list: boxed, so that
-                    // this future does not carry the wait's room on every request.
-                    None => Box::pin(worker.balancer.lease(next))
-                        .await
-                        .map_err(|_| (ProxyError::Unavailable, last.clone()))?,
-                }
-            }) else {
-                let error = if last_error.is_empty() {
-                    ProxyError::NoServer {
-                        retry_after: to.proxy.retry_after.clone(),
-                    }
-                } else {
-                    ProxyError::BadGateway(last_error)
-                };
-                return Err((error, last));
-            };
-            let upstream = lease.upstream().clone();
-            last = Some(upstream.clone());
-
-            // Phase **rewrite**: the client's head, forwarded (forward.rs).
-            // Boxed (awc takes it boxed): not held inline across the send's awaits.
-            let head = UpstreamHead::new(
-                req,
-                &upstream,
-                &Rewrite {
-                    peer: ctx.peer,
-                    trusted: &settings.trusted_proxies,
-                    rules: ctx.route.map(|r| &r.request_headers),
-                    path: to.path.as_deref(),
-                    request_id: &ctx.request_id,
-                    preserve_host: settings.proxy.preserve_host,
-                },
-            );
-            let sent = Instant::now();
-            let result = if let Some(protocol) = to.upgrade {
-                // Boxed: the upgrade's future is 1.6 KiB, and held inline it would make every
-                // request's future (every level above this one) larger by twice that. Made
-                // in a block, so that the request it is made from (288 bytes) does not keep
-                // its room in this future across the wait.
-                let upgrading = {
-                    // An upgrade goes through awc's own request (its tunnel takes a head of
-                    // its own).
-                    let uri = upstream_uri(req, &upstream, to.path.as_deref());
-                    let mut creq = client.request(req.method().clone(), uri).no_decompress();
-                    if let Some(address) = upstream.address {
-                        // A server known by name: this address of the name's, the name in
-                        // Host and SNI.
-                        creq = creq.address(address);
-                    }
-                    *creq.headers_mut() = head.header_map();
-                    creq.headers_mut().insert(header::UPGRADE, protocol.clone());
-                    Box::pin(head_within(
-                        creq.send_upgrade(),
-                        sent,
-                        pool.timeout,
-                        None,
-                        &worker.timers,
-                    ))
-                };
-                upgrading.await.map(|r| {
-                    r.map(|answer| match answer {
-                        UpgradeResponse::Switched(res, socket) => (res, Some(Box::new(socket))),
-                        UpgradeResponse::NotSwitched(res) => (res, None),
-                    })
-                })
-            } else {
-                let sending = match (&body, framing) {
-                    (Some(b), Framing::Length(n)) => client.send_forwarded(
-                        head,
-                        upstream.address,
-                        SizedStream::new(n, BodyReader(b.clone())),
-                    ),
-                    (Some(b), _) => client.send_forwarded(
-                        head,
-                        upstream.address,
-                        BodyStream::new(BodyReader(b.clone())),
-                    ),
-                    // No body at all (not an empty one): no Content-Length: 0 on a GET.
-                    (None, _) => client.send_forwarded(head, upstream.address, NoBody::new()),
-                };
-                head_within(sending, sent, pool.timeout, body.as_deref(), &worker.timers)
-                    .await
-                    .map(|r| r.map(|res| (res, None)))
-            };
-
-            let body_started = body.as_ref().is_some_and(|b| b.started());
-            let error = match result {
-                Err(Stalled::Upload) => return Err((ProxyError::RequestTimeout, last)),
-                Err(Stalled::Upstream) => {
-                    lease.failed();
-                    return Err((ProxyError::GatewayTimeout, last));
-                }
-                Ok(Ok((response, switched))) => {
-                    let at = Instant::now();
-                    lease.answered(
-                        response.status().as_u16(),
-                        at.saturating_duration_since(sent),
-                    );
-                    return Ok(Reply {
-                        response,
-                        switched,
-                        lease,
-                        at,
-                    });
-                }
-                Ok(Err(e)) => e,
-            };
-            if let SendRequestError::Connect(_) = error {
-                lease.failed();
-            }
-            drop(lease);
-            if body.as_ref().is_some_and(|b| b.over()) {
-                return Err((ProxyError::TooLarge(settings.proxy.max_body_bytes), last));
-            }
-            // The client went away mid-upload: nothing to answer, nobody to blame.
-            if body.as_ref().is_some_and(|b| b.client_failed()) {
-                return Err((ProxyError::ClientGone, last));
-            }
-            let reason = describe(&error, pool.connect_timeout);
-            last_error = format!("{upstream}: {reason}");
-            let retry = match &error {
-                // Nothing reached the server: any method may go to another one.
-                SendRequestError::Connect(_) => {
-                    worker.health.do_send(ConnectFailed {
-                        upstream: upstream.clone(),
-                        reason,
-                    });
-                    tried.push(upstream);
-                    !body_started
-                }
-                // Most often a kept-alive connection the server had just closed: repeat only what
-                // may be repeated, and only if no byte of a body went out. The server is not at
-                // fault, so it may be chosen again.
-                SendRequestError::Send(_) | SendRequestError::Response(_) => {
-                    idempotent && !body_started
-                }
-                _ => false,
-            };
-            if !retry || attempts > pool.retries {
-                return Err((ProxyError::BadGateway(last_error), last));
-            }
-            log::debug!("retrying {} {}: {last_error}", req.method(), req.uri());
-        }
     }
 }
 
