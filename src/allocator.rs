@@ -161,17 +161,17 @@ fn plain(align: usize, size: usize) -> bool {
 
 /// Blocks a worker keeps after they are freed, to hand out again before mimalloc's: the
 /// block freed last is taken first. mimalloc reuses a page's freed blocks only once the
-/// blocks it freed earlier are used up, so at c=1000 a request's blocks were ones its
-/// worker last touched a thousand requests ago: 94% of `mi_malloc`'s samples were the cache
-/// miss on the block's free-list link (2.7% of the proxy's CPU), and the block's other
-/// lines missed again as the request filled them. glibc's tcache and jemalloc's keep such
-/// a stack too.
+/// blocks freed before them are used up, so at c=1000 a request's blocks were ones its
+/// worker last touched some 500 requests before: 94% of `mi_malloc`'s samples were the
+/// cache miss on the block's free-list link (2.5% of the CPU the proxy and its backends
+/// shared), and the block's other lines missed again as the request filled them. glibc's
+/// tcache and jemalloc's keep such a stack too (bench/README.md, "Seventh session").
 ///
-/// Per size of up to [`CACHED_MAX`] bytes in steps of 16; blocks of those sizes come from
-/// mimalloc at the size rounded up to the step, so that any block of a size's list holds
-/// the largest size of the step. Only the threads that [`enable`](Cache::enable) it keep
-/// blocks (the workers, for as long as they run): a thread that ends with blocks in its
-/// stacks would leak them.
+/// Per size of up to [`CACHED_MAX`](cache::CACHED_MAX) bytes in steps of 16; blocks of
+/// those sizes come from mimalloc at the size rounded up to the step, so that any block of
+/// a size's list holds the largest size of the step. Only the threads that
+/// [`enable`](Cache::enable) it keep blocks (the workers, for as long as they run): a
+/// thread that ends with blocks in its stacks would leak them.
 mod cache {
     use std::cell::Cell;
 
