@@ -327,6 +327,29 @@ fn asked(align: usize, size: usize) -> usize {
     }
 }
 
+/// A free on a thread without a count slot of its own yet: counted there, then freed as
+/// `dealloc` frees.
+#[cold]
+#[inline(never)]
+unsafe fn dealloc_unslotted(ptr: *mut u8, layout: Layout) {
+    count_unslotted(-(layout.size() as isize));
+    release(ptr, layout);
+}
+
+/// A freed block to the cache when its size is kept and its stack has room, else to
+/// mimalloc.
+#[inline(always)]
+unsafe fn release(ptr: *mut u8, layout: Layout) {
+    if layout.align() <= MIN_ALIGN {
+        if let Some((_, index)) = cache::class(layout.size()) {
+            if cache::push(index, ptr) {
+                return;
+            }
+        }
+    }
+    mi::mi_free(ptr as *mut c_void);
+}
+
 // SAFETY: every block is mimalloc's own, taken with at least the layout's size and
 // alignment, and freed once: to mimalloc, or to the cache that hands it out again for a
 // layout no larger than its size's step; the count only follows them.
@@ -343,15 +366,18 @@ unsafe impl GlobalAlloc for Counted {
 
     #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        count(-(layout.size() as isize));
-        if layout.align() <= MIN_ALIGN {
-            if let Some((_, index)) = cache::class(layout.size()) {
-                if cache::push(index, ptr) {
-                    return;
-                }
-            }
+        let slot = MY_SLOT.get();
+        if slot.is_null() {
+            return dealloc_unslotted(ptr, layout);
         }
-        mi::mi_free(ptr as *mut c_void);
+        // SAFETY: as in `count`; inline without its call to `count_unslotted`, which made
+        // this function save and restore three registers on every free.
+        let cell = &*slot;
+        cell.store(
+            cell.load(Relaxed).wrapping_sub(layout.size() as isize),
+            Relaxed,
+        );
+        release(ptr, layout);
     }
 
     #[inline(never)]
