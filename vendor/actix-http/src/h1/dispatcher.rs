@@ -27,7 +27,7 @@ use super::{
     decoder::MAX_BUFFER_SIZE,
     payload::{Payload, PayloadSender, PayloadStatus},
     refused::{OnRefused, Refused},
-    timer::TimerState,
+    timer::{KeptSleep, TimerState},
     Message, MessageType,
 };
 use crate::{
@@ -187,8 +187,10 @@ pin_project! {
         head_timer: TimerState,
         ka_timer: TimerState,
         // The keep-alive timer's `Sleep` while a request is in flight, moved when the timer is
-        // armed again (roundabout patch, VENDORED.md).
+        // armed again, and its deadlines (`timer::KeptSleep`; roundabout patch, VENDORED.md).
         ka_spare: Option<Pin<Box<tokio::time::Sleep>>>,
+        ka_armed: tokio::time::Instant,
+        ka_later_ms: u32,
         shutdown_timer: TimerState,
         // The current response's write timeout (`ResponseHead::set_write_timeout`), and its
         // timer: armed while the client accepts none of what is waiting to be written.
@@ -321,6 +323,8 @@ where
                     head_timer: TimerState::new(config.client_request_deadline().is_some()),
                     ka_timer: TimerState::new(config.keep_alive().enabled()),
                     ka_spare: None,
+                    ka_armed: config.now().into(),
+                    ka_later_ms: 0,
                     shutdown_timer: TimerState::new(config.client_disconnect_deadline().is_some()),
                     write_timeout: None,
                     write_timer: TimerState::new(true),
@@ -1237,7 +1241,7 @@ where
 
     fn poll_ka_timer(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Result<(), DispatchError> {
         let this = self.as_mut().project();
-        if let TimerState::Active { timer } = this.ka_timer {
+        if let TimerState::Active { .. } = this.ka_timer {
             debug_assert!(
                 this.flags.contains(Flags::KEEP_ALIVE),
                 "keep-alive flag should be set when timer is active",
@@ -1259,7 +1263,12 @@ where
             // );
 
             // keep-alive timer has timed out
-            if timer.as_mut().poll(cx).is_ready() {
+            let kept = KeptSleep {
+                sleep: this.ka_spare,
+                armed: this.ka_armed,
+                later_ms: this.ka_later_ms,
+            };
+            if this.ka_timer.poll_kept(cx, kept).is_ready() {
                 // no tasks at hand
                 trace!("timer timed out; closing connection");
                 this.flags.insert(Flags::SHUTDOWN);
@@ -1578,7 +1587,11 @@ where
                                         inner.ka_timer.set_at(
                                             cx,
                                             timer.into(),
-                                            inner.ka_spare,
+                                            KeptSleep {
+                                                sleep: inner.ka_spare,
+                                                armed: inner.ka_armed,
+                                                later_ms: inner.ka_later_ms,
+                                            },
                                             line!(),
                                         );
                                     }
